@@ -1,0 +1,1 @@
+"""Experiments: thin drivers over library functions, each also an ``efla`` subcommand."""

@@ -1,0 +1,73 @@
+"""The EFLA step size alpha = (1 - exp(-beta * lambda)) / lambda, computed stably with exact gradients.
+
+Write x = beta * lambda and phi(x) = (1 - e^-x) / x (phi(0) = 1). Then alpha = beta * phi(x) and
+
+    d alpha / d beta   = phi(x) + x phi'(x) = e^-x
+    d alpha / d lambda = beta^2 phi'(x),      phi'(x) = (e^-x - phi(x)) / x  (-> -1/2 at x = 0)
+
+phi is evaluated as -expm1(-x) / x, which is accurate for every x > 0. phi' cancels badly for small x, so there it is
+the Taylor series phi'(x) = sum_{n>=1} (-1)^n n x^(n-1) / (n+1)!; at x >= 1 the closed form loses only a few ulps.
+Both are finite for lambda = 0, beta = 0 and beta * lambda up to any size (e^-x underflows cleanly to 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_SERIES_TERMS = 16  # for x < 1 the truncation error is below 1 / 18!, far under float64 round-off
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    """(1 - e^-x) / x with phi(0) = 1."""
+    safe_x = torch.where(x == 0, torch.ones_like(x), x)
+    return torch.where(x == 0, torch.ones_like(x), -torch.expm1(-safe_x) / safe_x)
+
+
+def _phi_prime(x: torch.Tensor) -> torch.Tensor:
+    """d phi / dx: Taylor series below x = 1 (Horner form), the closed form above."""
+    series = torch.zeros_like(x)
+    for n in range(_SERIES_TERMS, 0, -1):
+        series = series * x + ((-1) ** n) * n / math.factorial(n + 1)
+    large = x >= 1
+    safe_x = torch.where(large, x, torch.ones_like(x))
+    closed = (torch.exp(-safe_x) - _phi(safe_x)) / safe_x
+    return torch.where(large, closed, series)
+
+
+class _AlphaFromBeta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, beta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        x = beta * lam
+        ctx.save_for_backward(beta, x)
+        return beta * _phi(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        beta, x = ctx.saved_tensors
+        grad_beta = grad_alpha * torch.exp(-x)
+        grad_lam = grad_alpha * beta * beta * _phi_prime(x)
+        return grad_beta, grad_lam
+
+
+def alpha_from_beta(beta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """EFLA's exact step size for duration ``beta`` along a key of squared norm ``lam`` (same shape, both >= 0).
+
+    Computed in float32 or better (float64 stays float64) and returned in that precision. Equals ``beta`` where
+    ``lam == 0``; values and gradients stay finite for beta = 0, lam = 0 and beta * lam up to 1e4 and beyond.
+    """
+    dtype = torch.promote_types(torch.promote_types(beta.dtype, lam.dtype), torch.float32)
+    return _AlphaFromBeta.apply(beta.to(dtype), lam.to(dtype))
+
+
+def step_sizes(k: torch.Tensor, beta: torch.Tensor, mode: str) -> torch.Tensor:
+    """The per-token step size of the recurrence: EFLA's alpha, or beta itself for DeltaNet (``mode="delta"``).
+
+    k: [..., K], beta: [...]; the result has beta's shape in float32 or better.
+    """
+    if mode == "delta":
+        return beta.to(torch.promote_types(beta.dtype, torch.float32))
+    lam = k.to(torch.promote_types(k.dtype, torch.float32)).square().sum(-1)
+    return alpha_from_beta(beta, lam)

@@ -1,0 +1,113 @@
+"""``efla_attention``: the one public entry point to the EFLA operator; dispatches to a backend."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+
+from efla.ops import varlen
+from efla.ops.alpha import step_sizes
+from efla.ops.checks import check_inputs, check_values, sequence_lengths
+from efla.ops.chunk import chunk_fwd
+from efla.ops.recurrent import recurrent_fwd
+
+
+def efla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    mode: str = "efla",
+    backend: str = "auto",
+    chunk_size: int = 64,
+    check_beta: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Error-Free Linear Attention (or the delta rule, ``mode="delta"``) over a batch of sequences.
+
+    For each head, with S_0 = initial_state (zeros if None) and S of shape [K, V]:
+
+        alpha_t = (1 - exp(-beta_t ||k_t||^2)) / ||k_t||^2     (mode="efla"; alpha_t = beta_t for mode="delta")
+        S_t     = (I - alpha_t k_t k_t^T) S_{t-1} + alpha_t k_t v_t^T
+        o_t     = scale * S_t^T q_t
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype (float16, bfloat16, float32 or float64).
+        beta: [B, T, H], >= 0, any floating dtype: the step duration (DeltaNet's beta).
+        scale: output scale, default K ** -0.5.
+        initial_state: [N, H, K, V] or None; N = B, or the number of sequences when cu_seqlens is given.
+        output_final_state: also return the state after the last token of each sequence.
+        cu_seqlens: [N + 1] int32/int64 cumulative lengths of sequences packed along T (then B must be 1); each
+            sequence starts from its own initial state and never sees another's.
+        mode: "efla" (exact step) or "delta" (DeltaNet's Euler step, same code path).
+        backend: "recurrent" (step-by-step reference), "torch" (chunkwise, any device), "triton" (fused GPU kernels),
+            "fla" (fla's chunk_delta_rule with alpha precomputed; needs fla-core), "auto" (triton on CUDA when
+            installed, else torch).
+        chunk_size: tokens per chunk for the chunkwise backends.
+        check_beta: check beta >= 0 (reads beta's values, so syncs with the GPU); callers whose beta comes out of a
+            sigmoid can turn it off.
+
+    Returns:
+        o: [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for float64 inputs) when
+        output_final_state is True, else None. Differentiable in q, k, v, beta and initial_state.
+    """
+    check_inputs(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size)
+    if check_beta:
+        check_values(beta)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_installed() else "torch"
+    run = _BACKENDS[backend]()
+    return run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _reference_backend(kernel: Callable) -> Callable:
+    """Wrap a PyTorch forward (recurrent or chunkwise) with alpha, varlen packing and output dtypes."""
+
+    def run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size):
+        alpha = step_sizes(k, beta, mode).to(torch.promote_types(q.dtype, torch.float32))
+        lengths = None
+        if cu_seqlens is not None:
+            lengths = sequence_lengths(cu_seqlens, q.shape[1])
+            q, k, v, alpha = (varlen.unpack(x, lengths) for x in (q, k, v, alpha))
+        o, state = kernel(q, k, v, alpha, scale, initial_state, chunk_size)
+        if lengths is not None:
+            o = varlen.pack(o, lengths)
+        return o.to(v.dtype), (state if output_final_state else None)
+
+    return run
+
+
+def _triton_backend() -> Callable:
+    try:
+        from efla.ops.triton import triton_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='triton' needs the Triton kernels and a CUDA GPU ({error})") from error
+    return triton_efla
+
+
+def _fla_backend() -> Callable:
+    try:
+        from efla.ops.fla_backend import fla_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='fla' needs fla-core: pip install 'efla[bench]' ({error})") from error
+    return fla_efla
+
+
+_BACKENDS: dict[str, Callable[[], Callable]] = {
+    "recurrent": lambda: _reference_backend(lambda q, k, v, a, scale, s0, _chunk: recurrent_fwd(q, k, v, a, scale, s0)),
+    "torch": lambda: _reference_backend(chunk_fwd),
+    "triton": _triton_backend,
+    "fla": _fla_backend,
+}

@@ -1,0 +1,20 @@
+"""Packed variable-length input for the PyTorch backends: unpack to a zero-padded batch and pack back.
+
+Padding goes at the end of each sequence with beta = 0, hence a step size of 0, so it leaves the state exactly as the
+last real token left it: the final states of the padded batch are the sequences' own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def unpack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """[1, sum(lengths), ...] -> [N, max(lengths), ...], zero-padded at the end of each sequence."""
+    pieces = torch.split(x[0], lengths)
+    return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True)
+
+
+def pack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """[N, max(lengths), ...] -> [1, sum(lengths), ...], the inverse of ``unpack``."""
+    return torch.cat([x[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
