@@ -20,9 +20,10 @@ _SERIES_TERMS = 16  # for x < 1 the truncation error is below 1 / 18!, far under
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
-    """(1 - e^-x) / x with phi(0) = 1."""
-    safe_x = torch.where(x == 0, torch.ones_like(x), x)
-    return torch.where(x == 0, torch.ones_like(x), -torch.expm1(-safe_x) / safe_x)
+    """(1 - e^-x) / x; exactly 1 below the smallest normal number, where x/2 is far under round-off."""
+    tiny = x < torch.finfo(x.dtype).tiny
+    safe_x = torch.where(tiny, torch.ones_like(x), x)
+    return torch.where(tiny, torch.ones_like(x), -torch.expm1(-safe_x) / safe_x)
 
 
 def _phi_prime(x: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,9 @@ def chunk_fwd(
 
     lower = torch.tril(a * (k @ k.transpose(-1, -2)), diagonal=-1)
     system = lower + torch.eye(C, dtype=dtype, device=k.device)
-    w = torch.linalg.solve_triangular(system, a * k, upper=False, unitriangular=True)
-    u0 = torch.linalg.solve_triangular(system, a * v, upper=False, unitriangular=True)
+    # one solve for both right-hand sides: W = system^-1 diag(a) K and U0 = system^-1 diag(a) V
+    w, u0 = torch.linalg.solve_triangular(system, a * torch.cat([k, v], -1), upper=False, unitriangular=True).split(
+        [K, V], dim=-1)
     qk = torch.tril(q @ k.transpose(-1, -2))
 
     state = k.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)

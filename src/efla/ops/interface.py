@@ -47,9 +47,11 @@ def efla_attention(
             sequence starts from its own initial state and never sees another's.
         mode: "efla" (exact step) or "delta" (DeltaNet's Euler step, same code path).
         backend: "recurrent" (step-by-step reference), "torch" (chunkwise, any device), "triton" (fused GPU kernels),
-            "fla" (fla's chunk_delta_rule with alpha precomputed; needs fla-core), "auto" (triton on CUDA when
-            installed, else torch).
-        chunk_size: tokens per chunk for the chunkwise backends.
+            "fla" (fla's chunk_delta_rule with alpha precomputed; needs fla-core), "auto" (triton for CUDA
+            float16/bfloat16/float32 inputs when installed, else torch). Triton runs float32 with exact ("ieee")
+            dot products unless torch.backends.cuda.matmul.allow_tf32 is set, and inference (no gradients) on
+            sequences of at most 64 tokens with a fused recurrent kernel.
+        chunk_size: tokens per chunk for the torch backend (the Triton kernels always use 64; fla takes 16/32/64).
         check_beta: check beta >= 0 (reads beta's values, so syncs with the GPU); callers whose beta comes out of a
             sigmoid can turn it off.
 
@@ -63,7 +65,7 @@ def efla_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_installed() else "torch"
+        backend = "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_installed() else "torch"
     run = _BACKENDS[backend]()
     return run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
 

@@ -1,0 +1,177 @@
+"""Triton kernels for EFLA / the delta rule, and ``triton_efla``, the backend behind ``efla_attention``.
+
+Chunk kernels (64 tokens per chunk) for training and long prompts: ``wy.py`` (alpha in-kernel, the WY system),
+``chunk_fwd.py`` (state and output passes), ``chunk_bwd.py`` (reverse state pass, per-chunk gradients).
+``fused_recurrent.py`` serves inference on short sequences (T <= 64, decode steps). The references they are tested
+against are ``efla/ops/chunk.py`` and ``efla/ops/recurrent.py``.
+
+Every kernel works on sequences packed along T: equal-length batches are viewed as B sequences of T tokens, so one
+code path serves both layouts. float32 inputs use exact ("ieee") float32 dot products unless
+``torch.backends.cuda.matmul.allow_tf32`` is set, the switch PyTorch users already know for tf32 matmuls.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+
+from efla.ops.checks import sequence_lengths
+from efla.ops.triton.chunk_bwd import _grad_kernel, _state_bwd_kernel
+from efla.ops.triton.chunk_fwd import _out_kernel, _state_fwd_kernel
+from efla.ops.triton.fused_recurrent import _fused_recurrent_kernel
+from efla.ops.triton.wy import CHUNK, _wy_fwd_kernel
+
+__all__ = ["triton_efla"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+RECURRENT_MAX_T = 64  # inference on sequences up to this length runs the fused recurrent kernel
+
+
+class _Chunks:
+    """Where each 64-token chunk lives in the packed sequence: per chunk its sequence and first token, per
+    sequence the global index of its first chunk (rows of the per-chunk state tensors)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, lengths: list[int] | None, batch: int, length: int):
+        device = cu_seqlens.device
+        if lengths is None:  # equal lengths: built on the device, no sync
+            per_seq = triton.cdiv(length, CHUNK)
+            self.seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(per_seq)
+            within = torch.arange(batch * per_seq, device=device, dtype=torch.int32) % per_seq
+            self.t0 = self.seq * length + within * CHUNK
+            self.first = torch.arange(batch, device=device, dtype=torch.int32) * per_seq
+        else:
+            counts = [triton.cdiv(n, CHUNK) for n in lengths]
+            starts = list(itertools.accumulate(lengths, initial=0))
+            seq = [i for i, c in enumerate(counts) for _ in range(c)]
+            t0 = [starts[i] + j * CHUNK for i, c in enumerate(counts) for j in range(c)]
+            first = list(itertools.accumulate(counts, initial=0))[:-1]
+            self.seq, self.t0, self.first = (torch.tensor(x, dtype=torch.int32).to(device) for x in (seq, t0, first))
+        self.total = self.seq.numel()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _state_block(K: int, V: int) -> tuple[int, int]:
+    """V-block and warps of the sequential kernels: split V for parallelism, keep S [K, BV] in registers."""
+    bv = min(V, 64 if K <= 128 else 32)
+    return bv, 4 if K * bv <= 8192 else 8
+
+
+def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep):
+    """Forward chunk passes on packed [TT, H, D] tensors: o, the final state, and (if keep) h, u and w."""
+    H, K = k.shape[1:]
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    prec = _precision(q.dtype)
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    w, u0 = torch.empty_like(k), torch.empty_like(v)
+    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=min(V, 64),
+                                      EFLA=efla, PREC=prec, num_warps=4)
+    h = k.new_empty(chunks.total, H, K, V, dtype=state_dtype)
+    u = torch.empty_like(v)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
+    bv, warps = _state_block(K, V)
+    _state_fwd_kernel[(N, H, triton.cdiv(V, bv))](k, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K, V=V, BV=bv,
+                                                  HAS_H0=h0 is not None, STORE_HT=store_ht, PREC=prec,
+                                                  num_warps=warps)
+    o = None
+    if not keep:
+        o = torch.empty_like(v)
+        bv_o = min(V, 128 if K <= 128 else 64)
+        _out_kernel[(chunks.total, H, triton.cdiv(V, bv_o))](q, k, u, h, o, chunks.seq, chunks.t0, cu, scale, H,
+                                                             K=K, V=V, BV=bv_o, PREC=prec, num_warps=8)
+    return o, ht, h, u, w
+
+
+def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
+    """Gradients of the chunk forward: recompute W, h, u; reverse state pass; per-chunk gradients."""
+    H, K = k.shape[1:]
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    prec = _precision(q.dtype)
+    _, _, h, u, w = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht=False, keep=True)
+    dh = torch.empty_like(h)
+    du = torch.empty_like(v)
+    dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if h0 is not None else None
+    bv, warps = _state_block(K, V)
+    _state_bwd_kernel[(N, H, triton.cdiv(V, bv))](q, k, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H, K=K,
+                                                  V=V, BV=bv, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+                                                  PREC=prec, num_warps=warps)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    _grad_kernel[(chunks.total, H)](q, k, v, beta, u, du, do, h, dh, dq, dk, dv, dbeta, chunks.seq, chunks.t0, cu,
+                                    scale, H, K=K, V=V, BV=min(V, 64), EFLA=efla, PREC=prec, num_warps=8)
+    return dq, dk, dv, dbeta, dh0
+
+
+class _ChunkEFLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state):
+        o, ht, _, _, _ = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, output_final_state, keep=False)
+        ctx.save_for_backward(q, k, v, beta, h0)
+        ctx.scale, ctx.chunks, ctx.cu, ctx.efla = scale, chunks, cu, efla
+        return o, ht
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dht):
+        q, k, v, beta, h0 = ctx.saved_tensors
+        dq, dk, dv, dbeta, dh0 = _chunk_bwd(q, k, v, beta, ctx.scale, h0, do.contiguous(),
+                                            None if dht is None else dht.contiguous(), ctx.chunks, ctx.cu, ctx.efla)
+        if dh0 is not None:
+            dh0 = dh0.to(h0.dtype)
+        return dq, dk, dv, dbeta, dh0, None, None, None, None, None
+
+
+def _fused_recurrent(q, k, v, beta, scale, h0, cu, efla, output_final_state):
+    H, K = k.shape[1:]
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    o = torch.empty_like(v)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    bv = min(V, 32 if K <= 128 else 16)
+    _fused_recurrent_kernel[(N, H, triton.cdiv(V, bv))](q, k, v, beta, o, h0, ht, cu, scale, H, K=K, V=V, BV=bv,
+                                                        EFLA=efla, HAS_H0=h0 is not None,
+                                                        STORE_HT=output_final_state, num_warps=4)
+    return o, ht
+
+
+def triton_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size):
+    """``efla_attention``'s Triton backend (arguments as there, already checked); returns (o in v.dtype, state).
+
+    Chunks are always 64 tokens (``chunk_size`` only tunes the PyTorch backend; the result does not depend on it).
+    Inference (no gradient needed) on sequences of at most 64 tokens runs the fused recurrent kernel.
+    """
+    del chunk_size
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 inputs (got {q.dtype}); "
+                        "use backend='torch' for float64")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K not in _HEAD_DIMS or V not in _HEAD_DIMS:
+        raise ValueError(f"backend='triton' needs head dims K and V in {_HEAD_DIMS} (got K={K}, V={V}); "
+                         "use backend='torch' for other sizes")
+    q, k, v = (x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
+    beta = beta.reshape(B * T, H).contiguous()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    if cu_seqlens is None:
+        cu = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
+        lengths = None
+    else:
+        cu = cu_seqlens.to(torch.int32)
+        lengths = sequence_lengths(cu_seqlens, T)
+    efla = mode == "efla"
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, beta, h0))
+    max_len = T if lengths is None else max(lengths, default=0)
+    if not needs_grad and max_len <= RECURRENT_MAX_T:
+        o, ht = _fused_recurrent(q, k, v, beta, scale, h0, cu, efla, output_final_state)
+    else:
+        chunks = _Chunks(cu, lengths, B, T)
+        o, ht = _ChunkEFLA.apply(q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state)
+    return o.view(B, T, H, V), ht

@@ -1,0 +1,43 @@
+"""Fused recurrent forward for decoding and short sequences: one token at a time, the state kept in registers.
+
+Exactly the definition (``efla/ops/recurrent.py``): per token, lambda = ||k||^2, alpha, then
+S <- S + k (alpha (v - S^T k))^T and o = scale S^T q. No chunk padding and no WY system, so it wins over the chunk
+kernels when T is short (decode steps, prompts of a few dozen tokens). Forward only: the dispatch sends anything that
+needs gradients to the chunk kernels.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from efla.ops.triton.wy import _step_size
+
+
+@triton.jit
+def _fused_recurrent_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, scale, H,
+                            K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr,
+                            HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    """One program per (sequence, head, V-block); loops over the sequence's tokens."""
+    n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu_seqlens + n)
+    eos = tl.load(cu_seqlens + n + 1)
+    ok = tl.arange(0, K)
+    ov = i_v * BV + tl.arange(0, BV)
+    vmask = ov < V
+    state_offs = ok[:, None] * V + ov[None, :]
+    S = tl.zeros([K, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + (n * H + i_h) * K * V + state_offs, mask=vmask[None, :], other=0.0).to(tl.float32)
+    for t in range(bos, eos):
+        k_t = tl.load(k + (t * H + i_h) * K + ok).to(tl.float32)
+        q_t = tl.load(q + (t * H + i_h) * K + ok).to(tl.float32)
+        v_t = tl.load(v + (t * H + i_h) * V + ov, mask=vmask, other=0.0).to(tl.float32)
+        b_t = tl.load(beta + t * H + i_h).to(tl.float32)
+        a_t = _step_size(b_t, tl.sum(k_t * k_t, axis=0), EFLA)
+        error = v_t - tl.sum(S * k_t[:, None], axis=0)  # v_t - S^T k_t
+        S += k_t[:, None] * (a_t * error)[None, :]
+        o_t = scale * tl.sum(S * q_t[:, None], axis=0)
+        tl.store(o + (t * H + i_h) * V + ov, o_t.to(o.dtype.element_ty), mask=vmask)
+    if STORE_HT:
+        tl.store(ht + (n * H + i_h) * K * V + state_offs, S, mask=vmask[None, :])

@@ -1,0 +1,118 @@
+"""Per-chunk pieces shared by the forward and backward kernels: EFLA's step size and the WY/UT system.
+
+For one chunk of C = 64 tokens (derivation in ``efla/ops/chunk.py``) the kernels need alpha (computed here from beta
+and lambda = ||k||^2 read from the k tile already in registers, so alpha never goes to memory), the Gram matrix
+G = K K^T and T = (I + tril(diag(alpha) G, -1))^-1. ``_wy_fwd_kernel`` writes W = T diag(alpha) K and
+U0 = T diag(alpha) V, which the state pass consumes.
+
+T is a unit lower-triangular inverse computed in two stages, both exact blocked forward substitution (stable, unlike a
+Neumann-series product whose powers of A grow like binomials): the four 16 x 16 diagonal blocks by column
+substitution, X <- (I - a_j e_j^T) X for j = 0..15, then two doubling steps
+[[X1, 0], [A21, X2]]^-1 = [[X1, 0], [-X2 A21 X1, X2]] done as 64 x 64 matrix products on the tensor cores.
+The alpha series and phi' follow ``efla/ops/alpha.py``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CHUNK = 64  # tokens per chunk in every Triton kernel
+
+
+@triton.jit
+def _phi(x):
+    """(1 - e^-x) / x: Taylor series below 0.5 (Horner, 12 terms), the closed form above."""
+    small = x < 0.5
+    xs = tl.where(small, x, 0.0)
+    series = tl.zeros_like(x) + 1.0
+    for m in tl.static_range(13, 1, -1):  # phi = 1 - x/2 (1 - x/3 (1 - x/4 (...)))
+        series = 1.0 - xs / m * series
+    xl = tl.where(small, 1.0, x)
+    return tl.where(small, series, (1.0 - tl.exp(-xl)) / xl)
+
+
+@triton.jit
+def _phi_prime(x):
+    """d phi / dx: Taylor series below 1 (16 terms), (e^-x - phi(x)) / x above."""
+    small = x < 1.0
+    xs = tl.where(small, x, 0.0)
+    series = tl.zeros_like(x) + 1.0
+    # phi' = -1/2 (1 - x 2/(1*3) (1 - x 3/(2*4) (1 - ...))), ratio of terms n+1 and n is -x (n+1) / (n (n+2))
+    for n in tl.static_range(15, 0, -1):
+        series = 1.0 - xs * ((n + 1) / (n * (n + 2))) * series
+    xl = tl.where(small, 1.0, x)
+    return tl.where(small, -0.5 * series, (tl.exp(-xl) - _phi(xl)) / xl)
+
+
+@triton.jit
+def _step_size(beta, lam, EFLA: tl.constexpr):
+    """alpha = beta * phi(beta * lam) for EFLA, beta itself for the delta rule."""
+    if EFLA:
+        return beta * _phi(beta * lam)
+    else:
+        return beta
+
+
+@triton.jit
+def _unit_lower_inverse(A, PREC: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular 64 x 64 float32 A."""
+    i16 = tl.arange(0, 16)
+    blk = tl.arange(0, 4)
+    same = blk[:, None, None, None] == blk[None, None, :, None]  # [4, 1, 4, 1]: same 16-block
+    D = tl.sum(tl.where(same, tl.reshape(A, [4, 16, 4, 16]), 0.0), axis=2)  # [4, 16, 16] diagonal blocks
+    eye = tl.where(i16[:, None] == i16[None, :], 1.0, 0.0)
+    X = tl.zeros([4, 16, 16], dtype=tl.float32) + eye[None, :, :]
+    for j in tl.static_range(16):
+        col = tl.sum(tl.where(i16[None, None, :] == j, D, 0.0), axis=2)  # D[:, :, j]
+        row = tl.sum(tl.where(i16[None, :, None] == j, X, 0.0), axis=1)  # X[:, j, :]
+        X = X - col[:, :, None] * row[:, None, :]
+    T = tl.reshape(tl.where(same, tl.broadcast_to(tl.expand_dims(X, 2), [4, 16, 4, 16]), 0.0), [64, 64])
+    r = tl.arange(0, 64)
+    for lvl in tl.static_range(2):
+        size = 16 << lvl
+        lower_left = ((r[:, None] // size) != (r[None, :] // size)) & (
+            (r[:, None] // (2 * size)) == (r[None, :] // (2 * size)))
+        TA = tl.dot(T, tl.where(lower_left, A, 0.0), input_precision=PREC)
+        T = T - tl.dot(TA, T, input_precision=PREC)
+    return T
+
+
+@triton.jit
+def _chunk_system(k_tile, beta, EFLA: tl.constexpr, PREC: tl.constexpr):
+    """From a [64, K] key tile and beta [64] (padding rows zero): alpha, lambda, G = K K^T and T (float32)."""
+    kf = k_tile.to(tl.float32)
+    lam = tl.sum(kf * kf, axis=1)
+    alpha = _step_size(beta, lam, EFLA)
+    if k_tile.dtype == tl.float32:
+        G = tl.dot(k_tile, tl.trans(k_tile), input_precision=PREC)
+    else:
+        G = tl.dot(k_tile, tl.trans(k_tile))
+    r = tl.arange(0, 64)
+    A = tl.where(r[:, None] > r[None, :], alpha[:, None] * G, 0.0)
+    return alpha, lam, G, _unit_lower_inverse(A, PREC)
+
+
+@triton.jit
+def _wy_fwd_kernel(k, v, beta, w, u0, chunk_seq, chunk_t0, cu_seqlens, H,
+                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    n = tl.load(chunk_seq + i_c)
+    t0 = tl.load(chunk_t0 + i_c)
+    eos = tl.load(cu_seqlens + n + 1)
+    rows = t0 + tl.arange(0, 64)
+    rmask = rows < eos
+    ok = tl.arange(0, K)
+    k_tile = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :], mask=rmask[:, None], other=0.0)
+    b = tl.load(beta + rows * H + i_h, mask=rmask, other=0.0).to(tl.float32)
+    alpha, _, _, T = _chunk_system(k_tile, b, EFLA, PREC)
+    ak = alpha[:, None] * k_tile.to(tl.float32)
+    w_tile = tl.dot(T, ak, input_precision=PREC)
+    tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :], w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
+    for i_v in range(tl.cdiv(V, BV)):
+        ov = i_v * BV + tl.arange(0, BV)
+        m = rmask[:, None] & (ov[None, :] < V)
+        v_tile = tl.load(v + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m, other=0.0).to(tl.float32)
+        u_tile = tl.dot(T, alpha[:, None] * v_tile, input_precision=PREC)
+        tl.store(u0 + (rows[:, None] * H + i_h) * V + ov[None, :], u_tile.to(u0.dtype.element_ty), mask=m)
