@@ -1,0 +1,147 @@
+"""``EFLAttention``: the EFLA token mixer (DeltaNet's layer with the exact step), for use inside a model.
+
+    q, k, v = silu(conv(W_qkv x))            short causal depthwise convolution over time
+    q = q / ||q||;  k = k / ||k|| only in mode "delta": in EFLA the key norm is the implicit gate (PAPER.md)
+    beta = sigmoid(W_b x)                     one step duration per head and token
+    o = efla_attention(q, k, v, beta)         per head, state [K, V]
+    y = W_o RMSNorm(o) [* silu(W_g x)]        per-head norm, optional output gate
+
+A 0/1 padding mask is turned into packed variable-length sequences (``cu_seqlens``), so padded tokens never enter the
+convolution or the recurrent state and left- or right-padded batches give each sequence's own outputs.
+
+The cache is a transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built
+from a config whose ``layer_types`` says ``"linear_attention"``): it stores the convolution state [B, C, W - 1] and the
+recurrent state [B, H, K, V] (float32), updated in place by each forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from efla.layers.conv import ShortConvolution
+from efla.layers.norm import GatedRMSNorm, RMSNorm
+from efla.ops import efla_attention, varlen
+from efla.ops.checks import MODES, sequence_lengths
+
+
+class EFLAttention(nn.Module):
+    """EFLA (mode="efla") or DeltaNet (mode="delta") attention over [B, T, hidden_size] inputs.
+
+    Both modes have exactly the same parameters; they differ only in the key normalisation and the step size.
+    ``backend`` and ``chunk_size`` are passed to ``efla_attention``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mode: str = "efla",
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        use_output_gate: bool = False,
+        norm_eps: float = 1e-6,
+        layer_idx: int | None = None,
+        backend: str = "auto",
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
+        self.mode, self.layer_idx, self.backend, self.chunk_size = mode, layer_idx, backend, chunk_size
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.conv = ShortConvolution(3 * hidden_size, conv_size) if use_short_conv else None
+        self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_output_gate else None
+        self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: [B, T, hidden_size]; attention_mask: [B, >= T] 0/1 (its last T columns cover these
+        tokens; 0 = padding) or None; cache: a transformers Cache or None; cu_seqlens: [N + 1] cumulative lengths of
+        documents packed along T (then B = 1, no mask, no cache), so no document sees another's tokens.
+        Returns [B, T, hidden_size], zeros at padded positions."""
+        B, T, _ = hidden_states.shape
+        conv_state, recurrent_state = _cached_states(cache, self.layer_idx)
+        mask = lengths = None
+        x = hidden_states
+        if cu_seqlens is not None:
+            if attention_mask is not None or cache is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with attention_mask or a cache")
+            documents = sequence_lengths(cu_seqlens, T)
+            x, lengths = varlen.unpack(hidden_states, documents), torch.tensor(documents, device=x.device)
+        elif attention_mask is not None:
+            mask = attention_mask[:, -T:].bool()
+            x, lengths = _left_align(hidden_states, mask)
+
+        qkv = self.qkv_proj(x)
+        if self.conv is None:
+            qkv = F.silu(qkv)
+        else:
+            qkv, conv_state = self.conv(qkv, conv_state, lengths)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        q = F.normalize(q, dim=-1, eps=1e-6)
+        if self.mode == "delta":
+            k = F.normalize(k, dim=-1, eps=1e-6)
+        beta = self.b_proj(x).float().sigmoid()
+        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+
+        cu_seqlens = None
+        if lengths is not None:  # rows -> one packed sequence per row
+            valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
+            q, k, v, beta = (t[valid].unsqueeze(0) for t in (q, k, v, beta))
+            gate = None if gate is None else gate[valid].unsqueeze(0)
+            cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        o, recurrent_state = efla_attention(
+            q, k, v, beta, initial_state=recurrent_state, output_final_state=cache is not None,
+            cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
+        )
+        o = self.o_norm(o) if gate is None else self.o_norm(o, gate)
+        o = self.o_proj(o.flatten(-2))
+
+        if cache is not None:
+            if conv_state is not None:
+                cache.update_conv_state(conv_state, self.layer_idx)
+            cache.update_recurrent_state(recurrent_state, self.layer_idx)
+        if mask is None:  # dense rows, or packed documents already back in their packed order
+            return o
+        out = o.new_zeros(B, T, self.hidden_size)
+        out[mask] = o[0]
+        return out
+
+
+def _cached_states(cache: Any | None, layer_idx: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(conv state, recurrent state) of this layer from a transformers Cache; None before the first update.
+
+    After ``cache.reset()`` they are zeros, which is the same as no past."""
+    if cache is None:
+        return None, None
+    if layer_idx is None:
+        raise ValueError("EFLAttention needs a layer_idx to use a cache")
+    layer = cache.layers[layer_idx]
+    if not hasattr(layer, "recurrent_states"):
+        raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a linear-attention cache layer: "
+                         "build the cache with DynamicCache(config=model.config)")
+    return layer.conv_states[0], layer.recurrent_states[0]
+
+
+def _left_align(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's unmasked tokens, in order, to the start of the row: [B, T, D] -> [B, max length, D] and the
+    lengths [B]. Padding anywhere in the row (left, right or between) is dropped."""
+    lengths = mask.sum(1)
+    rows = x.new_zeros(x.shape[0], int(lengths.max()), x.shape[-1])
+    position = mask.cumsum(1) - 1
+    rows[mask.nonzero(as_tuple=True)[0], position[mask]] = x[mask]
+    return rows, lengths

@@ -1,0 +1,95 @@
+"""EFLAttention, ShortConvolution and SoftmaxAttention: padding never leaks into a sequence, caches continue exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efla.layers import EFLAttention, ShortConvolution, SoftmaxAttention
+
+ATOL = 1e-5
+
+
+def _mask(lengths_and_offsets: list[tuple[int, int]], T: int) -> torch.Tensor:
+    """Row b is 1 on [offset, offset + length): left, right and both-sided padding."""
+    mask = torch.zeros(len(lengths_and_offsets), T, dtype=torch.long)
+    for b, (length, offset) in enumerate(lengths_and_offsets):
+        mask[b, offset:offset + length] = 1
+    return mask
+
+
+def _linear_cache(num_layers: int):
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    return cache_utils.Cache(layers=[cache_utils.LinearAttentionLayer() for _ in range(num_layers)])
+
+
+def test_short_conv_continues_from_its_state():
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4)
+    x = torch.randn(2, 10, 6)
+    y, state = conv(x)
+    y1, state1 = conv(x[:, :3])
+    y2, state2 = conv(x[:, 3:], state1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=ATOL, rtol=0)
+    torch.testing.assert_close(state2, state, atol=0, rtol=0)
+    # with lengths, the state is that of each row's valid prefix alone
+    _, state_short = conv(x[1:, :2])
+    _, states = conv(x, lengths=torch.tensor([10, 2]))
+    torch.testing.assert_close(states, torch.cat([state, state_short])[[0, 2]], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+@pytest.mark.parametrize("use_output_gate", [False, True])
+def test_padded_batch_matches_each_sequence_alone(mode, use_output_gate):
+    torch.manual_seed(0)
+    layer = EFLAttention(32, 2, mode=mode, use_output_gate=use_output_gate, chunk_size=4)
+    T = 11
+    x = torch.randn(3, T, 32)
+    mask = _mask([(7, 4), (5, 0), (6, 2)], T)
+    out = layer(x, mask)
+    for b in range(3):
+        real = mask[b].bool()
+        alone = layer(x[b:b + 1, real])
+        torch.testing.assert_close(out[b, real], alone[0], atol=ATOL, rtol=0)
+        assert (out[b, ~real] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+def test_cached_steps_match_one_pass(mode):
+    torch.manual_seed(0)
+    layer = EFLAttention(32, 2, mode=mode, layer_idx=0, chunk_size=4)
+    x = torch.randn(2, 13, 32)
+    full = layer(x)
+    cache = _linear_cache(1)
+    steps = [layer(x[:, :6], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(6, 13)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
+
+
+def test_modes_have_the_same_parameters():
+    shapes = [{n: p.shape for n, p in EFLAttention(64, 4, mode=m).named_parameters()} for m in ("efla", "delta")]
+    assert shapes[0] == shapes[1]
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="mode"):
+        EFLAttention(32, 2, mode="euler")
+    with pytest.raises(ValueError, match="num_heads"):
+        EFLAttention(30, 4)
+    with pytest.raises(ValueError, match="layer_idx"):
+        EFLAttention(32, 2)(torch.randn(1, 3, 32), cache=_linear_cache(1))
+
+
+def test_softmax_attention_padding_and_cache():
+    torch.manual_seed(0)
+    layer = SoftmaxAttention(32, 2, layer_idx=0)
+    T = 9
+    x = torch.randn(2, T, 32)
+    mask = _mask([(6, 3), (9, 0)], T)
+    out = layer(x, mask)
+    for b in range(2):
+        real = mask[b].bool()
+        torch.testing.assert_close(out[b, real], layer(x[b:b + 1, real])[0], atol=ATOL, rtol=0)
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    cache = cache_utils.DynamicCache()
+    steps = [layer(x[:, :5], mask[:, :5], cache)] + [layer(x[:, t:t + 1], mask[:, :t + 1], cache) for t in range(5, T)]
+    torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], out[mask.bool()], atol=ATOL, rtol=0)

@@ -1,0 +1,150 @@
+"""EFLA language model: cached generation, padding, parameters, gradients, save/load and the Auto classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, EFLAModel, preset_config  # noqa: E402
+
+ATOL = 1e-5
+VARIANTS = {  # small chunks so that prompts span several chunks
+    "efla": dict(chunk_size=4),
+    "delta": dict(chunk_size=4, attn_mode="delta"),
+    "hybrid-gated": dict(chunk_size=4, num_hidden_layers=3, attn_layers=[1], use_output_gate=True),
+}
+
+
+def _model(**overrides) -> EFLAForCausalLM:
+    torch.manual_seed(0)
+    config = preset_config("tiny", pad_token_id=0, eos_token_id=None, initializer_range=0.1, **overrides)
+    return EFLAForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_generation_matches_full_recompute(variant):
+    model = _model(**VARIANTS[variant])
+    prompt = torch.randint(1, 256, (2, 9))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    ids = prompt
+    with torch.no_grad():
+        for step, cached_logits in enumerate(out.logits):
+            logits = model(ids, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(cached_logits, logits, atol=ATOL, rtol=0, msg=f"step {step}")
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, ids)
+
+
+@pytest.mark.parametrize("variant", ["efla", "hybrid-gated"])
+def test_left_padded_batch_matches_each_sequence_alone(variant):
+    model = _model(**VARIANTS[variant])
+    lengths, T = [4, 9, 6], 9
+    prompts = [torch.randint(1, 256, (n,)) for n in lengths]
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = p, 1
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            alone_logits = model(p[None]).logits[0]
+        torch.testing.assert_close(logits[b, T - len(p):], alone_logits, atol=ATOL, rtol=0)
+        alone = model.generate(p[None], max_new_tokens=5, do_sample=False)
+        assert torch.equal(batch[b, T:], alone[0, len(p):])
+
+
+def test_right_padded_training_batch_matches_each_sequence_alone():
+    model = _model(**VARIANTS["hybrid-gated"])
+    ids = torch.randint(1, 256, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        alone = model(ids[:1, :6]).logits
+    torch.testing.assert_close(logits[0, :6], alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_efla_and_delta_have_equal_parameter_counts(preset):
+    counts = []
+    for mode in ("efla", "delta"):
+        with torch.device("meta"):
+            model = EFLAForCausalLM(preset_config(preset, attn_mode=mode))
+        counts.append({name: p.shape for name, p in model.named_parameters()})
+    assert counts[0] == counts[1]
+
+
+def test_preset_parameter_counts():
+    """The numbers the README quotes (embeddings and head included, untied)."""
+    expected = {"340M": 374_362_112, "1.3B": 1_365_677_056, "tiny": 116_864}
+    for preset, count in expected.items():
+        with torch.device("meta"):
+            model = EFLAForCausalLM(preset_config(preset))
+        assert model.num_parameters() == count, preset
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_every_parameter_gets_a_gradient(tie):
+    model = _model(**VARIANTS["hybrid-gated"], tie_word_embeddings=tie).train()
+    ids = torch.randint(1, 256, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0 and p.grad.isfinite().all(), name
+    if tie:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip_is_exact(tmp_path, tie):
+    model = _model(**VARIANTS["hybrid-gated"], tie_word_embeddings=tie)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, EFLAForCausalLM)
+    assert {**loaded.config.to_dict(), "_name_or_path": ""} == model.config.to_dict()
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, loaded_state[name]), name
+    ids = torch.randint(1, 256, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_auto_classes_build_from_config():
+    config = transformers.AutoConfig.for_model("efla", **PRESETS["tiny"])
+    assert isinstance(config, EFLAConfig)
+    assert isinstance(transformers.AutoModelForCausalLM.from_config(config), EFLAForCausalLM)
+    assert isinstance(transformers.AutoModel.from_config(config), EFLAModel)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="attn_mode"):
+        EFLAConfig(attn_mode="euler")
+    with pytest.raises(ValueError, match="attn_layers"):
+        EFLAConfig(num_hidden_layers=2, attn_layers=[2])
+    with pytest.raises(ValueError, match="num_heads"):
+        EFLAConfig(hidden_size=100, num_heads=8)
+    with pytest.raises(ValueError, match="preset"):
+        preset_config("7B")
+    with pytest.raises(ValueError, match="attention_mask"):
+        _model()(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 1, 3, 3))
+
+
+@pytest.mark.parametrize("variant", ["efla", "hybrid-gated"])
+def test_packed_documents_match_each_document_alone(variant):
+    model = _model(**VARIANTS[variant])
+    documents = [torch.randint(1, 256, (n,)) for n in (5, 11, 1, 7)]
+    packed = torch.cat(documents)[None]
+    cu_seqlens = torch.tensor([0, 5, 16, 17, 24])
+    with torch.no_grad():
+        out = model(packed, labels=packed, cu_seqlens=cu_seqlens)
+        alone = [model(d[None], labels=d[None]) for d in documents]
+    torch.testing.assert_close(out.logits[0], torch.cat([a.logits[0] for a in alone]), atol=ATOL, rtol=0)
+    # the loss averages the within-document predictions only: 4 + 10 + 0 + 6 of them
+    expected = sum(a.loss * (len(d) - 1) for a, d in zip(alone, documents, strict=True) if len(d) > 1) / 20
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
