@@ -1,0 +1,146 @@
+"""``TrainConfig``: every setting of a training run, from a YAML/JSON file and/or command-line flags.
+
+Flags are generated from the dataclass fields (``seq_len`` -> ``--seq-len``); a flag given on the command line
+overrides the same key in the file, and the file overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A TrainConfig field with an immutable default and its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run. Batch sizes count rows of ``seq_len`` tokens; the global batch per optimiser step is
+    micro_batch_size * grad_accum * world size rows."""
+
+    # model
+    model: str = _setting("340M", "a preset (tiny, 340M, 1.3B), a config.json, or a folder holding one")
+    model_overrides: dict[str, Any] = dataclasses.field(
+        default_factory=dict, metadata={"help": "model config fields as JSON, e.g. '{\"attn_mode\": \"delta\"}'"})
+    # data
+    tokenizer: str | None = _setting(None, "folder of a Hugging Face tokenizer (e.g. from `efla tokenizer train`)")
+    data: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "files, folders, globs: .txt/.md (a document each), .jsonl, .parquet"})
+    dataset: str | None = _setting(None, "a Hugging Face datasets name instead of --data (needs `datasets`)")
+    dataset_config: str | None = _setting(None, "the dataset's configuration name")
+    dataset_split: str = _setting("train", "the dataset split")
+    text_field: str = _setting("text", "the jsonl / parquet / dataset field holding the document text")
+    cache_dir: str = _setting("~/.cache/efla/tokens", "where tokenised corpora are cached (memory-mapped)")
+    seq_len: int = _setting(2048, "tokens per row")
+    pack_boundaries: bool = _setting(True, "restart the recurrent state at each document (when the model can)")
+    # optimisation
+    micro_batch_size: int = _setting(8, "rows per forward pass on each rank")
+    grad_accum: int = _setting(1, "micro-batches per optimiser step")
+    max_steps: int | None = _setting(None, "optimiser steps (or give --max-tokens)")
+    max_tokens: int | None = _setting(None, "token budget: steps = max_tokens / tokens per step, rounded up")
+    lr: float = _setting(1e-3, "peak learning rate")
+    min_lr_ratio: float = _setting(0.1, "the cosine schedule ends at lr * min_lr_ratio")
+    warmup_steps: int = _setting(100, "steps of linear warmup")
+    weight_decay: float = _setting(0.1, "AdamW weight decay of matrices (not norms or biases)")
+    beta1: float = _setting(0.9, "AdamW beta1")
+    beta2: float = _setting(0.95, "AdamW beta2")
+    adam_eps: float = _setting(1e-8, "AdamW epsilon")
+    grad_clip: float = _setting(1.0, "max global grad norm; 0: no clipping")
+    # system
+    strategy: str = _setting("ddp", "ddp | fsdp (FSDP2 fully_shard per block, then the root) under torchrun")
+    precision: str = _setting("bf16", "bf16 (autocast on GPU) | fp32; CPU always runs float32")
+    compile: bool = _setting(False, "torch.compile each block")
+    device: str = _setting("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
+    seed: int = _setting(0, "seed of the initial weights and of the data order")
+    out_dir: str = _setting("runs/efla", "checkpoints/, model/, metrics.jsonl, train_config.json")
+    save_every: int = _setting(1000, "checkpoint every N steps (also on SIGTERM/SIGINT and at the end)")
+    keep_checkpoints: int = _setting(2, "newest checkpoints kept on disk")
+    resume: str | None = _setting(None, "continue from the newest checkpoint in out_dir, or from CHECKPOINT")
+    log_every: int = _setting(1, "steps between metrics records")
+    def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp' (got {self.strategy!r})")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32' (got {self.precision!r})")
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of max_steps and max_tokens (the training budget)")
+        if bool(self.data) == (self.dataset is not None):
+            raise ValueError("give exactly one of data (local files) and dataset (a Hugging Face datasets name)")
+        if self.tokenizer is None:
+            raise ValueError("tokenizer is required: a folder with a Hugging Face tokenizer "
+                             "(build one with `efla tokenizer train`)")
+
+    def total_steps(self, world_size: int) -> int:
+        """Optimiser steps of the run: max_steps, or the token budget divided by the tokens per step."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.max_tokens / (self.seq_len * self.micro_batch_size * self.grad_accum * world_size))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE`` and one flag per TrainConfig field (default None: "not given")."""
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig fields; flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _base_type(hints[field.name])
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        help_text = f"{field.metadata['help']} (default {default!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        elif kind is dict:
+            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=help_text)
+        elif field.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from the defaults, then the ``--config`` file, then the flags given."""
+    values: dict[str, Any] = load_config_file(args.config) if args.config is not None else {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name)
+        if value is not None:
+            values[field.name] = value
+    return TrainConfig(**values)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The key/value pairs of a YAML (.yaml/.yml, needs pyyaml) or JSON file, checked against TrainConfig."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
+    return values
+
+
+def _base_type(hint: Any) -> type:
+    """int for ``int | None``, list for ``list[str]``, and so on."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint

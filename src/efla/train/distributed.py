@@ -1,0 +1,96 @@
+"""Process groups and parallel wrappers, applied to a plain model from the outside (torchtitan style).
+
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) the process group uses NCCL on CUDA and gloo on CPU; a plain
+``python`` run is world size 1 and never initialises a group. ``ddp`` replicates the model with DDP; ``fsdp`` shards
+it with FSDP2: ``fully_shard`` on every block (the classes in the model's ``_no_split_modules``), then on the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place: rank, world size, and the device it computes on."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device: str = "auto") -> World:
+    """Join the torchrun process group if there is one and pick this rank's device ("auto": cuda:LOCAL_RANK when
+    CUDA is available, else cpu)."""
+    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if size > 1 and not dist.is_initialized():
+        # rank 0 may tokenise a large corpus while the others wait at a barrier
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return World(rank, size, chosen)
+
+
+def close_world() -> None:
+    """Leave the process group (if one was joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def sum_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The sum of a tensor over all ranks."""
+    if world.size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True when ``flag`` is True on at least one rank (e.g. a signal that reached only some ranks)."""
+    if world.size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def parallelize(model: nn.Module, strategy: str, world: World, compile_blocks: bool) -> nn.Module:
+    """Optionally compile each block, then wrap for data parallelism (nothing to wrap on one process).
+
+    The returned module's state dict keeps the plain model's names (DDP's ``module.`` prefix is handled by the
+    torch.distributed.checkpoint state-dict helpers)."""
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if compile_blocks:
+        for block in blocks:
+            block.compile()
+    if world.size == 1:
+        return model
+    if strategy == "ddp":
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
