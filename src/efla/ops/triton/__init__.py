@@ -6,8 +6,9 @@ Chunk kernels (64 tokens per chunk) for training and long prompts: ``wy.py`` (al
 against are ``efla/ops/chunk.py`` and ``efla/ops/recurrent.py``.
 
 Every kernel works on sequences packed along T: equal-length batches are viewed as B sequences of T tokens, so one
-code path serves both layouts. float32 inputs use exact ("ieee") float32 dot products unless
-``torch.backends.cuda.matmul.allow_tf32`` is set, the switch PyTorch users already know for tf32 matmuls.
+code path serves both layouts. float32 inputs get float32-accurate dot products (``FP32_DOT_PRECISION``: "tf32x3"
+by default, or exact "ieee") unless ``torch.backends.cuda.matmul.allow_tf32`` is set, the switch PyTorch users
+already know for tf32 matmuls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 
 from efla.ops.checks import sequence_lengths
-from efla.ops.triton.chunk_bwd import _grad_kernel, _state_bwd_kernel
+from efla.ops.triton.chunk_bwd import _grad_qk_kernel, _grad_wy_kernel, _state_bwd_kernel
 from efla.ops.triton.chunk_fwd import _out_kernel, _state_fwd_kernel
 from efla.ops.triton.fused_recurrent import _fused_recurrent_kernel
 from efla.ops.triton.wy import CHUNK, _wy_fwd_kernel
@@ -52,14 +53,27 @@ class _Chunks:
         self.total = self.seq.numel()
 
 
+FP32_DOT_PRECISION = "tf32x3"
+"""Dot products for float32 inputs: "tf32x3" (three tf32 tensor-core products per dot, float32-accurate) or "ieee"
+(exact float32 FMA; slow, and compiling the gradient kernels takes minutes). Set it on this module to switch;
+``torch.backends.cuda.matmul.allow_tf32 = True`` selects plain tf32 instead."""
+
+
 def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """input_precision of dot products whose operands are float32 (for 16-bit inputs: intermediates only)."""
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    if FP32_DOT_PRECISION not in ("tf32x3", "ieee"):
+        raise ValueError(f"FP32_DOT_PRECISION must be 'tf32x3' or 'ieee' (got {FP32_DOT_PRECISION!r})")
+    return FP32_DOT_PRECISION
 
 
-def _state_block(K: int, V: int) -> tuple[int, int]:
-    """V-block and warps of the sequential kernels: split V for parallelism, keep S [K, BV] in registers."""
+def _state_block(K: int, V: int) -> tuple[int, int, int]:
+    """V-block, warps and pipeline stages of the sequential kernels: split V for parallelism, keep S [K, BV] in
+    registers, and load the next chunk's tiles during this one's (two stages) unless K = 256 tiles overflow shared
+    memory."""
     bv = min(V, 64 if K <= 128 else 32)
-    return bv, 4 if K * bv <= 8192 else 8
+    return bv, 4 if K * bv <= 8192 else 8, 2 if K <= 128 else 1
 
 
 def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep):
@@ -75,10 +89,10 @@ def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep):
     h = k.new_empty(chunks.total, H, K, V, dtype=state_dtype)
     u = torch.empty_like(v)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
-    bv, warps = _state_block(K, V)
+    bv, warps, stages = _state_block(K, V)
     _state_fwd_kernel[(N, H, triton.cdiv(V, bv))](k, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K, V=V, BV=bv,
                                                   HAS_H0=h0 is not None, STORE_HT=store_ht, PREC=prec,
-                                                  num_warps=warps)
+                                                  num_warps=warps, num_stages=stages)
     o = None
     if not keep:
         o = torch.empty_like(v)
@@ -98,14 +112,18 @@ def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
     dh = torch.empty_like(h)
     du = torch.empty_like(v)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if h0 is not None else None
-    bv, warps = _state_block(K, V)
+    bv, warps, stages = _state_block(K, V)
     _state_bwd_kernel[(N, H, triton.cdiv(V, bv))](q, k, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H, K=K,
                                                   V=V, BV=bv, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-                                                  PREC=prec, num_warps=warps)
+                                                  PREC=prec, num_warps=warps, num_stages=stages)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk_part = torch.empty_like(k, dtype=torch.float32)
     dbeta = torch.empty_like(beta)
-    _grad_kernel[(chunks.total, H)](q, k, v, beta, u, du, do, h, dh, dq, dk, dv, dbeta, chunks.seq, chunks.t0, cu,
-                                    scale, H, K=K, V=V, BV=min(V, 64), EFLA=efla, PREC=prec, num_warps=8)
+    bv = min(V, 64)
+    _grad_qk_kernel[(chunks.total, H)](q, k, u, do, h, dh, dq, dk_part, chunks.seq, chunks.t0, cu, scale, H, K=K, V=V,
+                                       BV=bv, PREC=prec, num_warps=8, num_stages=1)
+    _grad_wy_kernel[(chunks.total, H)](k, v, beta, du, h, dk_part, dk, dv, dbeta, chunks.seq, chunks.t0, cu, H, K=K,
+                                       V=V, BV=bv, EFLA=efla, PREC=prec, num_warps=8, num_stages=1)
     return dq, dk, dv, dbeta, dh0
 
 
@@ -121,8 +139,9 @@ class _ChunkEFLA(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht):
         q, k, v, beta, h0 = ctx.saved_tensors
-        dq, dk, dv, dbeta, dh0 = _chunk_bwd(q, k, v, beta, ctx.scale, h0, do.contiguous(),
-                                            None if dht is None else dht.contiguous(), ctx.chunks, ctx.cu, ctx.efla)
+        with torch.cuda.device_of(q):  # kernels launch on the current device
+            dq, dk, dv, dbeta, dh0 = _chunk_bwd(q, k, v, beta, ctx.scale, h0, do.contiguous(),
+                                                None if dht is None else dht.contiguous(), ctx.chunks, ctx.cu, ctx.efla)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return dq, dk, dv, dbeta, dh0, None, None, None, None, None
@@ -169,9 +188,10 @@ def triton_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seql
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, beta, h0))
     max_len = T if lengths is None else max(lengths, default=0)
-    if not needs_grad and max_len <= RECURRENT_MAX_T:
-        o, ht = _fused_recurrent(q, k, v, beta, scale, h0, cu, efla, output_final_state)
-    else:
-        chunks = _Chunks(cu, lengths, B, T)
-        o, ht = _ChunkEFLA.apply(q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state)
+    with torch.cuda.device_of(q):  # kernels launch on the current device
+        if not needs_grad and max_len <= RECURRENT_MAX_T:
+            o, ht = _fused_recurrent(q, k, v, beta, scale, h0, cu, efla, output_final_state)
+        else:
+            chunks = _Chunks(cu, lengths, B, T)
+            o, ht = _ChunkEFLA.apply(q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state)
     return o.view(B, T, H, V), ht

@@ -19,7 +19,7 @@ def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over the sequence's chunks in order."""
-    n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu_seqlens + n)
     eos = tl.load(cu_seqlens + n + 1)
     c0 = tl.load(chunk_first + n)
@@ -27,21 +27,23 @@ def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
     ov = i_v * BV + tl.arange(0, BV)
     vmask = ov < V
     state_offs = ok[:, None] * V + ov[None, :]
+    r = tl.arange(0, 64)
+    kk = r[:, None] * (H * K) + ok[None, :]  # int32 tile offsets, added to scalar int64 bases
+    vv = r[:, None] * (H * V) + ov[None, :]
     S = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_H0:
         S += tl.load(h0 + (n * H + i_h) * K * V + state_offs, mask=vmask[None, :], other=0.0).to(tl.float32)
     for i in range(tl.cdiv(eos - bos, 64)):
-        tl.store(h + ((c0 + i) * H + i_h) * K * V + state_offs, S.to(h.dtype.element_ty), mask=vmask[None, :])
-        rows = bos + i * 64 + tl.arange(0, 64)
-        rmask = rows < eos
-        kw_offs = (rows[:, None] * H + i_h) * K + ok[None, :]
-        uv_offs = (rows[:, None] * H + i_h) * V + ov[None, :]
+        chunk_state = ((c0 + i).to(tl.int64) * H + i_h) * K * V  # int64 scalar bases: offsets can pass 2^31
+        tl.store(h + chunk_state + state_offs, S.to(h.dtype.element_ty), mask=vmask[None, :])
+        rmask = bos + i * 64 + r < eos
+        tok = (bos + i * 64).to(tl.int64) * H + i_h
         m = rmask[:, None] & vmask[None, :]
-        w_tile = tl.load(w + kw_offs, mask=rmask[:, None], other=0.0)
-        k_tile = tl.load(k + kw_offs, mask=rmask[:, None], other=0.0)
+        w_tile = tl.load(w + tok * K + kk, mask=rmask[:, None], other=0.0)
+        k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
         Sc = S.to(w_tile.dtype)
-        u_tile = tl.load(u0 + uv_offs, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
-        tl.store(u + uv_offs, u_tile.to(u.dtype.element_ty), mask=m)
+        u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
+        tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + (n * H + i_h) * K * V + state_offs, S, mask=vmask[None, :])
@@ -51,22 +53,24 @@ def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
 def _out_kernel(q, k, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head, V-block): O = scale (Q S + tril(Q K^T) u)."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     n = tl.load(chunk_seq + i_c)
-    t0 = tl.load(chunk_t0 + i_c)
+    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)  # int64: offsets can pass 2^31
     eos = tl.load(cu_seqlens + n + 1)
-    rows = t0 + tl.arange(0, 64)
-    rmask = rows < eos
+    r = tl.arange(0, 64)
+    rmask = t0 + r < eos
+    tok = t0 * H + i_h  # scalar int64 base, small int32 tile offsets
     ok = tl.arange(0, K)
     ov = i_v * BV + tl.arange(0, BV)
     vmask = ov < V
     m = rmask[:, None] & vmask[None, :]
-    q_tile = tl.load(q + (rows[:, None] * H + i_h) * K + ok[None, :], mask=rmask[:, None], other=0.0)
-    k_tile = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :], mask=rmask[:, None], other=0.0)
-    S = tl.load(h + (i_c * H + i_h) * K * V + ok[:, None] * V + ov[None, :], mask=vmask[None, :], other=0.0)
-    u_tile = tl.load(u + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m, other=0.0)
-    r = tl.arange(0, 64)
+    kk = r[:, None] * (H * K) + ok[None, :]
+    vv = r[:, None] * (H * V) + ov[None, :]
+    q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
+    k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
+    S = tl.load(h + (i_c * H + i_h) * K * V + (ok[:, None] * V + ov[None, :]), mask=vmask[None, :], other=0.0)
+    u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
     qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
     out = tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)
     out += tl.dot(qk.to(u_tile.dtype), u_tile, input_precision=PREC)
-    tl.store(o + (rows[:, None] * H + i_h) * V + ov[None, :], (scale * out).to(o.dtype.element_ty), mask=m)
+    tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)

@@ -19,8 +19,8 @@ def _fused_recurrent_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, scale, H,
                             K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr,
                             HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
     """One program per (sequence, head, V-block); loops over the sequence's tokens."""
-    n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu_seqlens + n)
+    n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu_seqlens + n).to(tl.int64)  # int64: offsets can pass 2^31
     eos = tl.load(cu_seqlens + n + 1)
     ok = tl.arange(0, K)
     ov = i_v * BV + tl.arange(0, BV)

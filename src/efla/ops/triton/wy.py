@@ -97,22 +97,25 @@ def _chunk_system(k_tile, beta, EFLA: tl.constexpr, PREC: tl.constexpr):
 def _wy_fwd_kernel(k, v, beta, w, u0, chunk_seq, chunk_t0, cu_seqlens, H,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     n = tl.load(chunk_seq + i_c)
-    t0 = tl.load(chunk_t0 + i_c)
+    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)  # int64: offsets can pass 2^31
     eos = tl.load(cu_seqlens + n + 1)
-    rows = t0 + tl.arange(0, 64)
-    rmask = rows < eos
+    r = tl.arange(0, 64)
+    rmask = t0 + r < eos
+    tok = t0 * H + i_h  # scalar int64 base, small int32 tile offsets
     ok = tl.arange(0, K)
-    k_tile = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :], mask=rmask[:, None], other=0.0)
-    b = tl.load(beta + rows * H + i_h, mask=rmask, other=0.0).to(tl.float32)
+    kk = r[:, None] * (H * K) + ok[None, :]
+    k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
+    b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
     alpha, _, _, T = _chunk_system(k_tile, b, EFLA, PREC)
     ak = alpha[:, None] * k_tile.to(tl.float32)
     w_tile = tl.dot(T, ak, input_precision=PREC)
-    tl.store(w + (rows[:, None] * H + i_h) * K + ok[None, :], w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
+    tl.store(w + tok * K + kk, w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
     for i_v in range(tl.cdiv(V, BV)):
         ov = i_v * BV + tl.arange(0, BV)
         m = rmask[:, None] & (ov[None, :] < V)
-        v_tile = tl.load(v + (rows[:, None] * H + i_h) * V + ov[None, :], mask=m, other=0.0).to(tl.float32)
+        vv = r[:, None] * (H * V) + ov[None, :]
+        v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)
         u_tile = tl.dot(T, alpha[:, None] * v_tile, input_precision=PREC)
-        tl.store(u0 + (rows[:, None] * H + i_h) * V + ov[None, :], u_tile.to(u0.dtype.element_ty), mask=m)
+        tl.store(u0 + tok * V + vv, u_tile.to(u0.dtype.element_ty), mask=m)

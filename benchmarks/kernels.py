@@ -1,0 +1,152 @@
+"""Kernel benchmark: EFLA's Triton kernels against fla's DeltaNet kernel, EFLA through fla, and PyTorch SDPA.
+
+    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile]
+
+For bfloat16 inputs of each (B, T, H, D) shape (K = V = D) it times, with triton.testing.do_bench medians, the
+forward and forward+backward of: ours (backend="triton", modes efla and delta), fla's chunk_delta_rule (DeltaNet,
+the baseline every ratio is taken against), EFLA through fla (alpha computed in PyTorch, then chunk_delta_rule) and
+causal SDPA (flash). It measures the copy bandwidth and bf16 matmul rate of the GPU in the same run and reports each
+forward's achieved TB/s (bytes of q, k, v, beta, o once) and TFLOP/s (chunkwise model below) against them, plus peak
+memory of forward+backward above the inputs, and the relative error of ours against EFLA through fla. --profile
+also prints the per-kernel CUDA time of one forward+backward of ours and of fla at the first shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from efla import efla_attention
+
+SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (32, 1024, 16, 128), (8, 4096, 32, 64)]
+CHUNK = 64
+
+
+def ceilings() -> tuple[float, float]:
+    """Measured device-to-device copy bandwidth (TB/s, read + write) and bf16 8192^3 matmul rate (TFLOP/s)."""
+    x = torch.randn(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    return 2 * x.numel() * 4 / copy_ms / 1e9, 2 * 8192**3 / mm_ms / 1e9
+
+
+def chunk_flops(B: int, T: int, H: int, D: int) -> float:
+    """Forward FLOPs of the chunkwise algorithm: per token 2 (3 C K + 2 C V + 3 K V) with K = V = D (K K^T, W, Q K^T;
+    U0, tril(Q K^T) u; W S, K^T u, Q S); the 64 x 64 triangular inverse is left out."""
+    return 2 * B * T * H * (5 * CHUNK * D + 3 * D * D)
+
+
+def inputs(B: int, T: int, H: int, D: int):
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    k = F.normalize(torch.randn(B, T, H, D, device="cuda", dtype=torch.float32), dim=-1).to(torch.bfloat16)
+    v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    beta = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).sigmoid()
+    return [x.requires_grad_() for x in (q, k, v, beta)]
+
+
+def implementations():
+    """name -> f(q, k, v, beta) returning o; each a bf16 operator with gradients."""
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    def ours(mode):
+        return lambda q, k, v, beta: efla_attention(q, k, v, beta, mode=mode, backend="triton", check_beta=False)[0]
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # q, k, v given as [B, H, T, D], no beta
+
+    return {
+        "fla DeltaNet": lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta)[0],
+        "ours efla": ours("efla"),
+        "ours delta": ours("delta"),
+        "EFLA via fla": lambda q, k, v, beta: efla_attention(q, k, v, beta, backend="fla", check_beta=False)[0],
+        "SDPA causal": sdpa,
+    }
+
+
+def measure(f, args, do):
+    """Median forward ms, forward+backward ms, and peak MiB of forward+backward above what is allocated now."""
+    fwd = triton.testing.do_bench(lambda: f(*args), return_mode="median")
+
+    def step():
+        f(*args).backward(do)
+
+    both = triton.testing.do_bench(step, grad_to_none=args, return_mode="median")
+    for x in args:
+        x.grad = None  # the peak then includes the input gradients, as in training
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def profile(B, T, H, D, impls):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    args = inputs(B, T, H, D)
+    for name in ("ours efla", "fla DeltaNet"):
+        f = impls[name]
+        do = torch.randn_like(args[2])
+        for _ in range(3):
+            f(*args).backward(do)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            f(*args).backward(do)
+            torch.cuda.synchronize()
+        print(f"\n{name}, one forward+backward at {(B, T, H, D)}:")
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D for each shape (default: the issue's)")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times at the first shape")
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    torch.manual_seed(0)
+    bandwidth, matmul = ceilings()
+    impls = implementations()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{datetime.date.today()}; ceilings measured now: copy {bandwidth:.2f} TB/s, bf16 matmul {matmul:.0f} "
+          "TFLOP/s; medians of triton.testing.do_bench; ratios against fla DeltaNet of the same shape", flush=True)
+    head = ("B x T x H x D", "impl", "fwd ms", "fwd x", "fwd+bwd ms", "f+b x", "fwd TB/s", "%bw", "fwd TFLOP/s",
+            "%mm", "peak MiB", "mem x", "rel err vs fla")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head), flush=True)
+    for B, T, H, D in shapes:
+        q, k, v, beta = inputs(B, T, H, D)
+        with torch.no_grad():
+            o_ours = impls["ours efla"](q, k, v, beta).float()
+            o_fla = impls["EFLA via fla"](q, k, v, beta).float()
+        agreement = ((o_ours - o_fla).norm() / o_fla.norm()).item()
+        base = None
+        for name, f in impls.items():
+            sdpa = name.startswith("SDPA")
+            call_args = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)] if sdpa \
+                else [q, k, v, beta]
+            do = torch.randn_like(call_args[2])
+            fwd, both, peak = measure(f, call_args, do)
+            if base is None:
+                base = (fwd, both, peak)
+            tbs = (4 * D + 1) * B * T * H * 2 / fwd / 1e9  # q, k, v, o and beta once, bf16
+            tflops = (2 * B * H * T * T * D if sdpa else chunk_flops(B, T, H, D)) / fwd / 1e9  # causal: half of 4BHT^2D
+            err = f"{agreement:.1e}" if name == "ours efla" else ""
+            print(f"| {B}x{T}x{H}x{D} | {name} | {fwd:.3f} | {fwd / base[0]:.2f} | {both:.3f} | {both / base[1]:.2f} "
+                  f"| {tbs:.2f} | {100 * tbs / bandwidth:.0f} | {tflops:.0f} | {100 * tflops / matmul:.0f} "
+                  f"| {peak:.0f} | {peak / base[2]:.2f} | {err} |", flush=True)
+            del call_args
+        del q, k, v, beta
+    if args.profile:
+        profile(*shapes[0], impls)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Triton backend against the float64 PyTorch references.
+
+On CPU the kernels run in Triton's interpreter on tiny shapes: TRITON_INTERPRET=1 must be set before triton is first
+imported (``TRITON_INTERPRET=1 pytest``; this module sets it itself when run alone, and skips, saying so, when
+triton was imported without it). The
+interpreter mishandles bfloat16 dot products, so bfloat16 is tested on GPU only. GPU tests (``-m gpu``) use real
+sizes: float32 (tf32x3 dots by default, and the exact "ieee" mode) within 1e-5 and bfloat16 within 2e-2 of
+float64, up to T = 16384, and agreement with fla's kernel when fla-core is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton's own library was built for the GPU (importing efla's models imports torch._dynamo, which imports
+        # triton), so its interpreter cannot run here.
+        pytest.skip("on CPU run the suite as `TRITON_INTERPRET=1 pytest` (set before triton is imported)",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from efla import efla_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _inputs(B, T, H, K, V, mode, n_states, seed, device=DEVICE):
+    """Fresh random inputs. EFLA gets keys of widely varying norm (it is stable for any); the delta rule gets unit
+    keys and beta < 1, the regime where its Euler step is stable."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g)
+    k = torch.randn(B, T, H, K, generator=g)
+    if mode == "efla":
+        k = k * torch.empty(B, T, H, 1).uniform_(0.05, 1.5, generator=g)
+        beta = torch.rand(B, T, H, generator=g) * 3
+    else:
+        k = torch.nn.functional.normalize(k, dim=-1)
+        beta = torch.rand(B, T, H, generator=g)
+    v = torch.randn(B, T, H, V, generator=g)
+    h0 = torch.randn(n_states, H, K, V, generator=g)
+    return [x.to(device) for x in (q, k, v, beta, h0)]
+
+
+def _run(backend, dtype, inputs, mode, cu_seqlens=None, grads=True):
+    """Output, final state and (if grads) the gradients of a random projection of both, for q, k, v, beta, h0."""
+    q, k, v, beta, h0 = (x.detach().to(dtype if i < 3 else torch.float64 if dtype == torch.float64 else torch.float32)
+                         .requires_grad_(grads) for i, x in enumerate(inputs))
+    o, ht = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
+                           mode=mode, backend=backend)
+    if not grads:
+        return o, ht, []
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    do = torch.randn(o.shape, generator=g).to(o.device)
+    dht = torch.randn(ht.shape, generator=g).to(ht.device)
+    ((o.double() * do).sum() + (ht.double() * dht).sum()).backward()
+    return o, ht, [x.grad for x in (q, k, v, beta, h0)]
+
+
+def _check(dtype, inputs, mode, tol, cu_seqlens=None, grads=True, backend="triton"):
+    o, ht, dx = _run(backend, dtype, inputs, mode, cu_seqlens, grads)
+    o_ref, ht_ref, dx_ref = _run("torch", torch.float64, inputs, mode, cu_seqlens, grads)
+    errors = {"o": _rel(o, o_ref), "ht": _rel(ht, ht_ref)}
+    errors.update({f"d{n}": _rel(a, b) for n, a, b in zip(("q", "k", "v", "beta", "h0"), dx, dx_ref, strict=False)})
+    print(f"{backend} {dtype} {mode}: max rel err {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    assert max(errors.values()) <= tol, errors
+
+
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+def test_chunk_matches_float64(mode):
+    """Forward, final state and every gradient, two chunks with a ragged tail, K != V."""
+    _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=1), mode, tol=1e-5)
+
+
+def test_varlen_matches_float64():
+    """Packed sequences (one empty, one shorter than a chunk, one spanning chunks) with per-sequence states."""
+    cu = torch.tensor([0, 5, 70, 70, 133], device=DEVICE)
+    _check(torch.float32, _inputs(1, 133, 2, 16, 64, "efla", 4, seed=2), "efla", tol=1e-5, cu_seqlens=cu)
+
+
+def test_float16_forward():
+    _check(torch.float16, _inputs(2, 70, 2, 16, 32, "efla", 2, seed=3), "efla", tol=5e-3, grads=False)
+
+
+@pytest.mark.parametrize(("mode", "T"), [("efla", 1), ("delta", 9)])
+def test_fused_recurrent_matches_float64(mode, T):
+    """Inference on short sequences takes the fused recurrent kernel (no grad), states in and out."""
+    with torch.no_grad():
+        _check(torch.float32, _inputs(3, T, 2, 16, 32, mode, 3, seed=4), mode, tol=1e-5, grads=False)
+
+
+def test_rejects_what_it_cannot_run():
+    q, k, v, beta, _ = _inputs(1, 4, 1, 16, 16, "efla", 1, seed=5)
+    with pytest.raises(TypeError, match="float64"):
+        efla_attention(q.double(), k.double(), v.double(), beta, backend="triton")
+    q48 = torch.randn(1, 4, 1, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims"):
+        efla_attention(q48, q48, v, beta, backend="triton")
+
+
+# ---- GPU: real sizes, most important first ---------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+def test_gpu_long_float32_and_bfloat16(mode):
+    """T = 16384: float32 within 1e-5 and bfloat16 within 2e-2 of float64, gradients included."""
+    inputs = _inputs(1, 16384, 2, 128, 128, mode, 1, seed=7)
+    _check(torch.float32, inputs, mode, tol=1e-5)
+    _check(torch.bfloat16, inputs, mode, tol=2e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla-core")
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+def test_gpu_matches_fla(mode):
+    """The fla backend (alpha in PyTorch, fla's DeltaNet kernel) as a second, independent oracle in bfloat16."""
+    inputs = _inputs(2, 4096, 4, 128, 128, mode, 2, seed=11)
+    o, ht, dx = _run("triton", torch.bfloat16, inputs, mode)
+    o_fla, ht_fla, dx_fla = _run("fla", torch.bfloat16, inputs, mode)
+    errors = [_rel(o, o_fla), _rel(ht, ht_fla)] + [_rel(a, b) for a, b in zip(dx, dx_fla, strict=True)]
+    assert max(errors) <= 2e-2, errors
+    _check(torch.bfloat16, inputs, mode, tol=2e-2, backend="fla")
+
+
+@gpu
+@needs_cuda
+def test_gpu_varlen_bfloat16():
+    cu = torch.tensor([0, 1, 64, 1000, 1001, 5000], device=DEVICE)
+    _check(torch.bfloat16, _inputs(1, 5000, 4, 128, 128, "efla", 5, seed=8), "efla", tol=2e-2, cu_seqlens=cu)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_gpu_fused_recurrent(T):
+    with torch.no_grad():
+        _check(torch.float32, _inputs(4, T, 4, 128, 128, "efla", 4, seed=9), "efla", tol=1e-5, grads=False)
+        _check(torch.bfloat16, _inputs(4, T, 4, 128, 128, "efla", 4, seed=10), "efla", tol=2e-2, grads=False)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("K", "V"), [(16, 256), (256, 16), (256, 256), (32, 64)])
+def test_gpu_head_dims(K, V):
+    inputs = _inputs(2, 1000, 3, K, V, "efla", 2, seed=6)
+    _check(torch.bfloat16, inputs, "efla", tol=2e-2)
+    _check(torch.float32, inputs, "efla", tol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_gpu_ieee_float32(monkeypatch):
+    """The exact float32 dot mode (slow to compile, so a small head dim)."""
+    import efla.ops.triton as kernels
+
+    monkeypatch.setattr(kernels, "FP32_DOT_PRECISION", "ieee")
+    _check(torch.float32, _inputs(2, 300, 2, 32, 32, "efla", 2, seed=12), "efla", tol=1e-5)
