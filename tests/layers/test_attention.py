@@ -93,3 +93,16 @@ def test_softmax_attention_padding_and_cache():
     cache = cache_utils.DynamicCache()
     steps = [layer(x[:, :5], mask[:, :5], cache)] + [layer(x[:, t:t + 1], mask[:, :t + 1], cache) for t in range(5, T)]
     torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], out[mask.bool()], atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast runs the L2 norm in float32 there)")
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+def test_bf16_autocast_on_cuda(mode):
+    layer = EFLAttention(64, 2, mode=mode).cuda()
+    x = torch.randn(2, 50, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    reference = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - reference).norm() / reference.norm()).item() < 3e-2

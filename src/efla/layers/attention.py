@@ -92,9 +92,10 @@ class EFLAttention(nn.Module):
         else:
             qkv, conv_state = self.conv(qkv, conv_state, lengths)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        q = F.normalize(q, dim=-1, eps=1e-6)
+        # CUDA autocast runs the norm in float32: bring q (and k) back to v's dtype for efla_attention
+        q = F.normalize(q, dim=-1, eps=1e-6).to(v.dtype)
         if self.mode == "delta":
-            k = F.normalize(k, dim=-1, eps=1e-6)
+            k = F.normalize(k, dim=-1, eps=1e-6).to(v.dtype)
         beta = self.b_proj(x).float().sigmoid()
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
 

@@ -1,0 +1,81 @@
+"""Inputs of an evaluation: a checkpoint folder (model and tokenizer) and held-out text (local files or a dataset)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder ``path`` (a saved transformers model: config.json and weights), or a clear error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist; pass a checkpoint folder holding config.json "
+                                "and model.safetensors (e.g. the model/ folder an `efla train` run writes)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a saved model (save it with save_pretrained)")
+    return path
+
+
+def tokenizer_folder(model: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """The folder to load the tokenizer from: ``tokenizer`` if given, else the checkpoint folder, which must hold one
+    (a trainer's step_* checkpoints hold only the model; its final model/ folder holds both)."""
+    folder = Path(tokenizer if tokenizer is not None else model)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        hint = "" if tokenizer is not None else "; pass the tokenizer folder (--tokenizer)"
+        raise FileNotFoundError(f"no tokenizer in {folder} (none of {', '.join(_TOKENIZER_FILES)}){hint}")
+    return folder
+
+
+def load_checkpoint(
+    model: str | Path, tokenizer: str | Path | None = None, device: str | torch.device | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local checkpoint folder, the model in float32 and eval mode on ``device`` (default
+    CUDA when available). ``tokenizer``: a tokenizer folder when the checkpoint has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import efla.models  # noqa: F401  (registers model_type "efla" with the Auto classes)
+
+    folder = check_checkpoint(model)
+    tokenizer_obj = AutoTokenizer.from_pretrained(str(tokenizer_folder(folder, tokenizer)))
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    model_obj = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    return model_obj, tokenizer_obj
+
+
+def read_texts(paths: list[str | Path], text_field: str = "text") -> list[str]:
+    """The documents of local files, in order: a .jsonl file holds one per line (its ``text_field``), any other file
+    is one document of UTF-8 text."""
+    texts = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"text file {path} does not exist")
+        if path.suffix != ".jsonl":
+            texts.append(path.read_text(encoding="utf-8"))
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise ValueError(f"{path}:{number}: no string field {text_field!r} (set the text field)")
+            texts.append(record[text_field])
+    return texts
+
+
+def dataset_texts(name: str, split: str = "test", config: str | None = None, text_field: str = "text") -> list[str]:
+    """The ``text_field`` column of a Hugging Face ``datasets`` split (a hub name, or a local folder of data files)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("--dataset needs the datasets package: pip install 'efla[hf]'") from error
+    data = datasets.load_dataset(name, config, split=split)
+    if text_field not in data.column_names:
+        raise ValueError(f"dataset {name} has no column {text_field!r} (columns: {data.column_names}); "
+                         "set the text field")
+    return list(data[text_field])
