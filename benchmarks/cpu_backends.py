@@ -26,16 +26,12 @@ def _inputs(batch: int, length: int, dim: int) -> tuple[torch.Tensor, ...]:
     return q, k, v, beta
 
 
-def _fwd_bwd_seconds(backend: str, batch: int, length: int, dim: int, repeats: int) -> float:
-    times = []
-    for i in range(repeats + 1):
-        q, k, v, beta = _inputs(batch, length, dim)
-        start = time.perf_counter()
-        o, _ = efla_attention(q, k, v, beta, backend=backend)
-        o.square().mean().backward()
-        if i:  # the first run warms up allocators and kernels
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _fwd_bwd_seconds(backend: str, chunk_size: int, batch: int, length: int, dim: int) -> float:
+    q, k, v, beta = _inputs(batch, length, dim)
+    start = time.perf_counter()
+    o, _ = efla_attention(q, k, v, beta, backend=backend, chunk_size=chunk_size)
+    o.square().mean().backward()
+    return time.perf_counter() - start
 
 
 def _check_microseconds(batch: int, length: int, dim: int) -> float:
@@ -55,14 +51,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     shape = (args.batch, args.length, args.dim)
-    chunk = _fwd_bwd_seconds("torch", *shape, args.repeats)
-    recurrent = _fwd_bwd_seconds("recurrent", *shape, max(1, args.repeats // 2))
+    variants = {"recurrent": ("recurrent", 64), "torch (chunkwise, chunk_size=64, the default)": ("torch", 64),
+                "torch (chunkwise, chunk_size=32)": ("torch", 32)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(args.repeats + 1):  # interleaved, so every variant sees the same machine; round 0 warms up
+        for name, (backend, chunk_size) in variants.items():
+            seconds = _fwd_bwd_seconds(backend, chunk_size, *shape)
+            if round_:
+                times[name].append(seconds)
+    medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__},"
-          f" {date.today()}; B={args.batch} T={args.length} H=1 K=V={args.dim} float32, forward+backward, median")
+          f" {date.today()}; B={args.batch} T={args.length} H=1 K=V={args.dim} float32, forward+backward, median of"
+          f" {args.repeats} interleaved rounds")
     print("| backend | seconds | speed-up vs recurrent |")
     print("|---|---|---|")
-    print(f"| recurrent | {recurrent:.3f} | 1.0x |")
-    print(f"| torch (chunkwise, C=64) | {chunk:.3f} | {recurrent / chunk:.1f}x |")
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds:.3f} | {medians['recurrent'] / seconds:.1f}x |")
     print(f"argument checks: {_check_microseconds(*shape):.1f} us per call")
 
 

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                         attn_backend=args.backend))
         for mode in ("efla", "delta")
     }
-    if importlib.util.find_spec("fla") is not None:
+    # fla-core ships only the kernels; the models come with the flash-linear-attention package
+    if importlib.util.find_spec("fla") is not None and importlib.util.find_spec("fla.models") is not None:
         models["fla DeltaNet"] = lambda: fla_deltanet(preset_config(args.preset))
 
     tokens = args.batch_size * args.seq_len

@@ -5,14 +5,16 @@ S_t = S + sum_{i<=t} k_i u_i^T. The recurrence gives u_t = a_t (v_t - S^T k_t - 
 
     (I + tril(diag(a) K K^T, -1)) U = diag(a) (V - K S)
 
-so with W and U0 the solutions of that unit lower-triangular system for right-hand sides diag(a) K and diag(a) V,
-U = U0 - W S. Then the chunk's outputs and the next state are
+so U = T diag(a) (V - K S) with the UT transform T = (I + tril(diag(a) K K^T, -1))^-1. Then the chunk's outputs and
+the next state are
 
     O = scale * (Q S + tril(Q K^T) U),    S' = S + K^T U
 
-(tril inclusive: o_t reads the state after token t). W and U0 depend on the chunk alone, so they are computed for all
-chunks at once; only the C x K by K x V products that carry S run chunk after chunk. EFLA and DeltaNet differ only in
-a (alpha from beta and ||k||^2, or beta itself), which arrives here already computed.
+(tril inclusive: o_t reads the state after token t). T and tril(Q K^T) depend on the chunk alone, so they are
+computed for all chunks at once, as are the outputs once every chunk's S and U are known; only U and S' run chunk
+after chunk. (The GPU kernels precompute the WY pair W = T diag(a) K, U0 = T diag(a) V and form U = U0 - W S; on CPU
+applying T inside the loop saves one of the three C x C products per chunk.) EFLA and DeltaNet differ only in a (alpha
+from beta and ||k||^2, or beta itself), which arrives here already computed.
 """
 
 from __future__ import annotations
@@ -49,18 +51,42 @@ def chunk_fwd(
     q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)
     a = F.pad(alpha, (0, 0, 0, pad)).view(B, n, C, H).permute(0, 3, 1, 2).unsqueeze(-1)  # [B, H, n, C, 1]
 
-    lower = torch.tril(a * (k @ k.transpose(-1, -2)), diagonal=-1)
-    system = lower + torch.eye(C, dtype=dtype, device=k.device)
-    # one solve for both right-hand sides: W = system^-1 diag(a) K and U0 = system^-1 diag(a) V
-    w, u0 = torch.linalg.solve_triangular(system, a * torch.cat([k, v], -1), upper=False, unitriangular=True).split(
-        [K, V], dim=-1)
-    qk = torch.tril(q @ k.transpose(-1, -2))
+    # masks as multiplications: cheaper than torch.tril on CPU, in both directions of autograd
+    causal = torch.ones(C, C, dtype=dtype, device=k.device).tril()
+    transform = _UnitLowerInverse.apply((a * (k @ k.transpose(-1, -2))) * causal.tril(-1))
+    qk = (q @ k.transpose(-1, -2)) * causal
 
     state = k.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
-    outputs = []
-    for i in range(n):
-        u = u0[:, :, i] - w[:, :, i] @ state
-        outputs.append(q[:, :, i] @ state + qk[:, :, i] @ u)
-        state = state + k[:, :, i].transpose(-1, -2) @ u
-    o = torch.stack(outputs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
+    states, pseudo_values = [], []
+    # only the state recursion runs chunk by chunk; unbinding once avoids autograd writing a full-size zero gradient
+    # for every indexed chunk
+    for k_i, v_i, a_i, t_i in zip(*(x.unbind(2) for x in (k, v, a, transform)), strict=True):
+        states.append(state)
+        u = t_i @ (a_i * (v_i - k_i @ state))
+        pseudo_values.append(u)
+        state = state + k_i.transpose(-1, -2) @ u
+    # O = Q S + tril(Q K^T) U for all chunks as one product: [Q, tril(Q K^T)] @ [S; U]
+    o = q @ torch.stack(states, dim=2) + qk @ torch.stack(pseudo_values, dim=2)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
     return scale * o, state
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """(I + L)^-1 for a batch of strictly lower-triangular L.
+
+    The backward uses the inverse itself, d(M^-1) = -M^-1 dM M^-1, so it costs two matrix products instead of the
+    triangular solves autograd would run (slow for many small matrices on CPU). Only L's strictly lower part matters:
+    the caller's mask discards the rest of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, lower: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+        inverse = torch.linalg.solve_triangular(lower + eye, eye.expand_as(lower), upper=False, unitriangular=True)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (inverse,) = ctx.saved_tensors
+        return -(inverse.mT @ grad @ inverse.mT)
