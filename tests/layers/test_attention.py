@@ -106,3 +106,26 @@ def test_bf16_autocast_on_cuda(mode):
     reference = layer(x)
     assert y.dtype == torch.bfloat16
     assert ((y.float() - reference).norm() / reference.norm()).item() < 3e-2
+
+
+def test_packed_documents_stay_packed():
+    """With cu_seqlens each document is convolved on its own, and the projections see the packed tokens only (not
+    every document padded to the longest: that multiplies a training step's activations)."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4)
+    lengths = [3, 9, 1, 2]
+    x = torch.randn(1, sum(lengths), 6, requires_grad=True)
+    cu_seqlens = torch.tensor([0, 3, 12, 13, 15], dtype=torch.int32)
+    y, state = conv(x, cu_seqlens=cu_seqlens)
+    alone = torch.cat([conv(piece)[0] for piece in torch.split(x, lengths, dim=1)], dim=1)
+    torch.testing.assert_close(y, alone, atol=ATOL, rtol=0)
+    assert state is None
+    y.square().sum().backward()  # differentiable through the packing
+
+    layer = EFLAttention(32, 2, chunk_size=4)
+    seen = []
+    layer.qkv_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    layer(torch.randn(1, 15, 32), cu_seqlens=cu_seqlens)
+    assert seen == [torch.Size([1, 15, 32])]
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at T=15"):
+        layer(torch.randn(1, 15, 32), cu_seqlens=torch.tensor([0, 3, 14], dtype=torch.int32))

@@ -36,6 +36,8 @@ def test_yaml_file(tmp_path):
     (tmp_path / "run.yaml").write_text("tokenizer: tok\ndata: [corpus/]\nmax_steps: 100\nwarmup_steps: 10\n")
     config = _parse(["--config", str(tmp_path / "run.yaml")])
     assert (config.max_steps, config.warmup_steps, config.data) == (100, 10, ["corpus/"])
+    (tmp_path / "one.yaml").write_text("tokenizer: tok\ndata: corpus/\nmax_steps: 100\n")  # one path, no list
+    assert _parse(["--config", str(tmp_path / "one.yaml")]).data == ["corpus/"]
 
 
 @pytest.mark.parametrize(("settings", "message"), [

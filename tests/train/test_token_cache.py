@@ -29,6 +29,21 @@ def test_cache_holds_every_document_followed_by_eos(corpus, tokenizer_dir, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folder left
 
 
+def test_cache_built_meanwhile_by_another_run_is_used(corpus, tokenizer_dir, tmp_path):
+    """Two runs sharing cache_dir tokenise the same corpus at once: the one finishing second uses the first's."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    documents = list(read_documents(expand_paths([str(corpus)])))[:20]
+
+    def racing_documents():  # the other run (another process, so another temporary folder) finishes first
+        build_token_cache(iter(documents), tokenizer, tmp_path / "other" / "c")
+        (tmp_path / "other" / "c").rename(tmp_path / "c")
+        yield from documents
+
+    cache = build_token_cache(racing_documents(), tokenizer, tmp_path / "c")
+    assert len(cache.tokens) == json.loads((tmp_path / "c" / "meta.json").read_text())["num_tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "other"]  # no temporary folder left
+
+
 def test_documents_from_jsonl_text_and_parquet(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "two"}) + "\n")
     (tmp_path / "b.txt").write_text("three")

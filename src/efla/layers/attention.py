@@ -24,8 +24,8 @@ from torch import nn
 
 from efla.layers.conv import ShortConvolution
 from efla.layers.norm import GatedRMSNorm, RMSNorm
-from efla.ops import efla_attention, varlen
-from efla.ops.checks import MODES, sequence_lengths
+from efla.ops import efla_attention
+from efla.ops.checks import MODES
 
 
 class EFLAttention(nn.Module):
@@ -80,8 +80,7 @@ class EFLAttention(nn.Module):
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with attention_mask or a cache")
-            documents = sequence_lengths(cu_seqlens, T)
-            x, lengths = varlen.unpack(hidden_states, documents), torch.tensor(documents, device=x.device)
+            # the tokens stay packed (no padding to the longest document); efla_attention checks cu_seqlens
         elif attention_mask is not None:
             mask = attention_mask[:, -T:].bool()
             x, lengths = _left_align(hidden_states, mask)
@@ -90,7 +89,7 @@ class EFLAttention(nn.Module):
         if self.conv is None:
             qkv = F.silu(qkv)
         else:
-            qkv, conv_state = self.conv(qkv, conv_state, lengths)
+            qkv, conv_state = self.conv(qkv, conv_state, lengths, cu_seqlens)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         # CUDA autocast runs the norm in float32: bring q (and k) back to v's dtype for efla_attention
         q = F.normalize(q, dim=-1, eps=1e-6).to(v.dtype)
@@ -99,7 +98,6 @@ class EFLAttention(nn.Module):
         beta = self.b_proj(x).float().sigmoid()
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
 
-        cu_seqlens = None
         if lengths is not None:  # rows -> one packed sequence per row
             valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
             q, k, v, beta = (t[valid].unsqueeze(0) for t in (q, k, v, beta))

@@ -51,7 +51,9 @@ def save_checkpoint(
         os.replace(tmp, final)
         _replace_text(root / LATEST, final.name)
         _fsync_dir(root)
-        for old in sorted(root.glob("step_*[0-9]"))[:-keep]:
+        # never the one just written: an older run or a resume from an earlier checkpoint can leave higher steps
+        others = [p for p in sorted(root.glob("step_*[0-9]")) if p != final]
+        for old in others[:max(0, len(others) - (keep - 1))]:
             shutil.rmtree(old)
     barrier(world)
     return final

@@ -66,6 +66,8 @@ class TrainConfig:
     resume: str | None = _setting(None, "continue from the newest checkpoint in out_dir, or from CHECKPOINT")
     log_every: int = _setting(1, "steps between metrics records")
     def __post_init__(self) -> None:
+        if isinstance(self.data, str):  # `data: corpus/` in a YAML file: one path, not a list of characters
+            self.data = [self.data]
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be 'ddp' or 'fsdp' (got {self.strategy!r})")
         if self.precision not in ("bf16", "fp32"):

@@ -132,7 +132,11 @@ def build_token_cache(documents: Iterator[str], tokenizer, folder: str | Path) -
         np.save(tmp / "doc_starts.npy", np.asarray(starts, dtype=np.int64))
         meta = {"dtype": np.dtype(dtype).name, "num_tokens": total, "num_docs": len(starts), "vocab_size": vocab}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another run built the same cache meanwhile (e.g. a sweep sharing cache_dir): use it
+            if not (folder / "meta.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenCorpus.open(folder)

@@ -31,12 +31,14 @@ class World:
 
 def init_world(device: str = "auto") -> World:
     """Join the torchrun process group if there is one and pick this rank's device ("auto": cuda:LOCAL_RANK when
-    CUDA is available, else cpu)."""
+    CUDA is available, else cpu; "cuda": cuda:LOCAL_RANK)."""
     rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is None:  # "cuda": this rank's GPU (set_device and DDP need an index)
+        chosen = torch.device("cuda", local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if size > 1 and not dist.is_initialized():

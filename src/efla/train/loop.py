@@ -276,6 +276,9 @@ def model_config(config: TrainConfig, tokenizer: Any) -> Any:
             raise ValueError(f"model must be a preset {sorted(PRESETS)} or a config.json / model folder "
                              f"(got {config.model!r}, which does not exist)")
         values = {**AutoConfig.from_pretrained(str(path)).to_dict(), **overrides}
+        # a saved bf16 model's dtype would make from_config build bf16 weights (and AdamW state): train in float32
+        values.pop("dtype", None)
+        values.pop("torch_dtype", None)
         model_cfg = AutoConfig.for_model(values.pop("model_type"), **values)
     limit = getattr(model_cfg, "max_position_embeddings", None)
     if limit is not None and config.seq_len > limit:
