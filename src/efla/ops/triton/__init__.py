@@ -2,7 +2,8 @@
 
 Chunk kernels (64 tokens per chunk) for training and long prompts: ``wy.py`` (alpha in-kernel, the WY system),
 ``chunk_fwd.py`` (state and output passes), ``chunk_bwd.py`` (reverse state pass, per-chunk gradients).
-``fused_recurrent.py`` serves inference on short sequences (T <= 64, decode steps). The references they are tested
+``fused_recurrent.py`` serves inference on short sequences (T <= 64, decode steps). ``tiles.py`` holds the
+indexing they share (a chunk's rows, V-blocks, per-chunk states in the packed tensors). The references they are tested
 against are ``efla/ops/chunk.py`` and ``efla/ops/recurrent.py``.
 
 Every kernel works on sequences packed along T: equal-length batches are viewed as B sequences of T tokens, so one

@@ -20,6 +20,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from efla.ops.triton.tiles import (
+    _chunk_rows,
+    _initial_state,
+    _load_state,
+    _seq_bounds,
+    _seq_chunk_rows,
+    _store_state,
+    _tile_offsets,
+    _v_block,
+    _v_cols,
+)
 from efla.ops.triton.wy import _chunk_system, _phi_prime
 
 
@@ -29,25 +40,16 @@ def _state_bwd_kernel(q, k, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, sc
                       STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and du."""
     n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu_seqlens + n)
-    eos = tl.load(cu_seqlens + n + 1)
-    c0 = tl.load(chunk_first + n)
-    ok = tl.arange(0, K)
-    ov = i_v * BV + tl.arange(0, BV)
-    vmask = ov < V
-    state_offs = ok[:, None] * V + ov[None, :]
+    bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
+    ov, vmask = _v_cols(i_v, V, BV)
     r = tl.arange(0, 64)
-    kk = r[:, None] * (H * K) + ok[None, :]  # int32 tile offsets, added to scalar int64 bases
-    vv = r[:, None] * (H * V) + ov[None, :]
-    dS = tl.zeros([K, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dS += tl.load(dht + (n * H + i_h) * K * V + state_offs, mask=vmask[None, :], other=0.0).to(tl.float32)
+    kk = _tile_offsets(r, H, K, tl.arange(0, K))
+    vv = _tile_offsets(r, H, V, ov)
+    dS = _initial_state(dht, HAS_DHT, n, i_h, H, K, V, BV, ov, vmask)
     for j in range(tl.cdiv(eos - bos, 64)):
         i = tl.cdiv(eos - bos, 64) - 1 - j
-        chunk_state = ((c0 + i).to(tl.int64) * H + i_h) * K * V  # int64 scalar bases: offsets can pass 2^31
-        tl.store(dh + chunk_state + state_offs, dS.to(dh.dtype.element_ty), mask=vmask[None, :])
-        rmask = bos + i * 64 + r < eos
-        tok = (bos + i * 64).to(tl.int64) * H + i_h
+        _store_state(dh, dS, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
+        rmask, tok = _seq_chunk_rows(bos, eos, i, r, i_h, H)
         m = rmask[:, None] & vmask[None, :]
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
@@ -60,7 +62,7 @@ def _state_bwd_kernel(q, k, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, sc
         dS += scale * tl.dot(tl.trans(q_tile), do_tile, input_precision=PREC)
         dS -= tl.dot(tl.trans(w_tile), du_tile.to(w_tile.dtype), input_precision=PREC)
     if STORE_DH0:
-        tl.store(dh0 + (n * H + i_h) * K * V + state_offs, dS, mask=vmask[None, :])
+        _store_state(dh0, dS, n, i_h, H, K, V, ov, vmask)
 
 
 @triton.jit
@@ -68,28 +70,17 @@ def _grad_qk_kernel(q, k, u, do, h, dh, dq, dk_part, chunk_seq, chunk_t0, cu_seq
                     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head): dq, and the part of dk that does not go through alpha or T (float32)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    n = tl.load(chunk_seq + i_c)
-    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)  # int64: offsets can pass 2^31
-    eos = tl.load(cu_seqlens + n + 1)
-    r = tl.arange(0, 64)
-    rmask = t0 + r < eos
-    tok = t0 * H + i_h  # scalar int64 base, small int32 tile offsets
-    ok = tl.arange(0, K)
-    kk = r[:, None] * (H * K) + ok[None, :]
+    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
+    kk = _tile_offsets(r, H, K, tl.arange(0, K))
     dq_acc = tl.zeros([64, K], dtype=tl.float32)  # dO S^T
     dk_acc = tl.zeros([64, K], dtype=tl.float32)  # u dS'^T
     P = tl.zeros([64, 64], dtype=tl.float32)  # dO u^T
     for i_v in range(tl.cdiv(V, BV)):
-        ov = i_v * BV + tl.arange(0, BV)
-        vmask = ov < V
-        m = rmask[:, None] & vmask[None, :]
-        vv = r[:, None] * (H * V) + ov[None, :]
-        state = (i_c * H + i_h) * K * V
-        state_offs = ok[:, None] * V + ov[None, :]
+        ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
-        S = tl.load(h + state + state_offs, mask=vmask[None, :], other=0.0).to(do_tile.dtype)
-        dS = tl.load(dh + state + state_offs, mask=vmask[None, :], other=0.0).to(u_tile.dtype)
+        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask).to(do_tile.dtype)
+        dS = _load_state(dh, i_c, i_h, H, K, V, ov, vmask).to(u_tile.dtype)
         dq_acc += tl.dot(do_tile, tl.trans(S), input_precision=PREC)
         dk_acc += tl.dot(u_tile, tl.trans(dS), input_precision=PREC)
         P += tl.dot(do_tile, tl.trans(u_tile.to(do_tile.dtype)), input_precision=PREC)
@@ -107,28 +98,17 @@ def _grad_wy_kernel(k, v, beta, du, h, dk_part, dk, dv, dbeta, chunk_seq, chunk_
                     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head): dv, dbeta and dk = dk_part + the terms through W, U0, T and alpha."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    n = tl.load(chunk_seq + i_c)
-    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)  # int64: offsets can pass 2^31
-    eos = tl.load(cu_seqlens + n + 1)
-    r = tl.arange(0, 64)
-    rmask = t0 + r < eos
-    tok = t0 * H + i_h  # scalar int64 base, small int32 tile offsets
-    ok = tl.arange(0, K)
-    kk = r[:, None] * (H * K) + ok[None, :]
-    k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
-    alpha, lam, G, T = _chunk_system(k_tile, b, EFLA, PREC)
+    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
+    kk = _tile_offsets(r, H, K, tl.arange(0, K))
+    k_tile, b, alpha, lam, G, T = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
     Tt = tl.trans(T)
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
     M = tl.zeros([64, 64], dtype=tl.float32)  # dX_K K^T + dX_V V^T
     da = tl.zeros([64], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        ov = i_v * BV + tl.arange(0, BV)
-        vmask = ov < V
-        m = rmask[:, None] & vmask[None, :]
-        vv = r[:, None] * (H * V) + ov[None, :]
+        ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         du_tile = tl.load(du + tok * V + vv, mask=m, other=0.0).to(tl.float32)
-        S = tl.load(h + (i_c * H + i_h) * K * V + (ok[:, None] * V + ov[None, :]), mask=vmask[None, :], other=0.0)
+        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask)
         dxv = tl.dot(Tt, du_tile, input_precision=PREC)
         dxk -= tl.dot(dxv, tl.trans(S.to(tl.float32)), input_precision=PREC)
         vf = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)

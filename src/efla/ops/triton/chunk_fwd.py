@@ -13,6 +13,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from efla.ops.triton.tiles import (
+    _chunk_rows,
+    _initial_state,
+    _load_state,
+    _seq_bounds,
+    _seq_chunk_rows,
+    _store_state,
+    _tile_offsets,
+    _v_block,
+    _v_cols,
+)
+
 
 @triton.jit
 def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
@@ -20,24 +32,15 @@ def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
                       STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over the sequence's chunks in order."""
     n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu_seqlens + n)
-    eos = tl.load(cu_seqlens + n + 1)
-    c0 = tl.load(chunk_first + n)
-    ok = tl.arange(0, K)
-    ov = i_v * BV + tl.arange(0, BV)
-    vmask = ov < V
-    state_offs = ok[:, None] * V + ov[None, :]
+    bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
+    ov, vmask = _v_cols(i_v, V, BV)
     r = tl.arange(0, 64)
-    kk = r[:, None] * (H * K) + ok[None, :]  # int32 tile offsets, added to scalar int64 bases
-    vv = r[:, None] * (H * V) + ov[None, :]
-    S = tl.zeros([K, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + (n * H + i_h) * K * V + state_offs, mask=vmask[None, :], other=0.0).to(tl.float32)
+    kk = _tile_offsets(r, H, K, tl.arange(0, K))
+    vv = _tile_offsets(r, H, V, ov)
+    S = _initial_state(h0, HAS_H0, n, i_h, H, K, V, BV, ov, vmask)
     for i in range(tl.cdiv(eos - bos, 64)):
-        chunk_state = ((c0 + i).to(tl.int64) * H + i_h) * K * V  # int64 scalar bases: offsets can pass 2^31
-        tl.store(h + chunk_state + state_offs, S.to(h.dtype.element_ty), mask=vmask[None, :])
-        rmask = bos + i * 64 + r < eos
-        tok = (bos + i * 64).to(tl.int64) * H + i_h
+        _store_state(h, S, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
+        rmask, tok = _seq_chunk_rows(bos, eos, i, r, i_h, H)
         m = rmask[:, None] & vmask[None, :]
         w_tile = tl.load(w + tok * K + kk, mask=rmask[:, None], other=0.0)
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
@@ -46,7 +49,7 @@ def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
         tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)
     if STORE_HT:
-        tl.store(ht + (n * H + i_h) * K * V + state_offs, S, mask=vmask[None, :])
+        _store_state(ht, S, n, i_h, H, K, V, ov, vmask)
 
 
 @triton.jit
@@ -54,21 +57,12 @@ def _out_kernel(q, k, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head, V-block): O = scale (Q S + tril(Q K^T) u)."""
     i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    n = tl.load(chunk_seq + i_c)
-    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)  # int64: offsets can pass 2^31
-    eos = tl.load(cu_seqlens + n + 1)
-    r = tl.arange(0, 64)
-    rmask = t0 + r < eos
-    tok = t0 * H + i_h  # scalar int64 base, small int32 tile offsets
-    ok = tl.arange(0, K)
-    ov = i_v * BV + tl.arange(0, BV)
-    vmask = ov < V
-    m = rmask[:, None] & vmask[None, :]
-    kk = r[:, None] * (H * K) + ok[None, :]
-    vv = r[:, None] * (H * V) + ov[None, :]
+    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
+    ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
+    kk = _tile_offsets(r, H, K, tl.arange(0, K))
     q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    S = tl.load(h + (i_c * H + i_h) * K * V + (ok[:, None] * V + ov[None, :]), mask=vmask[None, :], other=0.0)
+    S = _load_state(h, i_c, i_h, H, K, V, ov, vmask)
     u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
     qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
     out = tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from efla.ops.triton.tiles import _initial_state, _store_state, _v_cols
 from efla.ops.triton.wy import _step_size
 
 
@@ -23,12 +24,8 @@ def _fused_recurrent_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, scale, H,
     bos = tl.load(cu_seqlens + n).to(tl.int64)  # int64: offsets can pass 2^31
     eos = tl.load(cu_seqlens + n + 1)
     ok = tl.arange(0, K)
-    ov = i_v * BV + tl.arange(0, BV)
-    vmask = ov < V
-    state_offs = ok[:, None] * V + ov[None, :]
-    S = tl.zeros([K, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + (n * H + i_h) * K * V + state_offs, mask=vmask[None, :], other=0.0).to(tl.float32)
+    ov, vmask = _v_cols(i_v, V, BV)
+    S = _initial_state(h0, HAS_H0, n, i_h, H, K, V, BV, ov, vmask)
     for t in range(bos, eos):
         k_t = tl.load(k + (t * H + i_h) * K + ok).to(tl.float32)
         q_t = tl.load(q + (t * H + i_h) * K + ok).to(tl.float32)
@@ -40,4 +37,4 @@ def _fused_recurrent_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, scale, H,
         o_t = scale * tl.sum(S * q_t[:, None], axis=0)
         tl.store(o + (t * H + i_h) * V + ov, o_t.to(o.dtype.element_ty), mask=vmask)
     if STORE_HT:
-        tl.store(ht + (n * H + i_h) * K * V + state_offs, S, mask=vmask[None, :])
+        _store_state(ht, S, n, i_h, H, K, V, ov, vmask)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from efla.ops.triton.tiles import _chunk_rows, _tile_offsets, _v_block
+
 CHUNK = 64  # tokens per chunk in every Triton kernel
 
 
@@ -79,18 +81,20 @@ def _unit_lower_inverse(A, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_system(k_tile, beta, EFLA: tl.constexpr, PREC: tl.constexpr):
-    """From a [64, K] key tile and beta [64] (padding rows zero): alpha, lambda, G = K K^T and T (float32)."""
+def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
+    """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
+    alpha, lambda, G = K K^T and T (float32)."""
+    k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
+    b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
-    alpha = _step_size(beta, lam, EFLA)
+    alpha = _step_size(b, lam, EFLA)
     if k_tile.dtype == tl.float32:
         G = tl.dot(k_tile, tl.trans(k_tile), input_precision=PREC)
     else:
         G = tl.dot(k_tile, tl.trans(k_tile))
-    r = tl.arange(0, 64)
     A = tl.where(r[:, None] > r[None, :], alpha[:, None] * G, 0.0)
-    return alpha, lam, G, _unit_lower_inverse(A, PREC)
+    return k_tile, b, alpha, lam, G, _unit_lower_inverse(A, PREC)
 
 
 @triton.jit
@@ -98,24 +102,14 @@ def _wy_fwd_kernel(k, v, beta, w, u0, chunk_seq, chunk_t0, cu_seqlens, H,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    n = tl.load(chunk_seq + i_c)
-    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)  # int64: offsets can pass 2^31
-    eos = tl.load(cu_seqlens + n + 1)
-    r = tl.arange(0, 64)
-    rmask = t0 + r < eos
-    tok = t0 * H + i_h  # scalar int64 base, small int32 tile offsets
-    ok = tl.arange(0, K)
-    kk = r[:, None] * (H * K) + ok[None, :]
-    k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
-    alpha, _, _, T = _chunk_system(k_tile, b, EFLA, PREC)
+    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
+    kk = _tile_offsets(r, H, K, tl.arange(0, K))
+    k_tile, _b, alpha, _lam, _G, T = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
     ak = alpha[:, None] * k_tile.to(tl.float32)
     w_tile = tl.dot(T, ak, input_precision=PREC)
     tl.store(w + tok * K + kk, w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
     for i_v in range(tl.cdiv(V, BV)):
-        ov = i_v * BV + tl.arange(0, BV)
-        m = rmask[:, None] & (ov[None, :] < V)
-        vv = r[:, None] * (H * V) + ov[None, :]
+        _ov, _vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)
         u_tile = tl.dot(T, alpha[:, None] * v_tile, input_precision=PREC)
         tl.store(u0 + tok * V + vv, u_tile.to(u0.dtype.element_ty), mask=m)

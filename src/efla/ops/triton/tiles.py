@@ -1,0 +1,81 @@
+"""Where a program's tiles live in the packed tensors: token rows of a chunk, V-blocks, per-chunk states.
+
+Tokens are packed along T, so q, k, w are [TT, H, K] and v, u, o are [TT, H, V]: row r of a chunk whose first token
+has (token, head) index tok sits at (tok + r * H) * D. Offsets are split into a scalar int64 base (tok * D, which can
+pass 2^31) and small int32 tile offsets. States h, dh, h0, ht are [rows, H, K, V] in float32 or the input dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H):
+    """Rows of chunk i_c (int64) for head i_h: r = 0..63, rmask (rows inside the sequence) and tok (int64)."""
+    n = tl.load(chunk_seq + i_c)
+    t0 = tl.load(chunk_t0 + i_c).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1)
+    r = tl.arange(0, 64)
+    return r, t0 + r < eos, t0 * H + i_h
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens, chunk_first, n):
+    """Sequence n's tokens [bos, eos) and the global index c0 of its first chunk (its row in per-chunk states)."""
+    return tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1), tl.load(chunk_first + n)
+
+
+@triton.jit
+def _seq_chunk_rows(bos, eos, i, r, i_h, H):
+    """Rows of chunk i of the sequence [bos, eos) for head i_h: rmask and tok (int64), as ``_chunk_rows``."""
+    return bos + i * 64 + r < eos, (bos + i * 64).to(tl.int64) * H + i_h
+
+
+@triton.jit
+def _tile_offsets(r, H, D: tl.constexpr, cols):
+    """int32 offsets of the [64, len(cols)] tile of rows r, columns cols of a [TT, H, D] tensor, from tok * D."""
+    return r[:, None] * (H * D) + cols[None, :]
+
+
+@triton.jit
+def _v_cols(i_v, V: tl.constexpr, BV: tl.constexpr):
+    """Columns ov of V-block i_v and which of them exist (vmask)."""
+    ov = i_v * BV + tl.arange(0, BV)
+    return ov, ov < V
+
+
+@triton.jit
+def _v_block(i_v, r, rmask, H, V: tl.constexpr, BV: tl.constexpr):
+    """V-block i_v of a chunk: columns ov, vmask, the [64, BV] tile mask and the tile offsets from tok * V."""
+    ov, vmask = _v_cols(i_v, V, BV)
+    return ov, vmask, rmask[:, None] & vmask[None, :], _tile_offsets(r, H, V, ov)
+
+
+@triton.jit
+def _state_ptrs(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, ov):
+    """Pointers to the [K, BV] block (columns ov) of state (idx, i_h); idx is int64."""
+    return ptr + (idx * H + i_h) * K * V + (tl.arange(0, K)[:, None] * V + ov[None, :])
+
+
+@triton.jit
+def _load_state(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, ov, vmask):
+    """The [K, BV] block (columns ov) of state (idx, i_h), in the state's dtype."""
+    return tl.load(_state_ptrs(ptr, idx, i_h, H, K, V, ov), mask=vmask[None, :], other=0.0)
+
+
+@triton.jit
+def _initial_state(ptr, PRESENT: tl.constexpr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, ov,
+                   vmask):
+    """The float32 [K, BV] state a sequential pass starts from: state (idx, i_h) of ptr if PRESENT, else zeros."""
+    S = tl.zeros([K, BV], dtype=tl.float32)
+    if PRESENT:
+        S += _load_state(ptr, idx, i_h, H, K, V, ov, vmask).to(tl.float32)
+    return S
+
+
+@triton.jit
+def _store_state(ptr, S, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, ov, vmask):
+    """Store S as the [K, BV] block (columns ov) of state (idx, i_h), cast to the state's dtype."""
+    tl.store(_state_ptrs(ptr, idx, i_h, H, K, V, ov), S.to(ptr.dtype.element_ty), mask=vmask[None, :])
