@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from efla.ops.varlen import document_index
+
 
 class ShortConvolution(nn.Conv1d):
     """y_t = silu(sum_j w_j x_{t-j}) per channel, j < kernel_size; on [B, T, C] tensors.
@@ -52,9 +54,7 @@ class ShortConvolution(nn.Conv1d):
         t + (d + 1)(W - 1) and its output at t + d(W - 1)."""
         T, C = x.shape[1:]
         past = self.kernel_size[0] - 1
-        position = torch.arange(T, device=x.device)
-        document = torch.searchsorted(cu_seqlens[1:].to(position.dtype), position, right=True)
-        source = position + document * past
+        source = torch.arange(T, device=x.device) + document_index(cu_seqlens, T) * past
         seq = x.new_zeros(C, T + cu_seqlens.numel() * past)  # room for N + 1 documents: a bad cu_seqlens (not
         # ending at T) stays in bounds here and is reported by efla_attention
         seq = seq.index_copy(1, source + past, x[0].t())

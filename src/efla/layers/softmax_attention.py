@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from efla.ops.varlen import document_index
+
 
 class SoftmaxAttention(nn.Module):
     """Causal softmax attention over [B, T, hidden_size]; keys/values go to a transformers Cache when one is given."""
@@ -71,6 +73,6 @@ def _causal_mask(attention_mask: torch.Tensor | None, past: int, T: int, device:
 def _document_mask(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """Boolean [1, 1, T, T]: causal and block-diagonal over the packed documents."""
     position = torch.arange(T, device=cu_seqlens.device)
-    document = torch.searchsorted(cu_seqlens[1:].to(position.dtype), position, right=True)
+    document = document_index(cu_seqlens, T)
     allowed = (position[None, :] <= position[:, None]) & (document[None, :] == document[:, None])
     return allowed[None, None]

@@ -18,3 +18,9 @@ def unpack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 def pack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """[N, max(lengths), ...] -> [1, sum(lengths), ...], the inverse of ``unpack``."""
     return torch.cat([x[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
+
+
+def document_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """For each of the ``total`` packed tokens, the index of the sequence it belongs to ([total] int64, no sync)."""
+    position = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(position.dtype), position, right=True)
