@@ -80,8 +80,13 @@ def _check(dtype, inputs, mode, tol, cu_seqlens=None, grads=True, backend="trito
 
 
 @pytest.mark.parametrize("mode", ["efla", "delta"])
-def test_chunk_matches_float64(mode):
-    """Forward, final state and every gradient, two chunks with a ragged tail, K != V."""
+@pytest.mark.parametrize("save_t", [True, False])
+def test_chunk_matches_float64(mode, save_t, monkeypatch):
+    """Forward, final state and every gradient, two chunks with a ragged tail, K != V; the gradient kernel with T
+    stored by the recomputation and with T inverted again."""
+    from efla.ops.triton import launch
+
+    monkeypatch.setattr(launch, "SAVE_T", save_t)
     _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=1), mode, tol=1e-5)
 
 

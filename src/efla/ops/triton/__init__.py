@@ -20,6 +20,7 @@ import torch
 import triton
 
 from efla.ops.checks import sequence_lengths
+from efla.ops.triton import launch
 from efla.ops.triton.chunk_bwd import _grad_qk_kernel, _grad_wy_kernel, _state_bwd_kernel
 from efla.ops.triton.chunk_fwd import _out_kernel, _state_fwd_kernel
 from efla.ops.triton.fused_recurrent import _fused_recurrent_kernel
@@ -69,69 +70,70 @@ def _precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION
 
 
-def _state_block(K: int, V: int) -> tuple[int, int, int]:
-    """V-block, warps and pipeline stages of the sequential kernels: split V for parallelism, keep S [K, BV] in
-    registers, and load the next chunk's tiles during this one's (two stages) unless K = 256 tiles overflow shared
-    memory."""
-    bv = min(V, 64 if K <= 128 else 32)
-    return bv, 4 if K * bv <= 8192 else 8, 2 if K <= 128 else 1
-
-
 def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep):
-    """Forward chunk passes on packed [TT, H, D] tensors: o, the final state, and (if keep) h, u and w."""
+    """Forward chunk passes on packed [TT, H, D] tensors: o, the final state, and (if keep) h, u, w and, when
+    ``launch.SAVE_T``, T."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     N = cu.numel() - 1
     prec = _precision(q.dtype)
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     w, u0 = torch.empty_like(k), torch.empty_like(v)
-    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=min(V, 64),
-                                      EFLA=efla, PREC=prec, num_warps=4)
+    store_t = keep and launch.SAVE_T
+    t = k.new_empty(k.shape[0], H, CHUNK) if store_t else None
+    cfg = launch.launch("wy_fwd", K, V)
+    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv,
+                                      EFLA=efla, STORE_T=store_t, PREC=prec, num_warps=cfg.warps,
+                                      num_stages=cfg.stages)
     h = k.new_empty(chunks.total, H, K, V, dtype=state_dtype)
     u = torch.empty_like(v)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
-    bv, warps, stages = _state_block(K, V)
-    _state_fwd_kernel[(N, H, triton.cdiv(V, bv))](k, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K, V=V, BV=bv,
-                                                  HAS_H0=h0 is not None, STORE_HT=store_ht, PREC=prec,
-                                                  num_warps=warps, num_stages=stages)
+    cfg = launch.launch("state_fwd", K, V)
+    _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K, V=V,
+                                                      BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
+                                                      PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
     o = None
     if not keep:
         o = torch.empty_like(v)
-        bv_o = min(V, 128 if K <= 128 else 64)
-        _out_kernel[(chunks.total, H, triton.cdiv(V, bv_o))](q, k, u, h, o, chunks.seq, chunks.t0, cu, scale, H,
-                                                             K=K, V=V, BV=bv_o, PREC=prec, num_warps=8)
-    return o, ht, h, u, w
+        cfg = launch.launch("out", K, V)
+        _out_kernel[(chunks.total, H, triton.cdiv(V, cfg.bv))](q, k, u, h, o, chunks.seq, chunks.t0, cu, scale, H,
+                                                               K=K, V=V, BV=cfg.bv, PREC=prec, num_warps=cfg.warps,
+                                                               num_stages=cfg.stages)
+    return o, ht, h, u, w, t
 
 
 def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
-    """Gradients of the chunk forward: recompute W, h, u; reverse state pass; per-chunk gradients."""
+    """Gradients of the chunk forward: recompute W, h, u (and T); reverse state pass; per-chunk gradients."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     N = cu.numel() - 1
     prec = _precision(q.dtype)
-    _, _, h, u, w = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht=False, keep=True)
+    _, _, h, u, w, t = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht=False, keep=True)
     dh = torch.empty_like(h)
     du = torch.empty_like(v)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if h0 is not None else None
-    bv, warps, stages = _state_block(K, V)
-    _state_bwd_kernel[(N, H, triton.cdiv(V, bv))](q, k, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H, K=K,
-                                                  V=V, BV=bv, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-                                                  PREC=prec, num_warps=warps, num_stages=stages)
+    cfg = launch.launch("state_bwd", K, V)
+    _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
+                                                      K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
+                                                      STORE_DH0=h0 is not None, PREC=prec, num_warps=cfg.warps,
+                                                      num_stages=cfg.stages)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dk_part = torch.empty_like(k, dtype=torch.float32)
     dbeta = torch.empty_like(beta)
-    bv = min(V, 64)
+    cfg = launch.launch("grad_qk", K, V)
     _grad_qk_kernel[(chunks.total, H)](q, k, u, do, h, dh, dq, dk_part, chunks.seq, chunks.t0, cu, scale, H, K=K, V=V,
-                                       BV=bv, PREC=prec, num_warps=8, num_stages=1)
-    _grad_wy_kernel[(chunks.total, H)](k, v, beta, du, h, dk_part, dk, dv, dbeta, chunks.seq, chunks.t0, cu, H, K=K,
-                                       V=V, BV=bv, EFLA=efla, PREC=prec, num_warps=8, num_stages=1)
+                                       BV=cfg.bv, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+    cfg = launch.launch("grad_wy", K, V)
+    _grad_wy_kernel[(chunks.total, H)](k, v, beta, t, du, h, dk_part, dk, dv, dbeta, chunks.seq, chunks.t0, cu, H,
+                                       K=K, V=V, BV=cfg.bv, EFLA=efla, LOAD_T=t is not None, PREC=prec,
+                                       num_warps=cfg.warps, num_stages=cfg.stages)
     return dq, dk, dv, dbeta, dh0
 
 
 class _ChunkEFLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state):
-        o, ht, _, _, _ = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, output_final_state, keep=False)
+        o, ht, *_ = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, output_final_state, keep=False)
         ctx.save_for_backward(q, k, v, beta, h0)
         ctx.scale, ctx.chunks, ctx.cu, ctx.efla = scale, chunks, cu, efla
         return o, ht

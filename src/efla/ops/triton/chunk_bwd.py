@@ -31,7 +31,7 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_system, _phi_prime
+from efla.ops.triton.wy import _chunk_system, _phi_prime, _unit_lower_inverse
 
 
 @triton.jit
@@ -94,36 +94,43 @@ def _grad_qk_kernel(q, k, u, do, h, dh, dq, dk_part, chunk_seq, chunk_t0, cu_seq
 
 
 @triton.jit
-def _grad_wy_kernel(k, v, beta, du, h, dk_part, dk, dv, dbeta, chunk_seq, chunk_t0, cu_seqlens, H,
-                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head): dv, dbeta and dk = dk_part + the terms through W, U0, T and alpha."""
+def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, chunk_t0, cu_seqlens, H,
+                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, LOAD_T: tl.constexpr,
+                    PREC: tl.constexpr):
+    """One program per (chunk, head): dv, dbeta and dk = dk_part + the terms through W, U0, T and alpha. T comes from
+    t_in (stored by the backward's ``_wy_fwd_kernel``) if LOAD_T, else it is recomputed."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, lam, G, T = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
-    Tt = tl.trans(T)
+    k_tile, b, alpha, lam, G, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+    dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
+    if LOAD_T:
+        Tt = tl.trans(tl.load(t_in + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0))
+    else:
+        Tt = tl.trans(_unit_lower_inverse(A, PREC).to(dt))
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
     M = tl.zeros([64, 64], dtype=tl.float32)  # dX_K K^T + dX_V V^T
     da = tl.zeros([64], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
-        du_tile = tl.load(du + tok * V + vv, mask=m, other=0.0).to(tl.float32)
-        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask)
+        du_tile = tl.load(du + tok * V + vv, mask=m, other=0.0).to(dt)
+        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask).to(dt)
         dxv = tl.dot(Tt, du_tile, input_precision=PREC)
-        dxk -= tl.dot(dxv, tl.trans(S.to(tl.float32)), input_precision=PREC)
+        dxv_d = dxv.to(dt)
+        dxk -= tl.dot(dxv_d, tl.trans(S), input_precision=PREC)
         vf = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)
         tl.store(dv + tok * V + vv, (alpha[:, None] * dxv).to(dv.dtype.element_ty), mask=m)
         da += tl.sum(dxv * vf, axis=1)
-        ks = tl.dot(k_tile, S.to(k_tile.dtype), input_precision=PREC)  # dX_K K^T = -sum_v dX_V (K S)^T
-        M += tl.dot(dxv, tl.trans(vf - ks), input_precision=PREC)
+        ks = tl.dot(k_tile, S, input_precision=PREC)  # dX_K K^T = -sum_v dX_V (K S)^T
+        M += tl.dot(dxv_d, tl.trans((vf - ks).to(dt)), input_precision=PREC)
     kf = k_tile.to(tl.float32)
     dk_acc = tl.load(dk_part + tok * K + kk, mask=rmask[:, None], other=0.0) + alpha[:, None] * dxk
     da += tl.sum(dxk * kf, axis=1)
-    dL = -tl.dot(M * alpha[None, :], Tt, input_precision=PREC)
+    dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
     da += tl.sum(dL * G, axis=1)
     dG = alpha[:, None] * dL
-    dk_acc += tl.dot(dG + tl.trans(dG), kf, input_precision=PREC)
+    dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
     if EFLA:
         x = b * lam
         dk_acc += (2.0 * da * b * b * _phi_prime(x))[:, None] * kf

@@ -83,7 +83,7 @@ def _unit_lower_inverse(A, PREC: tl.constexpr):
 @triton.jit
 def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha, lambda, G = K K^T and T (float32)."""
+    alpha, lambda, G = K K^T and A = tril(diag(alpha) G, -1) (float32); T = (I + A)^-1."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
     kf = k_tile.to(tl.float32)
@@ -94,22 +94,27 @@ def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.const
     else:
         G = tl.dot(k_tile, tl.trans(k_tile))
     A = tl.where(r[:, None] > r[None, :], alpha[:, None] * G, 0.0)
-    return k_tile, b, alpha, lam, G, _unit_lower_inverse(A, PREC)
+    return k_tile, b, alpha, lam, G, A
 
 
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, w, u0, chunk_seq, chunk_t0, cu_seqlens, H,
-                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype."""
+def _wy_fwd_kernel(k, v, beta, w, u0, t_out, chunk_seq, chunk_t0, cu_seqlens, H,
+                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, STORE_T: tl.constexpr,
+                   PREC: tl.constexpr):
+    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype, and T itself
+    ([TT, H, 64] rows, input dtype) if STORE_T, for the backward's gradient kernel."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, _b, alpha, _lam, _G, T = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
-    ak = alpha[:, None] * k_tile.to(tl.float32)
-    w_tile = tl.dot(T, ak, input_precision=PREC)
+    k_tile, _b, alpha, _lam, _G, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+    dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
+    Td = _unit_lower_inverse(A, PREC).to(dt)
+    if STORE_T:
+        tl.store(t_out + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
+    w_tile = tl.dot(Td, (alpha[:, None] * k_tile.to(tl.float32)).to(dt), input_precision=PREC)
     tl.store(w + tok * K + kk, w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
     for i_v in range(tl.cdiv(V, BV)):
         _ov, _vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)
-        u_tile = tl.dot(T, alpha[:, None] * v_tile, input_precision=PREC)
+        u_tile = tl.dot(Td, (alpha[:, None] * v_tile).to(dt), input_precision=PREC)
         tl.store(u0 + tok * V + vv, u_tile.to(u0.dtype.element_ty), mask=m)

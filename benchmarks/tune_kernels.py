@@ -1,0 +1,186 @@
+"""Sweep the launch settings (V-block, warps, stages) of EFLA's Triton chunk kernels on this GPU.
+
+    python benchmarks/tune_kernels.py [--shapes 8,4096,16,128 ...] [--steps 5]
+
+For bfloat16 inputs of each (B, T, H, D) shape (K = V = D) and mode "efla", every candidate setting of every kernel is
+first compiled and checked on a small problem (its output and gradients must match the default settings' to 1e-2),
+then timed: one forward+backward per step under the PyTorch profiler, the kernel's CUDA time summed over a step
+(the forward kernels also run in the backward's recomputation), median over --steps steps. Candidates of different
+kernels are timed in the same steps, since each kernel's time depends only on its own settings. It prints, per shape,
+each kernel's default and best time and setting, then forward and forward+backward medians (triton.testing.do_bench)
+with the defaults and with each shape's best settings, beside fla's chunk_delta_rule when fla-core is installed.
+Copy the winners into ``_default`` in ``efla/ops/triton/launch.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import statistics
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+from efla import efla_attention
+from efla.ops.triton import launch
+
+SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (32, 1024, 16, 128), (8, 4096, 32, 64)]
+KERNEL_NAMES = {"wy_fwd": "_wy_fwd_kernel", "state_fwd": "_state_fwd_kernel", "out": "_out_kernel",
+                "state_bwd": "_state_bwd_kernel", "grad_qk": "_grad_qk_kernel", "grad_wy": "_grad_wy_kernel"}
+GRID = {  # (V-blocks, warps, stages) tried per kernel
+    "wy_fwd": ((64, 128), (4, 8), (1, 2)),
+    "state_fwd": ((16, 32, 64), (2, 4), (1, 2, 3)),
+    "out": ((64, 128), (4, 8), (1, 2, 3)),
+    "state_bwd": ((16, 32, 64), (2, 4, 8), (1, 2)),
+    "grad_qk": ((32, 64, 128), (4, 8), (1, 2)),
+    "grad_wy": ((32, 64), (4, 8), (1, 2)),
+}
+
+
+def candidates(kernel: str, V: int) -> list[launch.Launch]:
+    """The kernel's grid of settings with V-blocks capped at V, without repeats."""
+    seen = dict.fromkeys(launch.Launch(min(bv, V), w, s) for bv, w, s in itertools.product(*GRID[kernel]))
+    return list(seen)
+
+
+def inputs(B: int, T: int, H: int, D: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, D, device="cuda", generator=g).bfloat16()
+    k = F.normalize(torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, device="cuda", generator=g).bfloat16()
+    beta = torch.rand(B, T, H, device="cuda", generator=g).bfloat16()
+    return [x.requires_grad_() for x in (q, k, v, beta)]
+
+
+def ours(q, k, v, beta):
+    return efla_attention(q, k, v, beta, backend="triton", check_beta=False)[0]
+
+
+def forward_backward(args, do) -> list[torch.Tensor]:
+    for x in args:
+        x.grad = None
+    o = ours(*args)
+    o.backward(do)
+    return [o.detach()] + [x.grad for x in args]
+
+
+def valid(kernel: str, D: int) -> list[launch.Launch]:
+    """The candidates that compile, run and agree with the default settings on a small problem."""
+    args = inputs(2, 300, 2, D, seed=1)
+    do = torch.randn_like(args[2])
+    launch.OVERRIDES.clear()
+    ref = forward_backward(args, do)
+    good = []
+    for cand in candidates(kernel, D):
+        launch.OVERRIDES[kernel] = cand
+        try:
+            out = forward_backward(args, do)
+            torch.cuda.synchronize()
+        except Exception as err:  # out of shared memory or registers (Triton raises several types): skip it
+            print(f"  {kernel} {cand}: {type(err).__name__}", flush=True)
+            continue
+        finally:
+            launch.OVERRIDES.clear()
+        errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, ref, strict=True)]
+        if max(errs) <= 1e-2:
+            good.append(cand)
+        else:
+            print(f"  {kernel} {cand}: disagrees with the default ({max(errs):.1e})", flush=True)
+    return good
+
+
+def kernel_times(args, do, steps: int) -> dict[str, float]:
+    """Median per-step CUDA microseconds of each of our kernels over `steps` forward+backward steps."""
+    per_step = defaultdict(list)
+    for _ in range(2):
+        forward_backward(args, do)
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward_backward(args, do)
+            torch.cuda.synchronize()
+        totals = defaultdict(float)
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                totals[evt.name] += evt.device_time_total
+        for kernel, name in KERNEL_NAMES.items():
+            per_step[kernel].append(totals.get(name, float("nan")))
+    return {kernel: statistics.median(times) for kernel, times in per_step.items()}
+
+
+def end_to_end(args, do) -> tuple[float, float]:
+    fwd = triton.testing.do_bench(lambda: ours(*args), return_mode="median")
+    both = triton.testing.do_bench(lambda: ours(*args).backward(do), grad_to_none=args, return_mode="median")
+    return fwd, both
+
+
+def fla_times(args, do) -> tuple[float, float] | None:
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+    except ImportError:
+        return None
+    fwd = triton.testing.do_bench(lambda: chunk_delta_rule(*args)[0], return_mode="median")
+    both = triton.testing.do_bench(lambda: chunk_delta_rule(*args)[0].backward(do), grad_to_none=args,
+                                   return_mode="median")
+    return fwd, both
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D for each shape (default: the issue's)")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per setting")
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{datetime.date.today()}; bf16, mode efla; kernel times: median CUDA us per forward+backward", flush=True)
+    pools = {}
+    for D in sorted({s[3] for s in shapes}):
+        pools[D] = {kernel: valid(kernel, D) for kernel in KERNEL_NAMES}
+        print(f"D={D}: " + ", ".join(f"{k} {len(v)}" for k, v in pools[D].items()) + " valid settings", flush=True)
+    summary = []
+    for B, T, H, D in shapes:
+        x = inputs(B, T, H, D)
+        do = torch.randn_like(x[2])
+        pool = pools[D]
+        launch.OVERRIDES.clear()
+        default = kernel_times(x, do, args.steps)
+        results = defaultdict(dict)  # kernel -> setting -> us
+        for i in range(max(len(c) for c in pool.values())):
+            launch.OVERRIDES.clear()
+            launch.OVERRIDES.update({kernel: c[i] for kernel, c in pool.items() if i < len(c)})
+            times = kernel_times(x, do, args.steps)
+            for kernel, setting in launch.OVERRIDES.items():
+                results[kernel][setting] = times[kernel]
+        best = {kernel: min(times, key=times.get) for kernel, times in results.items()}
+        print(f"\n{B}x{T}x{H}x{D}: kernel | default us | best us | best (bv, warps, stages)")
+        for kernel in KERNEL_NAMES:
+            print(f"  {kernel:<10} | {default[kernel]:8.1f} | {results[kernel][best[kernel]]:8.1f} | "
+                  f"{best[kernel].bv}, {best[kernel].warps}, {best[kernel].stages}", flush=True)
+        launch.OVERRIDES.clear()
+        row = {"shape": f"{B}x{T}x{H}x{D}", "default": end_to_end(x, do)}
+        launch.OVERRIDES.update(best)
+        row["best"] = end_to_end(x, do)
+        launch.SAVE_T = False
+        row["best, T recomputed"] = end_to_end(x, do)
+        launch.SAVE_T = True
+        launch.OVERRIDES.clear()
+        row["fla DeltaNet"] = fla_times(x, do)
+        summary.append(row)
+        del x, do
+    print("\nshape | settings | fwd ms | fwd+bwd ms | vs fla fwd | vs fla f+b")
+    for row in summary:
+        base = row["fla DeltaNet"]
+        for name in ("default", "best", "best, T recomputed", "fla DeltaNet"):
+            if row[name] is None:
+                continue
+            fwd, both = row[name]
+            ratio = f"{fwd / base[0]:.2f} | {both / base[1]:.2f}" if base else "- | -"
+            print(f"{row['shape']} | {name} | {fwd:.3f} | {both:.3f} | {ratio}")
+
+
+if __name__ == "__main__":
+    main()

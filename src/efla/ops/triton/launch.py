@@ -1,0 +1,48 @@
+"""Launch settings of the Triton kernels: V-block width, warps and software-pipeline stages, per kernel and head dims.
+
+The defaults are the fastest settings found on an H200 by ``benchmarks/tune_kernels.py`` (which says how it
+measures). ``OVERRIDES`` replaces the default of a kernel for every call: that script sets it to try candidates,
+and a user on another GPU can do the same without editing code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is launched: its V-block (columns of V per program or per loop step), warps, stages."""
+
+    bv: int
+    warps: int
+    stages: int
+
+
+KERNELS = ("wy_fwd", "state_fwd", "out", "state_bwd", "grad_qk", "grad_wy")
+OVERRIDES: dict[str, Launch] = {}
+SAVE_T = True
+"""Whether the backward's recomputation of the WY system stores T (64 values per token and head, input dtype) for
+the gradient kernel, instead of that kernel inverting the triangular system again."""
+
+
+def _default(kernel: str, K: int, V: int) -> Launch:
+    if kernel in ("state_fwd", "state_bwd"):
+        # split V for parallelism, keep S [K, BV] in registers, and load the next chunk's tiles during this one's
+        # unless K = 256 tiles overflow shared memory
+        bv = min(V, 64 if K <= 128 else 32)
+        return Launch(bv, 4 if K * bv <= 8192 else 8, 2 if K <= 128 else 1)
+    if kernel == "wy_fwd":
+        return Launch(min(V, 64), 4, 3)
+    if kernel == "out":
+        return Launch(min(V, 128 if K <= 128 else 64), 8, 3)
+    if kernel in ("grad_qk", "grad_wy"):
+        return Launch(min(V, 64), 8, 1)
+    raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+
+
+def launch(kernel: str, K: int, V: int) -> Launch:
+    """The settings ``kernel`` runs with for head dims K, V: ``OVERRIDES[kernel]`` if set (its V-block capped at V),
+    else the default."""
+    chosen = OVERRIDES.get(kernel) or _default(kernel, K, V)
+    return Launch(min(chosen.bv, V), chosen.warps, chosen.stages)
