@@ -96,6 +96,17 @@ def test_varlen_matches_float64():
     _check(torch.float32, _inputs(1, 133, 2, 16, 64, "efla", 4, seed=2), "efla", tol=1e-5, cu_seqlens=cu)
 
 
+def test_packed_plan_follows_cu_seqlens():
+    """The chunk map of a cu_seqlens tensor is reused across calls (layers) but never outlives a change to it."""
+    q, k, v, beta, _ = _inputs(1, 100, 2, 16, 16, "efla", 1, seed=13)
+    cu = torch.tensor([0, 30, 100], device=DEVICE)
+    for boundary in (30, 30, 71):  # the second call reuses the plan; the in-place change must invalidate it
+        cu[1] = boundary
+        o, _ = efla_attention(q, k, v, beta, cu_seqlens=cu, backend="triton")
+        o_ref, _ = efla_attention(q.double(), k.double(), v.double(), beta.double(), cu_seqlens=cu, backend="torch")
+        assert _rel(o, o_ref) <= 1e-5
+
+
 def test_float16_forward():
     _check(torch.float16, _inputs(2, 70, 2, 16, 32, "efla", 2, seed=3), "efla", tol=5e-3, grads=False)
 

@@ -15,6 +15,7 @@ already know for tf32 matmuls.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import triton
@@ -55,6 +56,24 @@ class _Chunks:
         self.total = self.seq.numel()
 
 
+_last_plan: tuple | None = None  # (weakref to cu_seqlens, its version, T, int32 copy, lengths, _Chunks)
+
+
+def _packed_plan(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, list[int], _Chunks]:
+    """cu_seqlens as int32, the sequence lengths (checked) and the chunk map. Reading the lengths costs a host-device
+    sync, and every layer of a model gets the same cu_seqlens tensor, so the answer for the last tensor seen is kept
+    (keyed by identity, in-place version and T): one sync per batch instead of one per layer."""
+    global _last_plan
+    last = _last_plan
+    if last is not None and last[0]() is cu_seqlens and last[1] == cu_seqlens._version and last[2] == T:
+        return last[3], last[4], last[5]
+    cu = cu_seqlens.to(torch.int32)
+    lengths = sequence_lengths(cu_seqlens, T)
+    chunks = _Chunks(cu, lengths, 1, T)
+    _last_plan = (weakref.ref(cu_seqlens), cu_seqlens._version, T, cu, lengths, chunks)
+    return cu, lengths, chunks
+
+
 FP32_DOT_PRECISION = "tf32x3"
 """Dot products for float32 inputs: "tf32x3" (three tf32 tensor-core products per dot, float32-accurate) or "ieee"
 (exact float32 FMA; slow, and compiling the gradient kernels takes minutes). Set it on this module to switch;
@@ -81,21 +100,21 @@ def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep):
     w, u0 = torch.empty_like(k), torch.empty_like(v)
     store_t = keep and launch.SAVE_T
     t = k.new_empty(k.shape[0], H, CHUNK) if store_t else None
-    cfg = launch.launch("wy_fwd", K, V)
+    cfg = launch.launch("wy_fwd", K, V, q.element_size())
     _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv,
                                       EFLA=efla, STORE_T=store_t, PREC=prec, num_warps=cfg.warps,
                                       num_stages=cfg.stages)
     h = k.new_empty(chunks.total, H, K, V, dtype=state_dtype)
     u = torch.empty_like(v)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
-    cfg = launch.launch("state_fwd", K, V)
+    cfg = launch.launch("state_fwd", K, V, q.element_size())
     _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K, V=V,
                                                       BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
                                                       PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
     o = None
     if not keep:
         o = torch.empty_like(v)
-        cfg = launch.launch("out", K, V)
+        cfg = launch.launch("out", K, V, q.element_size())
         _out_kernel[(chunks.total, H, triton.cdiv(V, cfg.bv))](q, k, u, h, o, chunks.seq, chunks.t0, cu, scale, H,
                                                                K=K, V=V, BV=cfg.bv, PREC=prec, num_warps=cfg.warps,
                                                                num_stages=cfg.stages)
@@ -112,7 +131,7 @@ def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
     dh = torch.empty_like(h)
     du = torch.empty_like(v)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if h0 is not None else None
-    cfg = launch.launch("state_bwd", K, V)
+    cfg = launch.launch("state_bwd", K, V, q.element_size())
     _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
                                                       K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
                                                       STORE_DH0=h0 is not None, PREC=prec, num_warps=cfg.warps,
@@ -120,10 +139,10 @@ def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dk_part = torch.empty_like(k, dtype=torch.float32)
     dbeta = torch.empty_like(beta)
-    cfg = launch.launch("grad_qk", K, V)
+    cfg = launch.launch("grad_qk", K, V, q.element_size())
     _grad_qk_kernel[(chunks.total, H)](q, k, u, do, h, dh, dq, dk_part, chunks.seq, chunks.t0, cu, scale, H, K=K, V=V,
                                        BV=cfg.bv, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
-    cfg = launch.launch("grad_wy", K, V)
+    cfg = launch.launch("grad_wy", K, V, q.element_size())
     _grad_wy_kernel[(chunks.total, H)](k, v, beta, t, du, h, dk_part, dk, dv, dbeta, chunks.seq, chunks.t0, cu, H,
                                        K=K, V=V, BV=cfg.bv, EFLA=efla, LOAD_T=t is not None, PREC=prec,
                                        num_warps=cfg.warps, num_stages=cfg.stages)
@@ -185,8 +204,7 @@ def triton_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seql
         cu = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
         lengths = None
     else:
-        cu = cu_seqlens.to(torch.int32)
-        lengths = sequence_lengths(cu_seqlens, T)
+        cu, lengths, packed_chunks = _packed_plan(cu_seqlens, T)
     efla = mode == "efla"
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, beta, h0))
@@ -195,6 +213,6 @@ def triton_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seql
         if not needs_grad and max_len <= RECURRENT_MAX_T:
             o, ht = _fused_recurrent(q, k, v, beta, scale, h0, cu, efla, output_final_state)
         else:
-            chunks = _Chunks(cu, lengths, B, T)
+            chunks = _Chunks(cu, lengths, B, T) if cu_seqlens is None else packed_chunks
             o, ht = _ChunkEFLA.apply(q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state)
     return o.view(B, T, H, V), ht

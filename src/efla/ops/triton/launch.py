@@ -26,23 +26,26 @@ SAVE_T = True
 the gradient kernel, instead of that kernel inverting the triangular system again."""
 
 
-def _default(kernel: str, K: int, V: int) -> Launch:
+def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
     if kernel in ("state_fwd", "state_bwd"):
-        # split V for parallelism, keep S [K, BV] in registers, and load the next chunk's tiles during this one's
-        # unless K = 256 tiles overflow shared memory
+        # split V for parallelism and keep S [K, BV] in registers; load the next chunk's tiles during this one's
+        # (two stages) unless float32 K = 256 tiles overflow shared memory. Triton 3.6 on Hopper miscompiles these
+        # loops with 4 warps and one stage when the V-block is 16 or 32 (wrong results and illegal addresses, seen
+        # on an H200), so K = 256 gets 8 warps.
         bv = min(V, 64 if K <= 128 else 32)
-        return Launch(bv, 4 if K * bv <= 8192 else 8, 2 if K <= 128 else 1)
+        return Launch(bv, 4 if K <= 128 else 8, 2 if K <= 128 or dtype_bytes == 2 else 1)
+    small = K <= 16  # K = 16 gave wrong outputs with 4-8 warps (H200, Triton 3.6): 2 warps use the older MMA path
     if kernel == "wy_fwd":
-        return Launch(min(V, 64), 4, 3)
+        return Launch(min(V, 64), 2 if small else 4, 3)
     if kernel == "out":
-        return Launch(min(V, 128 if K <= 128 else 64), 8, 3)
+        return Launch(min(V, 128 if K <= 128 else 64), 2 if small else 8, 3)
     if kernel in ("grad_qk", "grad_wy"):
-        return Launch(min(V, 64), 8, 1)
+        return Launch(min(V, 64), 2 if small else 8, 1)
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 
-def launch(kernel: str, K: int, V: int) -> Launch:
-    """The settings ``kernel`` runs with for head dims K, V: ``OVERRIDES[kernel]`` if set (its V-block capped at V),
-    else the default."""
-    chosen = OVERRIDES.get(kernel) or _default(kernel, K, V)
+def launch(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
+    """The settings ``kernel`` runs with for head dims K, V and inputs of ``dtype_bytes`` bytes per element:
+    ``OVERRIDES[kernel]`` if set (its V-block capped at V), else the default."""
+    chosen = OVERRIDES.get(kernel) or _default(kernel, K, V, dtype_bytes)
     return Launch(min(chosen.bv, V), chosen.warps, chosen.stages)
