@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from queue import Queue
 
@@ -104,18 +104,18 @@ def one_run(args: argparse.Namespace, mode: str, lr: float, gpus: Queue) -> dict
 
 
 def write_report(args: argparse.Namespace, runs: list[dict]) -> None:
+    """results.json, table.md and loss_curves.png of the runs finished so far."""
     best = {mode: min((r for r in runs if r["mode"] == mode), key=lambda r: r["validation"]["perplexity"])
-            for mode in MODES}
+            for mode in MODES if any(r["mode"] == mode for r in runs)}
     (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                                        "runs": runs, "best": best}, indent=1))
     lines = ["| mode | lr | validation ppl | test ppl | test bits/byte | train s |", "|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["mode"], r["lr"])):
-        mark = " (best)" if r is best[r["mode"]] else ""
+        mark = " (best)" if r is best.get(r["mode"]) else ""
         lines.append(f"| {r['mode']} | {r['lr']:g}{mark} | {r['validation']['perplexity']:.2f} | "
                      f"{r['test']['perplexity']:.2f} | {r['test'].get('bits_per_byte', float('nan')):.4f} | "
                      f"{r['seconds']:.0f} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
     import matplotlib
 
@@ -126,7 +126,7 @@ def write_report(args: argparse.Namespace, runs: list[dict]) -> None:
     colours = {"efla": "tab:blue", "delta": "tab:orange"}
     for r in runs:
         steps, losses = zip(*r["curve"], strict=True)
-        is_best = r is best[r["mode"]]
+        is_best = r is best.get(r["mode"])
         name = "EFLA" if r["mode"] == "efla" else "DeltaNet"
         ax.plot(steps, losses, color=colours[r["mode"]], lw=1.8 if is_best else 0.7, alpha=1.0 if is_best else 0.45,
                 label=f"{name} lr {r['lr']:g}" + (" (best)" if is_best else ""))
@@ -154,9 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     for gpu in args.gpus:
         gpus.put(gpu)
     jobs = [(mode, lr) for lr in args.lrs for mode in MODES]
+    runs = []
     with ThreadPoolExecutor(len(args.gpus)) as pool:
-        runs = list(pool.map(lambda job: one_run(args, *job, gpus), jobs))
-    write_report(args, runs)
+        for future in as_completed([pool.submit(one_run, args, mode, lr, gpus) for mode, lr in jobs]):
+            runs.append(future.result())
+            write_report(args, runs)  # after every run, so an interrupted sweep still leaves its finished runs
+    print((args.out / "table.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Launch settings of the Triton kernels: V-block width, warps and software-pipeline stages, per kernel and head dims.
 
-The defaults are the fastest settings found on an H200 by ``benchmarks/tune_kernels.py`` (which says how it
-measures). ``OVERRIDES`` replaces the default of a kernel for every call: that script sets it to try candidates,
-and a user on another GPU can do the same without editing code.
+The defaults below are chosen by hand (the comments say why); ``benchmarks/tune_kernels.py`` sweeps alternatives on
+the GPU at hand, checking each against the defaults' results. ``OVERRIDES`` replaces the default of a kernel for
+every call: that script sets it to try candidates, and a user on another GPU can do the same without editing code.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ the gradient kernel, instead of that kernel inverting the triangular system agai
 def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
     if kernel in ("state_fwd", "state_bwd"):
         # split V for parallelism and keep S [K, BV] in registers; load the next chunk's tiles during this one's
-        # (two stages) unless float32 K = 256 tiles overflow shared memory. Triton 3.6 on Hopper miscompiles these
-        # loops with 4 warps and one stage when the V-block is 16 or 32 (wrong results and illegal addresses, seen
-        # on an H200), so K = 256 gets 8 warps.
+        # (two stages) unless float32 K = 256 tiles overflow shared memory. Triton 3.6 on Hopper miscompiled these
+        # loops with 4 warps, one stage and a V-block of 16 or 32 (wrong results and illegal addresses on an H200),
+        # so K = 256 gets 8 warps, and a V-block of 16 (V = 16) the 2 warps that ran correctly there.
         bv = min(V, 64 if K <= 128 else 32)
-        return Launch(bv, 4 if K <= 128 else 8, 2 if K <= 128 or dtype_bytes == 2 else 1)
-    small = K <= 16  # K = 16 gave wrong outputs with 4-8 warps (H200, Triton 3.6): 2 warps use the older MMA path
+        warps = 2 if bv <= 16 else (4 if K <= 128 else 8)
+        return Launch(bv, warps, 2 if K <= 128 or dtype_bytes == 2 else 1)
+    # K = 16 gave wrong outputs with 4-8 warps (H200, Triton 3.6) and 2 warps fixed it; V = 16 is treated alike
+    small = K <= 16 or V <= 16
     if kernel == "wy_fwd":
         return Launch(min(V, 64), 2 if small else 4, 3)
     if kernel == "out":
