@@ -31,7 +31,7 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_system, _phi_prime, _unit_lower_inverse
+from efla.ops.triton.wy import _chunk_system, _gram, _phi_prime, _unit_lower_inverse
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, lam, G, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+    k_tile, b, alpha, lam, _G, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     if LOAD_T:
         Tt = tl.trans(tl.load(t_in + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0))
@@ -128,7 +128,7 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
     da += tl.sum(dxk * kf, axis=1)
     dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
-    da += tl.sum(dL * G, axis=1)
+    da += tl.sum(dL * _gram(k_tile, PREC), axis=1)  # G again: cheaper than keeping it live through the V loop
     dG = alpha[:, None] * dL
     dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
     if EFLA:

@@ -81,6 +81,15 @@ def _unit_lower_inverse(A, PREC: tl.constexpr):
 
 
 @triton.jit
+def _gram(k_tile, PREC: tl.constexpr):
+    """G = K K^T (float32) of a [64, K] key tile."""
+    if k_tile.dtype == tl.float32:
+        return tl.dot(k_tile, tl.trans(k_tile), input_precision=PREC)
+    else:
+        return tl.dot(k_tile, tl.trans(k_tile))
+
+
+@triton.jit
 def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
     alpha, lambda, G = K K^T and A = tril(diag(alpha) G, -1) (float32); T = (I + A)^-1."""
@@ -89,10 +98,7 @@ def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.const
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
     alpha = _step_size(b, lam, EFLA)
-    if k_tile.dtype == tl.float32:
-        G = tl.dot(k_tile, tl.trans(k_tile), input_precision=PREC)
-    else:
-        G = tl.dot(k_tile, tl.trans(k_tile))
+    G = _gram(k_tile, PREC)
     A = tl.where(r[:, None] > r[None, :], alpha[:, None] * G, 0.0)
     return k_tile, b, alpha, lam, G, A
 
