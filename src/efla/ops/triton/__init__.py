@@ -62,15 +62,17 @@ _last_plan: tuple | None = None  # (weakref to cu_seqlens, its version, T, int32
 def _packed_plan(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, list[int], _Chunks]:
     """cu_seqlens as int32, the sequence lengths (checked) and the chunk map. Reading the lengths costs a host-device
     sync, and every layer of a model gets the same cu_seqlens tensor, so the answer for the last tensor seen is kept
-    (keyed by identity, in-place version and T): one sync per batch instead of one per layer."""
+    (keyed by identity, in-place version and T): one sync per batch instead of one per layer. Inference-mode tensors
+    carry no version, so they are read every time."""
     global _last_plan
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version  # inference tensors have no version
     last = _last_plan
-    if last is not None and last[0]() is cu_seqlens and last[1] == cu_seqlens._version and last[2] == T:
+    if version is not None and last is not None and last[0]() is cu_seqlens and last[1:3] == (version, T):
         return last[3], last[4], last[5]
     cu = cu_seqlens.to(torch.int32)
     lengths = sequence_lengths(cu_seqlens, T)
     chunks = _Chunks(cu, lengths, 1, T)
-    _last_plan = (weakref.ref(cu_seqlens), cu_seqlens._version, T, cu, lengths, chunks)
+    _last_plan = None if version is None else (weakref.ref(cu_seqlens), version, T, cu, lengths, chunks)
     return cu, lengths, chunks
 
 
