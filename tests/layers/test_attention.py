@@ -122,6 +122,17 @@ def test_packed_documents_stay_packed():
     assert state is None
     y.square().sum().backward()  # differentiable through the packing
 
+    # the packed path's own backward: gradients equal those of each document convolved alone (float64), including
+    # documents shorter than the kernel and a one-token sequence
+    conv64 = ShortConvolution(6, 4).double()
+    x64 = torch.randn(1, sum(lengths), 6, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(1, sum(lengths), 6, dtype=torch.float64)
+    grads = torch.autograd.grad((conv64(x64, cu_seqlens=cu_seqlens)[0] * dy).sum(), (x64, conv64.weight))
+    alone = torch.cat([conv64(piece)[0] for piece in torch.split(x64, lengths, dim=1)], dim=1)
+    grads_alone = torch.autograd.grad((alone * dy).sum(), (x64, conv64.weight))
+    for g, g_alone in zip(grads, grads_alone, strict=True):
+        torch.testing.assert_close(g, g_alone, atol=1e-12, rtol=1e-12)
+
     layer = EFLAttention(32, 2, chunk_size=4)
     seen = []
     layer.qkv_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
