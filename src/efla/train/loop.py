@@ -147,8 +147,11 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum_over_ranks(total_loss, world).item() / num_targets
         tokens = self.global_batch * config.seq_len
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": (self.step + 1) * tokens,
-                "tokens_per_s": tokens / (time.perf_counter() - start)}
+        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": (self.step + 1) * tokens,
+                  "tokens_per_s": tokens / (time.perf_counter() - start)}
+        if world.device.type == "cuda":  # this rank's peak since the start, for memory per GPU
+            record["peak_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
+        return record
 
     def _loss_sum(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """The summed cross-entropy of a micro-batch's targets (-100: not counted)."""
