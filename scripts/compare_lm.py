@@ -70,8 +70,11 @@ def eval_command(model: Path, files: Path, output: Path, seq_len: int) -> list[s
             "--context", str(seq_len), "--output", str(output)]
 
 
-def run_logged(command: list[str], log: Path, gpu: str) -> None:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+def run_logged(command: list[str], log: Path, gpu: str, slots: int) -> None:
+    """Run `command` on device `gpu`, output appended to `log`; CPU threads split among the concurrent runs (PyTorch
+    would give each run every core, and runs sharing a machine then slow each other down)."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // slots))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, OMP_NUM_THREADS=threads)
     with log.open("a") as f:
         f.write(" ".join(command) + "\n")
         f.flush()
@@ -86,13 +89,13 @@ def one_run(args: argparse.Namespace, mode: str, lr: float, gpus: Queue) -> dict
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "log.txt"
         start = time.time()
-        run_logged(train_command(args, mode, lr, run_dir, None), log, gpu)
+        run_logged(train_command(args, mode, lr, run_dir, None), log, gpu, len(args.gpus))
         seconds = time.time() - start
         ppl = {}
         for split in ("validation", "test"):
             output = run_dir / f"ppl_{split}.json"
             run_logged(eval_command(run_dir / "model", args.corpus / f"{split}.jsonl", output, args.seq_len), log,
-                       gpu)
+                       gpu, len(args.gpus))
             ppl[split] = json.loads(output.read_text())
     finally:
         gpus.put(gpu)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"--corpus {args.corpus} has no {split}.jsonl; run scripts/build_corpus.py")
     args.out.mkdir(parents=True, exist_ok=True)
     warm = args.out / "warmup"
-    run_logged(train_command(args, "efla", args.lrs[0], warm, max_steps=1), args.out / "warmup.log", args.gpus[0])
+    run_logged(train_command(args, "efla", args.lrs[0], warm, max_steps=1), args.out / "warmup.log", args.gpus[0], 1)
     print(f"corpus: {epoch_tokens(args):,} training tokens; {len(args.lrs) * len(MODES)} runs on GPUs {args.gpus}",
           flush=True)
     gpus: Queue = Queue()
