@@ -141,3 +141,17 @@ def test_out_of_memory_names_the_batch_size_and_keeps_the_finished_steps(run_arg
         train(TrainConfig(**{**run_args, "save_every": 100}, out_dir=str(tmp_path)))
     assert "state after step 2 is saved" in str(error.value)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_profile_steps_write_an_operator_table_and_a_trace(run_args, reference_run, tmp_path):
+    """--profile-steps 2 profiles steps 4-5 and leaves the training itself unchanged."""
+    train(TrainConfig(**{**run_args, "profile_steps": 2, "out_dir": str(tmp_path)}))
+    table = (tmp_path / "profile.txt").read_text()
+    assert table.startswith("2 training step(s) after 3 warm-up steps")
+    assert "aten::mm" in table or "aten::addmm" in table  # the projections' matrix products were recorded
+    trace = json.loads((tmp_path / "profile_trace.json").read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    profiled, reference = _metrics(tmp_path), _metrics(reference_run)
+    assert [profiled[s]["loss"] for s in sorted(profiled)] == [reference[s]["loss"] for s in sorted(reference)]
+    with pytest.raises(ValueError, match="profile_steps must be >= 0"):
+        TrainConfig(**{**run_args, "profile_steps": -1, "out_dir": str(tmp_path)})

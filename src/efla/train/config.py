@@ -65,6 +65,8 @@ class TrainConfig:
     keep_checkpoints: int = _setting(2, "newest checkpoints kept on disk")
     resume: str | None = _setting(None, "continue from the newest checkpoint in out_dir, or from CHECKPOINT")
     log_every: int = _setting(1, "steps between metrics records")
+    profile_steps: int = _setting(0, "profile this many steps (after 3 warm-up steps) with torch.profiler; rank 0 "
+                                     "writes out_dir/profile.txt (operators by time) and profile_trace.json")
     def __post_init__(self) -> None:
         if isinstance(self.data, str):  # `data: corpus/` in a YAML file: one path, not a list of characters
             self.data = [self.data]
@@ -75,6 +77,8 @@ class TrainConfig:
         for name in ("seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.profile_steps < 0:
+            raise ValueError(f"profile_steps must be >= 0 (got {self.profile_steps})")
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ValueError("give exactly one of max_steps and max_tokens (the training budget)")
         if bool(self.data) == (self.dataset is not None):

@@ -38,6 +38,7 @@ from efla.train.data import (
 )
 from efla.train.distributed import World, any_rank, barrier, close_world, init_world, parallelize, sum_over_ranks
 from efla.train.packing import PackedRows, StepSampler, make_batch
+from efla.train.profiling import StepProfiler
 from efla.train.tokenizer import load_tokenizer
 
 
@@ -102,9 +103,12 @@ class _Run:
         config, world = self.config, self.world
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         logger = _MetricsLogger(self.out_dir, world, self.total_steps, self.step)
+        profiler = StepProfiler(self.out_dir, config.profile_steps, world.device, enabled=world.is_main)
         try:
             while self.step < self.total_steps:
+                profiler.before_step()
                 record = self._train_step()
+                profiler.after_step()
                 self.step += 1
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     logger.log({"step": self.step, **record})
@@ -118,6 +122,7 @@ class _Run:
             self._save()
             return self._save_final()
         finally:
+            profiler.finish()
             logger.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
