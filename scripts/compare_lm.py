@@ -78,7 +78,8 @@ def run_logged(command: list[str], log: Path, gpu: str, slots: int) -> None:
     with log.open("a") as f:
         f.write(" ".join(command) + "\n")
         f.flush()
-        subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+        if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode != 0:
+            raise RuntimeError(f"{' '.join(command[2:5])} failed; its output is in {log}")
 
 
 def one_run(args: argparse.Namespace, mode: str, lr: float, gpus: Queue) -> dict:
