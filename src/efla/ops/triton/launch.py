@@ -31,9 +31,9 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
         # split V for parallelism and keep S [K, BV] in registers; load the next chunk's tiles during this one's
         # (two stages) unless float32 K = 256 tiles overflow shared memory. Triton 3.6 on Hopper miscompiled these
         # loops with 4 warps, one stage and a V-block of 16 or 32 (wrong results and illegal addresses on an H200),
-        # so K = 256 gets 8 warps, and a V-block of 16 (V = 16) the 2 warps that ran correctly there.
+        # so K = 256 gets 8 warps, or with a V-block of 16 (V = 16) the 2 warps that ran correctly there.
         bv = min(V, 64 if K <= 128 else 32)
-        warps = 2 if bv <= 16 else (4 if K <= 128 else 8)
+        warps = 4 if K <= 128 else (2 if bv <= 16 else 8)
         return Launch(bv, warps, 2 if K <= 128 or dtype_bytes == 2 else 1)
     # K = 16 gave wrong outputs with 4-8 warps (H200, Triton 3.6) and 2 warps fixed it; V = 16 is treated alike
     small = K <= 16 or V <= 16
