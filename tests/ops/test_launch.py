@@ -1,0 +1,34 @@
+"""Launch settings of the Triton kernels: the defaults never use the settings Triton 3.6 miscompiled on an H200,
+overrides apply (capped at V), and a typo in a kernel name is an error."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from efla.ops.triton import launch
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@pytest.mark.parametrize(("K", "V", "dtype_bytes"), itertools.product(HEAD_DIMS, HEAD_DIMS, (2, 4)))
+def test_defaults_avoid_the_miscompiled_settings(K, V, dtype_bytes):
+    for kernel in launch.KERNELS:
+        cfg = launch.launch(kernel, K, V, dtype_bytes)
+        assert 1 <= cfg.bv <= V and cfg.bv & (cfg.bv - 1) == 0, (kernel, cfg)
+        if kernel in ("state_fwd", "state_bwd"):  # wrong results / illegal addresses: 4 warps, 1 stage, bv <= 32
+            assert not (cfg.warps == 4 and cfg.stages == 1 and cfg.bv <= 32), (kernel, K, V, cfg)
+        if K <= 16 or V <= 16:  # K = 16 products on 4-8 warps gave wrong outputs
+            assert cfg.warps <= 2 or kernel in ("state_fwd", "state_bwd"), (kernel, K, V, cfg)
+
+
+def test_overrides_replace_the_default_and_are_capped_at_V(monkeypatch):
+    monkeypatch.setitem(launch.OVERRIDES, "out", launch.Launch(bv=128, warps=4, stages=2))
+    assert launch.launch("out", 128, 32, 2) == launch.Launch(32, 4, 2)
+    assert launch.launch("wy_fwd", 128, 32, 2) == launch._default("wy_fwd", 128, 32, 2)
+
+
+def test_unknown_kernel_is_an_error():
+    with pytest.raises(ValueError, match="unknown kernel 'stat_fwd'"):
+        launch.launch("stat_fwd", 64, 64, 2)
