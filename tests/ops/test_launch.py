@@ -12,7 +12,7 @@ from efla.ops.triton import launch
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-@pytest.mark.parametrize(("K", "V", "dtype_bytes"), itertools.product(HEAD_DIMS, HEAD_DIMS, (2, 4)))
+@pytest.mark.parametrize(("K", "V", "dtype_bytes"), list(itertools.product(HEAD_DIMS, HEAD_DIMS, (2, 4))))
 def test_defaults_avoid_the_miscompiled_settings(K, V, dtype_bytes):
     for kernel in launch.KERNELS:
         cfg = launch.launch(kernel, K, V, dtype_bytes)
