@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, preset_config
+from efla.train.profiling import device_profile, operator_table
 
 
 def fla_deltanet(config: EFLAConfig) -> nn.Module:
@@ -77,16 +78,11 @@ def step_seconds(model: nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor |
 def print_profile(name: str, model: nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
                   device: torch.device) -> None:
     """The operators taking the most (device, else CPU) time in one step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with device_profile(device) as prof:
         train_step(model, ids, cu_seqlens, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n{name}: one step, operators by {key}")
-    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70))
+    print(f"\n{name}: one step, {operator_table(prof, device, 15)}")
 
 
 def main(argv: list[str] | None = None) -> None:

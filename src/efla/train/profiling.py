@@ -10,6 +10,18 @@ from torch.profiler import ProfilerActivity, profile
 WARMUP_STEPS = 3  # steps run before profiling starts (kernel compilation, allocator growth, autotuning)
 
 
+def device_profile(device: torch.device) -> profile:
+    """A torch.profiler session recording CPU operators, and CUDA kernels when ``device`` is a GPU."""
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def operator_table(prof: profile, device: torch.device, rows: int) -> str:
+    """The ``rows`` operators of a finished session taking the most self time on ``device`` (GPU, else CPU), with a
+    first line saying which time."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"operators by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=80)
+
+
 class StepProfiler:
     """Profiles ``steps`` training steps after ``WARMUP_STEPS`` (counted in this process, so also after a resume) and
     then writes ``profile.txt`` (operators by self device time on GPU, CPU time otherwise, per profiled step) and
@@ -23,8 +35,7 @@ class StepProfiler:
 
     def before_step(self) -> None:
         if self.enabled and self.done == WARMUP_STEPS and self.active is None:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self.active = profile(activities=activities)
+            self.active = device_profile(self.device)
             self.active.__enter__()
 
     def after_step(self) -> None:
@@ -41,8 +52,6 @@ class StepProfiler:
         prof, self.active = self.active, None
         prof.__exit__(None, None, None)
         profiled = self.done - WARMUP_STEPS
-        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80)
         (self.out_dir / "profile.txt").write_text(f"{profiled} training step(s) after {WARMUP_STEPS} warm-up steps, "
-                                                  f"operators by {key}\n{table}\n")
+                                                  f"{operator_table(prof, self.device, 40)}\n")
         prof.export_chrome_trace(str(self.out_dir / "profile_trace.json"))
