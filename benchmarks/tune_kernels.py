@@ -21,8 +21,8 @@ import statistics
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 import triton
+from kernels import inputs, measure  # benchmarks/kernels.py: the same bf16 inputs and timing
 from torch.profiler import ProfilerActivity, profile
 
 from efla import efla_attention
@@ -49,15 +49,6 @@ def candidates(kernel: str, V: int) -> list[launch.Launch]:
     return list(seen)
 
 
-def inputs(B: int, T: int, H: int, D: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, T, H, D, device="cuda", generator=g).bfloat16()
-    k = F.normalize(torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1).bfloat16()
-    v = torch.randn(B, T, H, D, device="cuda", generator=g).bfloat16()
-    beta = torch.rand(B, T, H, device="cuda", generator=g).bfloat16()
-    return [x.requires_grad_() for x in (q, k, v, beta)]
-
-
 def ours(q, k, v, beta):
     return efla_attention(q, k, v, beta, backend="triton", check_beta=False)[0]
 
@@ -72,7 +63,7 @@ def forward_backward(args, do) -> list[torch.Tensor]:
 
 def valid(kernel: str, D: int) -> list[launch.Launch]:
     """The candidates that compile, run and agree with the default settings on a small problem."""
-    args = inputs(2, 300, 2, D, seed=1)
+    args = inputs(2, 300, 2, D)
     do = torch.randn_like(args[2])
     launch.OVERRIDES.clear()
     ref = forward_backward(args, do)
@@ -117,21 +108,13 @@ def kernel_times(args, do, steps: int) -> dict[str, float]:
     return {kernel: statistics.median(times) for kernel, times in per_step.items()}
 
 
-def end_to_end(args, do) -> tuple[float, float]:
-    fwd = triton.testing.do_bench(lambda: ours(*args), return_mode="median")
-    both = triton.testing.do_bench(lambda: ours(*args).backward(do), grad_to_none=args, return_mode="median")
-    return fwd, both
-
-
 def fla_times(args, do) -> tuple[float, float] | None:
+    """Forward and forward+backward median ms of fla's DeltaNet kernel, or None without fla-core."""
     try:
         from fla.ops.delta_rule import chunk_delta_rule
     except ImportError:
         return None
-    fwd = triton.testing.do_bench(lambda: chunk_delta_rule(*args)[0], return_mode="median")
-    both = triton.testing.do_bench(lambda: chunk_delta_rule(*args)[0].backward(do), grad_to_none=args,
-                                   return_mode="median")
-    return fwd, both
+    return measure(lambda *x: chunk_delta_rule(*x)[0], args, do)[:2]
 
 
 def main() -> None:
@@ -142,11 +125,13 @@ def main() -> None:
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.date.today()}; bf16, mode efla; kernel times: median CUDA us per forward+backward", flush=True)
+    torch.manual_seed(1)
     pools = {}
     for D in sorted({s[3] for s in shapes}):
         pools[D] = {kernel: valid(kernel, D) for kernel in KERNEL_NAMES}
         print(f"D={D}: " + ", ".join(f"{k} {len(v)}" for k, v in pools[D].items()) + " valid settings", flush=True)
     summary = []
+    torch.manual_seed(0)
     for B, T, H, D in shapes:
         x = inputs(B, T, H, D)
         do = torch.randn_like(x[2])
@@ -166,11 +151,11 @@ def main() -> None:
             print(f"  {kernel:<10} | {default[kernel]:8.1f} | {results[kernel][best[kernel]]:8.1f} | "
                   f"{best[kernel].bv}, {best[kernel].warps}, {best[kernel].stages}", flush=True)
         launch.OVERRIDES.clear()
-        row = {"shape": f"{B}x{T}x{H}x{D}", "default": end_to_end(x, do)}
+        row = {"shape": f"{B}x{T}x{H}x{D}", "default": measure(ours, x, do)[:2]}
         launch.OVERRIDES.update(best)
-        row["best"] = end_to_end(x, do)
+        row["best"] = measure(ours, x, do)[:2]
         launch.SAVE_T = False
-        row["best, T recomputed"] = end_to_end(x, do)
+        row["best, T recomputed"] = measure(ours, x, do)[:2]
         launch.SAVE_T = True
         launch.OVERRIDES.clear()
         row["fla DeltaNet"] = fla_times(x, do)
