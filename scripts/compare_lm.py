@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_command(args: argparse.Namespace, mode: str, lr: float, out_dir: Path, max_steps: int | None) -> list[str]:
     overrides = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_heads": args.heads,
                  "attn_mode": mode}
-    budget = ["--max-steps", str(max_steps)] if max_steps is not None else (
-        ["--max-tokens", str(args.max_tokens)] if args.max_tokens else ["--max-tokens", str(epoch_tokens(args))])
+    budget = (["--max-steps", str(max_steps)] if max_steps is not None
+              else ["--max-tokens", str(args.max_tokens or epoch_tokens(args))])
     return [sys.executable, "-m", "efla", "train", "--model", "340M", "--model-overrides", json.dumps(overrides),
             "--tokenizer", str(args.tokenizer), "--data", str(args.corpus / "train.jsonl"),
             "--cache-dir", str(args.out / "token_cache"), "--seq-len", str(args.seq_len),

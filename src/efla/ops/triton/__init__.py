@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -56,7 +57,18 @@ class _Chunks:
         self.total = self.seq.numel()
 
 
-_last_plan: tuple | None = None  # (weakref to cu_seqlens, its version, T, int32 copy, lengths, _Chunks)
+class _PackedPlan(NamedTuple):
+    """What ``_packed_plan`` keeps about the last cu_seqlens tensor it read."""
+
+    source: weakref.ref
+    version: int
+    T: int
+    cu: torch.Tensor
+    lengths: list[int]
+    chunks: _Chunks
+
+
+_last_plan: _PackedPlan | None = None
 
 
 def _packed_plan(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, list[int], _Chunks]:
@@ -67,12 +79,12 @@ def _packed_plan(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, list[i
     global _last_plan
     version = None if cu_seqlens.is_inference() else cu_seqlens._version  # inference tensors have no version
     last = _last_plan
-    if version is not None and last is not None and last[0]() is cu_seqlens and last[1:3] == (version, T):
-        return last[3], last[4], last[5]
+    if last is not None and last.source() is cu_seqlens and last.version == version and last.T == T:
+        return last.cu, last.lengths, last.chunks
     cu = cu_seqlens.to(torch.int32)
     lengths = sequence_lengths(cu_seqlens, T)
     chunks = _Chunks(cu, lengths, 1, T)
-    _last_plan = None if version is None else (weakref.ref(cu_seqlens), version, T, cu, lengths, chunks)
+    _last_plan = None if version is None else _PackedPlan(weakref.ref(cu_seqlens), version, T, cu, lengths, chunks)
     return cu, lengths, chunks
 
 
