@@ -4,6 +4,7 @@ byte-level BPE tokenizer trained on it, and one reference training run that seve
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sysconfig
 from pathlib import Path
@@ -54,3 +55,17 @@ def reference_run(run_args, tmp_path_factory) -> Path:
     train(TrainConfig(**run_args, out_dir=str(out)))
     return out
 
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a script of the repository (e.g. "scripts/compare_lm.py") as a module."""
+
+    def load(relative: str):
+        path = Path(__file__).resolve().parents[2] / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

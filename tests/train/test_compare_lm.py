@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_lm.py"
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_lm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_compare_lm_reports_both_modes(corpus, tokenizer_dir, tmp_path):
+def test_compare_lm_reports_both_modes(corpus, tokenizer_dir, load_script, tmp_path):
     lines = (corpus / "docstrings.jsonl").read_text().splitlines()
     data = tmp_path / "corpus"
     data.mkdir()
     for name, part in (("train", lines[:-8]), ("validation", lines[-8:-4]), ("test", lines[-4:])):
         (data / f"{name}.jsonl").write_text("\n".join(part) + "\n")
     out = tmp_path / "compare"
-    _load_script().main(["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out),
-                         "--gpus", "cpu", "--lrs", "3e-3", "--hidden-size", "32", "--layers", "1", "--heads", "1",
-                         "--seq-len", "32", "--batch", "4", "--max-tokens", "512", "--warmup-steps", "1"])
+    compare_lm = load_script("scripts/compare_lm.py")
+    compare_lm.main(["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
+                     "--lrs", "3e-3", "--hidden-size", "32", "--layers", "1", "--heads", "1", "--seq-len", "32",
+                     "--batch", "4", "--max-tokens", "512", "--warmup-steps", "1"])
     results = json.loads((out / "results.json").read_text())
     assert {r["mode"] for r in results["runs"]} == {"efla", "delta"}
     for run in results["runs"]:

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py"
 
-
-def test_scaling_table_and_same_global_batch(corpus, tokenizer_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("scaling", SCRIPT)
-    scaling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scaling)
+def test_scaling_table_and_same_global_batch(corpus, tokenizer_dir, load_script, tmp_path):
+    scaling = load_script("benchmarks/scaling.py")
     out = tmp_path / "scaling"
     scaling.main(["--tokenizer", str(tokenizer_dir), "--data", str(corpus), "--preset", "tiny", "--strategy", "ddp",
                   "--gpus", "1", "2", "--micro-batch-size", "2", "--seq-len", "32", "--steps", "3", "--skip", "0",
@@ -34,9 +28,6 @@ def test_scaling_table_and_same_global_batch(corpus, tokenizer_dir, tmp_path):
     assert (out / "loss_curves.png").stat().st_size > 10_000
 
 
-def test_baseline_must_be_one_gpu():
-    spec = importlib.util.spec_from_file_location("scaling", SCRIPT)
-    scaling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scaling)
+def test_baseline_must_be_one_gpu(load_script):
     with pytest.raises(ValueError, match="--gpus must start with 1"):
-        scaling.parse_args(["--tokenizer", "t", "--data", "d", "--gpus", "2", "4"])
+        load_script("benchmarks/scaling.py").parse_args(["--tokenizer", "t", "--data", "d", "--gpus", "2", "4"])
