@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -57,35 +57,41 @@ class _Chunks:
         self.total = self.seq.numel()
 
 
-class _PackedPlan(NamedTuple):
-    """What ``_packed_plan`` keeps about the last cu_seqlens tensor it read."""
+@dataclass
+class _PackedPlan:
+    """What a cu_seqlens tensor says, read once: its int32 copy, the sequence lengths and, built when the chunk kernels
+    first need it (the fused recurrent path does not), the chunk map."""
 
     source: weakref.ref
-    version: int
+    version: int | None
     T: int
     cu: torch.Tensor
     lengths: list[int]
-    chunks: _Chunks
+    _chunks: _Chunks | None = None
+
+    def chunks(self) -> _Chunks:
+        if self._chunks is None:
+            self._chunks = _Chunks(self.cu, self.lengths, 1, self.T)
+        return self._chunks
 
 
 _last_plan: _PackedPlan | None = None
 
 
-def _packed_plan(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, list[int], _Chunks]:
-    """cu_seqlens as int32, the sequence lengths (checked) and the chunk map. Reading the lengths costs a host-device
-    sync, and every layer of a model gets the same cu_seqlens tensor, so the answer for the last tensor seen is kept
-    (keyed by identity, in-place version and T): one sync per batch instead of one per layer. Inference-mode tensors
-    carry no version, so they are read every time."""
+def _packed_plan(cu_seqlens: torch.Tensor, T: int) -> _PackedPlan:
+    """The plan of cu_seqlens for T packed tokens. Reading the lengths costs a host-device sync, and every layer of a
+    model gets the same cu_seqlens tensor, so the plan of the last tensor seen is kept (keyed by identity, in-place
+    version and T): one sync per batch instead of one per layer. Inference-mode tensors carry no version, so they are
+    read every time."""
     global _last_plan
-    version = None if cu_seqlens.is_inference() else cu_seqlens._version  # inference tensors have no version
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
     last = _last_plan
     if last is not None and last.source() is cu_seqlens and last.version == version and last.T == T:
-        return last.cu, last.lengths, last.chunks
-    cu = cu_seqlens.to(torch.int32)
-    lengths = sequence_lengths(cu_seqlens, T)
-    chunks = _Chunks(cu, lengths, 1, T)
-    _last_plan = None if version is None else _PackedPlan(weakref.ref(cu_seqlens), version, T, cu, lengths, chunks)
-    return cu, lengths, chunks
+        return last
+    plan = _PackedPlan(weakref.ref(cu_seqlens), version, T, cu_seqlens.to(torch.int32),
+                       sequence_lengths(cu_seqlens, T))
+    _last_plan = None if version is None else plan
+    return plan
 
 
 FP32_DOT_PRECISION = "tf32x3"
@@ -218,7 +224,8 @@ def triton_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seql
         cu = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
         lengths = None
     else:
-        cu, lengths, packed_chunks = _packed_plan(cu_seqlens, T)
+        plan = _packed_plan(cu_seqlens, T)
+        cu, lengths = plan.cu, plan.lengths
     efla = mode == "efla"
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, beta, h0))
@@ -227,6 +234,6 @@ def triton_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seql
         if not needs_grad and max_len <= RECURRENT_MAX_T:
             o, ht = _fused_recurrent(q, k, v, beta, scale, h0, cu, efla, output_final_state)
         else:
-            chunks = _Chunks(cu, lengths, B, T) if cu_seqlens is None else packed_chunks
+            chunks = _Chunks(cu, None, B, T) if cu_seqlens is None else plan.chunks()
             o, ht = _ChunkEFLA.apply(q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state)
     return o.view(B, T, H, V), ht
