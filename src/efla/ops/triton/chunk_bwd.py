@@ -102,7 +102,7 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, lam, _G, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+    k_tile, b, alpha, lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     if LOAD_T:
         Tt = tl.trans(tl.load(t_in + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0))

@@ -92,15 +92,14 @@ def _gram(k_tile, PREC: tl.constexpr):
 @triton.jit
 def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha, lambda, G = K K^T and A = tril(diag(alpha) G, -1) (float32); T = (I + A)^-1."""
+    alpha, lambda and A = tril(diag(alpha) K K^T, -1) (float32); T = (I + A)^-1."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
     alpha = _step_size(b, lam, EFLA)
-    G = _gram(k_tile, PREC)
-    A = tl.where(r[:, None] > r[None, :], alpha[:, None] * G, 0.0)
-    return k_tile, b, alpha, lam, G, A
+    A = tl.where(r[:, None] > r[None, :], alpha[:, None] * _gram(k_tile, PREC), 0.0)
+    return k_tile, b, alpha, lam, A
 
 
 @triton.jit
@@ -112,7 +111,7 @@ def _wy_fwd_kernel(k, v, beta, w, u0, t_out, chunk_seq, chunk_t0, cu_seqlens, H,
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, _b, alpha, _lam, _G, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+    k_tile, _b, alpha, _lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
     Td = _unit_lower_inverse(A, PREC).to(dt)
     if STORE_T:
