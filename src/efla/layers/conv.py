@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efla.ops.varlen import document_index
-
 
 class ShortConvolution(nn.Conv1d):
     """y_t = silu(sum_j w_j x_{t-j}) per channel, j < kernel_size; on [B, T, C] tensors.
@@ -49,14 +47,27 @@ class ShortConvolution(nn.Conv1d):
         return y, seq.gather(-1, index.expand(B, C, past))
 
     def _packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """The convolution of documents packed in x [1, T, C], on the packed tokens (no padding to the longest
-        document, no host sync): W - 1 zeros are put before each document, so token t of document d sits at
-        t + (d + 1)(W - 1) and its output at t + d(W - 1)."""
+        """The convolution of documents packed in x [1, T, C], on the packed tokens (no padding, no host sync).
+
+        One dense convolution runs over the whole row; only the first W - 1 tokens of each document can see the
+        document before it, so those N (W - 1) outputs are recomputed from their own document's inputs and written
+        over the dense ones. Every other op stays a dense, contiguous one: gathering or scattering all T tokens made
+        the backward an index_put over the whole row, half of a training step on an H200."""
         T, C = x.shape[1:]
         past = self.kernel_size[0] - 1
-        source = torch.arange(T, device=x.device) + document_index(cu_seqlens, T) * past
-        seq = x.new_zeros(C, T + cu_seqlens.numel() * past)  # room for N + 1 documents: a bad cu_seqlens (not
-        # ending at T) stays in bounds here and is reported by efla_attention
-        seq = seq.index_copy(1, source + past, x[0].t())
-        y = F.conv1d(seq[None], self.weight, groups=C)[0, :, source]
-        return F.silu(y).t()[None]
+        pre = F.conv1d(F.pad(x.transpose(1, 2), (past, 0)), self.weight, groups=C)[0].t()  # [T, C]
+        if past == 0:
+            return F.silu(pre)[None]
+        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+        offset = torch.arange(past, device=x.device)
+        token = starts[:, None] + offset  # [N, W - 1]: a document's first W - 1 tokens
+        exists = token < ends[:, None]  # documents shorter than W - 1 have fewer; the rest goes to a spare row
+        lag = offset  # output at position p of its document sees inputs at lags 0..p only
+        source = (token[..., None] - lag).clamp(0, T - 1)  # [N, W - 1 (p), W - 1 (lag)]
+        inputs = x[0].index_select(0, source.flatten()).view(*source.shape, C)
+        taps = self.weight[:, 0, past - lag].t()  # [W - 1 (lag), C]: weight of the input `lag` tokens back
+        within = (lag <= offset[:, None]).to(taps.dtype)  # [W - 1 (p), W - 1 (lag)]
+        fixed = (inputs * (taps * within[..., None])).sum(2).to(pre.dtype)  # [N, W - 1, C]
+        spare = torch.where(exists, token, T).flatten()
+        pre = torch.cat([pre, pre.new_zeros(1, C)]).index_copy(0, spare, fixed.flatten(0, 1))[:T]
+        return F.silu(pre)[None]
