@@ -109,21 +109,22 @@ def _precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION
 
 
-def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep):
-    """Forward chunk passes on packed [TT, H, D] tensors: o, the final state, and (if keep) h, u, w and, when
-    ``launch.SAVE_T``, T."""
+def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep, t=None, store_t=False):
+    """Forward chunk passes on packed [TT, H, D] tensors: o, the final state, T (if ``store_t``: the training
+    forward keeps it for the backward) and, if keep, h, u and w. A given ``t`` is T from the forward, loaded instead
+    of inverting the triangular system again."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     N = cu.numel() - 1
     prec = _precision(q.dtype)
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     w, u0 = torch.empty_like(k), torch.empty_like(v)
-    store_t = keep and launch.SAVE_T
-    t = k.new_empty(k.shape[0], H, CHUNK) if store_t else None
+    if store_t:
+        t = k.new_empty(k.shape[0], H, CHUNK)
     cfg = launch.launch("wy_fwd", K, V, q.element_size())
     _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv,
-                                      EFLA=efla, STORE_T=store_t, PREC=prec, num_warps=cfg.warps,
-                                      num_stages=cfg.stages)
+                                      EFLA=efla, STORE_T=store_t, LOAD_T=t is not None and not store_t, PREC=prec,
+                                      num_warps=cfg.warps, num_stages=cfg.stages)
     h = k.new_empty(chunks.total, H, K, V, dtype=state_dtype)
     u = torch.empty_like(v)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
@@ -138,16 +139,17 @@ def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep):
         _out_kernel[(chunks.total, H, triton.cdiv(V, cfg.bv))](q, k, u, h, o, chunks.seq, chunks.t0, cu, scale, H,
                                                                K=K, V=V, BV=cfg.bv, PREC=prec, num_warps=cfg.warps,
                                                                num_stages=cfg.stages)
-    return o, ht, h, u, w, t
+    return o, ht, t, h, u, w
 
 
-def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
-    """Gradients of the chunk forward: recompute W, h, u (and T); reverse state pass; per-chunk gradients."""
+def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla, t):
+    """Gradients of the chunk forward: recompute W, h, u (from the forward's T, or inverting again when t is None);
+    reverse state pass; per-chunk gradients."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     N = cu.numel() - 1
     prec = _precision(q.dtype)
-    _, _, h, u, w, t = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht=False, keep=True)
+    *_, h, u, w = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht=False, keep=True, t=t)
     dh = torch.empty_like(h)
     du = torch.empty_like(v)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if h0 is not None else None
@@ -157,7 +159,7 @@ def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
                                                       STORE_DH0=h0 is not None, PREC=prec, num_warps=cfg.warps,
                                                       num_stages=cfg.stages)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dk_part = torch.empty_like(k, dtype=torch.float32)
+    dk_part = torch.empty_like(k)  # input dtype, as the dk it becomes part of
     dbeta = torch.empty_like(beta)
     cfg = launch.launch("grad_qk", K, V, q.element_size())
     _grad_qk_kernel[(chunks.total, H)](q, k, u, do, h, dh, dq, dk_part, chunks.seq, chunks.t0, cu, scale, H, K=K, V=V,
@@ -172,18 +174,21 @@ def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla):
 class _ChunkEFLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, h0, scale, chunks, cu, efla, output_final_state):
-        o, ht, *_ = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, output_final_state, keep=False)
-        ctx.save_for_backward(q, k, v, beta, h0)
+        store_t = launch.SAVE_T and any(ctx.needs_input_grad[:5])
+        o, ht, t, *_ = _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, output_final_state, keep=False,
+                                  store_t=store_t)
+        ctx.save_for_backward(q, k, v, beta, h0, t)
         ctx.scale, ctx.chunks, ctx.cu, ctx.efla = scale, chunks, cu, efla
         return o, ht
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht):
-        q, k, v, beta, h0 = ctx.saved_tensors
+        q, k, v, beta, h0, t = ctx.saved_tensors
         with torch.cuda.device_of(q):  # kernels launch on the current device
             dq, dk, dv, dbeta, dh0 = _chunk_bwd(q, k, v, beta, ctx.scale, h0, do.contiguous(),
-                                                None if dht is None else dht.contiguous(), ctx.chunks, ctx.cu, ctx.efla)
+                                                None if dht is None else dht.contiguous(), ctx.chunks, ctx.cu, ctx.efla,
+                                                t)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return dq, dk, dv, dbeta, dh0, None, None, None, None, None

@@ -7,8 +7,8 @@ Per chunk, with S the entering state, dS' the gradient of the leaving state and 
     dW  = -du S^T,  dU0 = du,  so dX_K = T^T dW = -dX_V S^T (accumulated over V blocks, no dW tile)
 
 Through the WY system (Y = T X with X = [diag(a) K | diag(a) V], T = L^-1, L = I + tril(diag(a) G, -1), G = K K^T):
-dX = T^T dY and dL = -dX X^T T^T = -(dX_K K^T + dX_V V^T) diag(a) T^T, kept strictly lower (dX_K K^T =
--dX_V (K S)^T, so both terms accumulate per V block as dX_V (V - K S)^T). Then
+dX = T^T dY and dL = -dX X^T T^T = -(dX_K K^T + dX_V V^T) diag(a) T^T, kept strictly lower (dX_V V^T accumulates
+per V block, dX_K K^T is one product after the V loop). Then
 
     da_i += sum_d (dX_K k + dX_V v)_id + sum_{j<i} dL_ij G_ij,    dG = diag(a) dL,    dK += a dX_K + (dG + dG^T) K
 
@@ -68,7 +68,7 @@ def _state_bwd_kernel(q, k, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, sc
 @triton.jit
 def _grad_qk_kernel(q, k, u, do, h, dh, dq, dk_part, chunk_seq, chunk_t0, cu_seqlens, scale, H,
                     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head): dq, and the part of dk that does not go through alpha or T (float32)."""
+    """One program per (chunk, head): dq, and the part of dk that does not go through alpha or T."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
@@ -90,7 +90,7 @@ def _grad_qk_kernel(q, k, u, do, h, dh, dq, dk_part, chunk_seq, chunk_t0, cu_seq
     tl.store(dq + tok * K + kk, dq_acc.to(dq.dtype.element_ty), mask=rmask[:, None])
     q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
     dk_acc += tl.dot(tl.trans(P.to(q_tile.dtype)), q_tile, input_precision=PREC)
-    tl.store(dk_part + tok * K + kk, dk_acc, mask=rmask[:, None])
+    tl.store(dk_part + tok * K + kk, dk_acc.to(dk_part.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
     else:
         Tt = tl.trans(_unit_lower_inverse(A, PREC).to(dt))
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
-    M = tl.zeros([64, 64], dtype=tl.float32)  # dX_K K^T + dX_V V^T
+    M = tl.zeros([64, 64], dtype=tl.float32)  # dX_V V^T, then + dX_K K^T after the loop
     da = tl.zeros([64], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
@@ -118,13 +118,14 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
         dxv = tl.dot(Tt, du_tile, input_precision=PREC)
         dxv_d = dxv.to(dt)
         dxk -= tl.dot(dxv_d, tl.trans(S), input_precision=PREC)
-        vf = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)
+        v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0)
         tl.store(dv + tok * V + vv, (alpha[:, None] * dxv).to(dv.dtype.element_ty), mask=m)
-        da += tl.sum(dxv * vf, axis=1)
-        ks = tl.dot(k_tile, S, input_precision=PREC)  # dX_K K^T = -sum_v dX_V (K S)^T
-        M += tl.dot(dxv_d, tl.trans((vf - ks).to(dt)), input_precision=PREC)
+        da += tl.sum(dxv * v_tile.to(tl.float32), axis=1)
+        M += tl.dot(dxv_d, tl.trans(v_tile.to(dt)), input_precision=PREC)
+    M += tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC)
     kf = k_tile.to(tl.float32)
-    dk_acc = tl.load(dk_part + tok * K + kk, mask=rmask[:, None], other=0.0) + alpha[:, None] * dxk
+    dk_part_tile = tl.load(dk_part + tok * K + kk, mask=rmask[:, None], other=0.0).to(tl.float32)
+    dk_acc = dk_part_tile + alpha[:, None] * dxk
     da += tl.sum(dxk * kf, axis=1)
     dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)

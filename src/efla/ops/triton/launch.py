@@ -22,8 +22,8 @@ class Launch:
 KERNELS = ("wy_fwd", "state_fwd", "out", "state_bwd", "grad_qk", "grad_wy")
 OVERRIDES: dict[str, Launch] = {}
 SAVE_T = True
-"""Whether the backward's recomputation of the WY system stores T (64 values per token and head, input dtype) for
-the gradient kernel, instead of that kernel inverting the triangular system again."""
+"""Whether the training forward keeps T (64 values per token and head, input dtype) for the backward, whose kernels
+then load it instead of inverting the triangular system twice more."""
 
 
 def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
@@ -37,12 +37,15 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
         return Launch(bv, warps, 2 if K <= 128 or dtype_bytes == 2 else 1)
     # K = 16 gave wrong outputs with 4-8 warps (H200, Triton 3.6) and 2 warps fixed it; V = 16 is treated alike
     small = K <= 16 or V <= 16
+    # 16-bit inputs with K, V <= 128: the winners of benchmarks/tune_kernels.py at bf16 K = V = 128 on an H200
+    # (2026-11-30; per forward+backward: out 363 -> 236 us, grad_wy 1048 -> 818 us, grad_qk 423 -> 398 us)
+    tuned = dtype_bytes == 2 and not small and K <= 128 and V <= 128
     if kernel == "wy_fwd":
-        return Launch(min(V, 64), 2 if small else 4, 3)
+        return Launch(min(V, 128), 4, 2) if tuned else Launch(min(V, 64), 2 if small else 4, 3)
     if kernel == "out":
-        return Launch(min(V, 128 if K <= 128 else 64), 2 if small else 8, 3)
+        return Launch(min(V, 128), 4, 2) if tuned else Launch(min(V, 128 if K <= 128 else 64), 2 if small else 8, 3)
     if kernel in ("grad_qk", "grad_wy"):
-        return Launch(min(V, 64), 2 if small else 8, 1)
+        return Launch(min(V, 64), 2 if small else 8, 2 if tuned else 1)
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 

@@ -3,7 +3,7 @@
 For one chunk of C = 64 tokens (derivation in ``efla/ops/chunk.py``) the kernels need alpha (computed here from beta
 and lambda = ||k||^2 read from the k tile already in registers, so alpha never goes to memory), the Gram matrix
 G = K K^T and T = (I + tril(diag(alpha) G, -1))^-1. ``_wy_fwd_kernel`` writes W = T diag(alpha) K and
-U0 = T diag(alpha) V, which the state pass consumes.
+U0 = T diag(alpha) V, which the state pass consumes, and keeps T for the backward.
 
 T is a unit lower-triangular inverse computed in two stages, both exact blocked forward substitution (stable, unlike a
 Neumann-series product whose powers of A grow like binomials): the four 16 x 16 diagonal blocks by column
@@ -90,32 +90,44 @@ def _gram(k_tile, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
+def _chunk_keys(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha, lambda and A = tril(diag(alpha) K K^T, -1) (float32); T = (I + A)^-1."""
+    alpha and lambda = ||k||^2."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
-    alpha = _step_size(b, lam, EFLA)
+    return k_tile, b, _step_size(b, lam, EFLA), lam
+
+
+@triton.jit
+def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
+    """``_chunk_keys`` and A = tril(diag(alpha) K K^T, -1) (float32), so that T = (I + A)^-1."""
+    k_tile, b, alpha, lam = _chunk_keys(k, beta, tok, kk, r, rmask, H, K, EFLA)
     A = tl.where(r[:, None] > r[None, :], alpha[:, None] * _gram(k_tile, PREC), 0.0)
     return k_tile, b, alpha, lam, A
 
 
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, w, u0, t_out, chunk_seq, chunk_t0, cu_seqlens, H,
+def _wy_fwd_kernel(k, v, beta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, STORE_T: tl.constexpr,
-                   PREC: tl.constexpr):
-    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype, and T itself
-    ([TT, H, 64] rows, input dtype) if STORE_T, for the backward's gradient kernel."""
+                   LOAD_T: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype. T ([TT, H, 64]
+    rows, input dtype) is computed and, if STORE_T, stored for the backward; with LOAD_T it is read from t instead
+    (the backward's recomputation, after a forward that stored it)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, _b, alpha, _lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+    tt = _tile_offsets(r, H, 64, r)
+    if LOAD_T:
+        k_tile, _b, alpha, _lam = _chunk_keys(k, beta, tok, kk, r, rmask, H, K, EFLA)
+        Td = tl.load(t + tok * 64 + tt, mask=rmask[:, None], other=0.0)
+    else:
+        k_tile, _b, alpha, _lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+        Td = _unit_lower_inverse(A, PREC).to(k_tile.dtype)
+        if STORE_T:
+            tl.store(t + tok * 64 + tt, Td, mask=rmask[:, None])
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
-    Td = _unit_lower_inverse(A, PREC).to(dt)
-    if STORE_T:
-        tl.store(t_out + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
     w_tile = tl.dot(Td, (alpha[:, None] * k_tile.to(tl.float32)).to(dt), input_precision=PREC)
     tl.store(w + tok * K + kk, w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
     for i_v in range(tl.cdiv(V, BV)):
