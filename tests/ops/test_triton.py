@@ -90,6 +90,11 @@ def test_chunk_matches_float64(mode, save_t, monkeypatch):
     _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=1), mode, tol=1e-5)
 
 
+def test_wide_keys_float32_matches_float64():
+    """float32 K = 256 takes the gradient kernel's other way to dX_K K^T (per V block, within shared memory)."""
+    _check(torch.float32, _inputs(1, 70, 1, 256, 16, "efla", 1, seed=14), "efla", tol=1e-5)
+
+
 def test_varlen_matches_float64():
     """Packed sequences (one empty, one shorter than a chunk, one spanning chunks) with per-sequence states."""
     cu = torch.tensor([0, 5, 70, 70, 133], device=DEVICE)

@@ -166,7 +166,8 @@ def _chunk_bwd(q, k, v, beta, scale, h0, do, dht, chunks, cu, efla, t):
                                        BV=cfg.bv, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
     cfg = launch.launch("grad_wy", K, V, q.element_size())
     _grad_wy_kernel[(chunks.total, H)](k, v, beta, t, du, h, dk_part, dk, dv, dbeta, chunks.seq, chunks.t0, cu, H,
-                                       K=K, V=V, BV=cfg.bv, EFLA=efla, LOAD_T=t is not None, PREC=prec,
+                                       K=K, V=V, BV=cfg.bv, EFLA=efla, LOAD_T=t is not None,
+                                       KS_IN_LOOP=q.dtype == torch.float32 and K > 128, PREC=prec,
                                        num_warps=cfg.warps, num_stages=cfg.stages)
     return dq, dk, dv, dbeta, dh0
 

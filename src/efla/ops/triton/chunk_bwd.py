@@ -31,7 +31,7 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_system, _gram, _phi_prime, _unit_lower_inverse
+from efla.ops.triton.wy import _chunk_keys, _chunk_system, _gram, _phi_prime, _unit_lower_inverse
 
 
 @triton.jit
@@ -96,18 +96,21 @@ def _grad_qk_kernel(q, k, u, do, h, dh, dq, dk_part, chunk_seq, chunk_t0, cu_seq
 @triton.jit
 def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, chunk_t0, cu_seqlens, H,
                     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, LOAD_T: tl.constexpr,
-                    PREC: tl.constexpr):
+                    KS_IN_LOOP: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head): dv, dbeta and dk = dk_part + the terms through W, U0, T and alpha. T comes from
-    t_in (stored by the backward's ``_wy_fwd_kernel``) if LOAD_T, else it is recomputed."""
+    t_in (stored by the training forward) if LOAD_T, else it is recomputed. dX_K K^T is one product after the V loop,
+    or with KS_IN_LOOP (float32 K = 256, whose [64, K] x [K, 64] tf32x3 product needs more shared memory than a
+    Hopper SM has) -dX_V (K S)^T accumulated per V block."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
-    dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     if LOAD_T:
+        k_tile, b, alpha, lam = _chunk_keys(k, beta, tok, kk, r, rmask, H, K, EFLA)
         Tt = tl.trans(tl.load(t_in + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0))
     else:
-        Tt = tl.trans(_unit_lower_inverse(A, PREC).to(dt))
+        k_tile, b, alpha, lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
+        Tt = tl.trans(_unit_lower_inverse(A, PREC).to(k_tile.dtype))
+    dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
     M = tl.zeros([64, 64], dtype=tl.float32)  # dX_V V^T, then + dX_K K^T after the loop
     da = tl.zeros([64], dtype=tl.float32)
@@ -121,8 +124,13 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
         v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0)
         tl.store(dv + tok * V + vv, (alpha[:, None] * dxv).to(dv.dtype.element_ty), mask=m)
         da += tl.sum(dxv * v_tile.to(tl.float32), axis=1)
-        M += tl.dot(dxv_d, tl.trans(v_tile.to(dt)), input_precision=PREC)
-    M += tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC)
+        if KS_IN_LOOP:
+            ks = tl.dot(k_tile, S, input_precision=PREC)
+            M += tl.dot(dxv_d, tl.trans((v_tile.to(tl.float32) - ks).to(dt)), input_precision=PREC)
+        else:
+            M += tl.dot(dxv_d, tl.trans(v_tile.to(dt)), input_precision=PREC)
+    if not KS_IN_LOOP:
+        M += tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC)
     kf = k_tile.to(tl.float32)
     dk_part_tile = tl.load(dk_part + tok * K + kk, mask=rmask[:, None], other=0.0).to(tl.float32)
     dk_acc = dk_part_tile + alpha[:, None] * dxk
