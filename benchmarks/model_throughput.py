@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         seconds = statistics.median(step_seconds(model, batch_ids, cu, args.steps, args.warmup, device))
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         rows.append((name, model.num_parameters(), seconds, peak))
+        print(f"{name}: {seconds * 1e3:.1f} ms/step, {tokens / seconds:,.0f} tokens/s, peak {peak:.1f} GiB",
+              flush=True)  # as each finishes, so a run cut short keeps its numbers
         if args.profile and name.startswith("EFLA efla"):
             print_profile(name, model, batch_ids, cu, device)
         del model
