@@ -82,8 +82,8 @@ def _check(dtype, inputs, mode, tol, cu_seqlens=None, grads=True, backend="trito
 @pytest.mark.parametrize("mode", ["efla", "delta"])
 @pytest.mark.parametrize("save_t", [True, False])
 def test_chunk_matches_float64(mode, save_t, monkeypatch):
-    """Forward, final state and every gradient, two chunks with a ragged tail, K != V; the gradient kernel with T
-    stored by the recomputation and with T inverted again."""
+    """Forward, final state and every gradient, two chunks with a ragged tail, K != V; the backward with T kept
+    from the forward and with T inverted again."""
     from efla.ops.triton import launch
 
     monkeypatch.setattr(launch, "SAVE_T", save_t)
