@@ -119,11 +119,12 @@ def _chunk_fwd(q, k, v, beta, scale, h0, chunks, cu, efla, store_ht, keep, t=Non
     prec = _precision(q.dtype)
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     w, u0 = torch.empty_like(k), torch.empty_like(v)
+    load_t = t is not None
     if store_t:
         t = k.new_empty(k.shape[0], H, CHUNK)
     cfg = launch.launch("wy_fwd", K, V, q.element_size())
     _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv,
-                                      EFLA=efla, STORE_T=store_t, LOAD_T=t is not None and not store_t, PREC=prec,
+                                      EFLA=efla, STORE_T=store_t, LOAD_T=load_t, PREC=prec,
                                       num_warps=cfg.warps, num_stages=cfg.stages)
     h = k.new_empty(chunks.total, H, K, V, dtype=state_dtype)
     u = torch.empty_like(v)

@@ -31,7 +31,7 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_keys, _chunk_system, _gram, _phi_prime, _unit_lower_inverse
+from efla.ops.triton.wy import _chunk_t, _gram, _phi_prime
 
 
 @triton.jit
@@ -104,12 +104,8 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    if LOAD_T:
-        k_tile, b, alpha, lam = _chunk_keys(k, beta, tok, kk, r, rmask, H, K, EFLA)
-        Tt = tl.trans(tl.load(t_in + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0))
-    else:
-        k_tile, b, alpha, lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
-        Tt = tl.trans(_unit_lower_inverse(A, PREC).to(k_tile.dtype))
+    k_tile, b, alpha, lam, Td = _chunk_t(k, beta, t_in, tok, kk, r, rmask, H, K, EFLA, LOAD_T, PREC)
+    Tt = tl.trans(Td)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
     M = tl.zeros([64, 64], dtype=tl.float32)  # dX_V V^T, then + dX_K K^T after the loop

@@ -90,22 +90,22 @@ def _gram(k_tile, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_keys(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr):
+def _chunk_t(k, beta, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, LOAD_T: tl.constexpr,
+             PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha and lambda = ||k||^2."""
+    alpha, lambda = ||k||^2 and T (input dtype): read from t if LOAD_T (stored by the training forward), else
+    inverted from A = tril(diag(alpha) K K^T, -1) as T = (I + A)^-1."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
-    return k_tile, b, _step_size(b, lam, EFLA), lam
-
-
-@triton.jit
-def _chunk_system(k, beta, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, PREC: tl.constexpr):
-    """``_chunk_keys`` and A = tril(diag(alpha) K K^T, -1) (float32), so that T = (I + A)^-1."""
-    k_tile, b, alpha, lam = _chunk_keys(k, beta, tok, kk, r, rmask, H, K, EFLA)
-    A = tl.where(r[:, None] > r[None, :], alpha[:, None] * _gram(k_tile, PREC), 0.0)
-    return k_tile, b, alpha, lam, A
+    alpha = _step_size(b, lam, EFLA)
+    if LOAD_T:
+        Td = tl.load(t + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0)
+    else:
+        A = tl.where(r[:, None] > r[None, :], alpha[:, None] * _gram(k_tile, PREC), 0.0)
+        Td = _unit_lower_inverse(A, PREC).to(k_tile.dtype)
+    return k_tile, b, alpha, lam, Td
 
 
 @triton.jit
@@ -118,15 +118,9 @@ def _wy_fwd_kernel(k, v, beta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    tt = _tile_offsets(r, H, 64, r)
-    if LOAD_T:
-        k_tile, _b, alpha, _lam = _chunk_keys(k, beta, tok, kk, r, rmask, H, K, EFLA)
-        Td = tl.load(t + tok * 64 + tt, mask=rmask[:, None], other=0.0)
-    else:
-        k_tile, _b, alpha, _lam, A = _chunk_system(k, beta, tok, kk, r, rmask, H, K, EFLA, PREC)
-        Td = _unit_lower_inverse(A, PREC).to(k_tile.dtype)
-        if STORE_T:
-            tl.store(t + tok * 64 + tt, Td, mask=rmask[:, None])
+    k_tile, _b, alpha, _lam, Td = _chunk_t(k, beta, t, tok, kk, r, rmask, H, K, EFLA, LOAD_T, PREC)
+    if STORE_T:
+        tl.store(t + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
     w_tile = tl.dot(Td, (alpha[:, None] * k_tile.to(tl.float32)).to(dt), input_precision=PREC)
     tl.store(w + tok * K + kk, w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
