@@ -48,3 +48,63 @@ def test_unchecked_beta_is_allowed_when_the_caller_opts_out():
     q, k, v, beta = inputs()
     o, _ = efla_attention(q, k, v, beta * 0.5, check_beta=False)
     assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: {**a, "cu_seqlens": [0, 6]}, TypeError, "cu_seqlens must be a torch.Tensor"),
+        (lambda a: {**a, "initial_state": [[0.0]]}, TypeError, "initial_state must be a torch.Tensor"),
+        (lambda a: {**a, "chunk_size": True}, ValueError, "chunk_size must be a positive int"),
+        (lambda a: {**a, "scale": "a"}, TypeError, "scale must be a number"),
+        (lambda a: {**a, "beta": a["beta"].index_fill(1, torch.tensor([2]), float("nan"))}, ValueError, "NaN"),
+        (lambda a: {**a, "beta": a["beta"] / 0, "mode": "delta"}, ValueError, "finite in mode 'delta'"),
+        (lambda a: {**a, "cu_seqlens_cpu": torch.tensor([0, 6])}, ValueError, "cu_seqlens_cpu must be a host copy"),
+    ],
+)
+def test_more_errors_name_the_argument(change, error, match):
+    q, k, v, beta = inputs(B=1)
+    args = change({"q": q, "k": k, "v": v, "beta": beta})
+    with pytest.raises(error, match=match):
+        efla_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), **args)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "torch"])
+def test_no_tokens_give_empty_outputs_and_the_initial_state(backend):
+    q, k, v, beta = inputs(T=0)
+    h0 = torch.randn(2, 2, 4, 3, requires_grad=True)
+    o, state = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, backend=backend)
+    assert o.shape == (2, 0, 2, 3)
+    assert torch.equal(state, h0)
+    state.sum().backward()
+    assert torch.equal(h0.grad, torch.ones_like(h0))
+    _, zeros = efla_attention(q, k, v, beta, output_final_state=True, cu_seqlens=None)
+    assert zeros.shape == (2, 2, 4, 3) and not zeros.any()
+
+
+def test_triton_backend_on_cpu_says_it_needs_a_gpu(monkeypatch):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        efla_attention(*inputs(K=16, V=16), backend="triton")
+
+
+def test_triton_backend_rejects_other_chunk_sizes():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="64-token chunks"):
+        efla_attention(*inputs(K=16, V=16), backend="triton", chunk_size=32)
+
+
+def test_fla_keywords_have_their_meaning():
+    """use_qk_l2norm_in_kernel normalises q and k first; cu_seqlens_cpu only says where to read the lengths."""
+    q, k, v, beta = inputs(B=1, T=9)
+    o, _ = efla_attention(q, k, v, beta, use_qk_l2norm_in_kernel=True)
+    o_ref, _ = efla_attention(torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1), v,
+                              beta)
+    torch.testing.assert_close(o, o_ref)
+    cu = torch.tensor([0, 4, 9])
+    o, _ = efla_attention(q, k, v, beta, cu_seqlens=cu, cu_seqlens_cpu=cu.clone())
+    o_ref, _ = efla_attention(q, k, v, beta, cu_seqlens=cu)
+    torch.testing.assert_close(o, o_ref)

@@ -24,14 +24,24 @@ def check_inputs(
     mode: str,
     backend: str,
     chunk_size: int,
+    scale: float | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError/TypeError naming the offending argument; metadata only."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (got {chunk_size!r})")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a number (got {type(scale).__name__} {scale!r}); leave it None for K ** -0.5")
+    for name, x in (("initial_state", initial_state), ("cu_seqlens", cu_seqlens), ("cu_seqlens_cpu", cu_seqlens_cpu)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None (got {type(x).__name__}); wrap it with "
+                            f"torch.tensor(..., device=q.device)")
+    if cu_seqlens_cpu is not None and (cu_seqlens is None or cu_seqlens_cpu.shape != cu_seqlens.shape):
+        raise ValueError("cu_seqlens_cpu must be a host copy of cu_seqlens (same shape); pass cu_seqlens too")
     for name, x, ndim, layout in (("q", q, 4, "[B, T, H, K]"), ("k", k, 4, "[B, T, H, K]"),
                                   ("v", v, 4, "[B, T, H, V]"), ("beta", beta, 3, "[B, T, H]")):
         if not isinstance(x, torch.Tensor):
@@ -75,13 +85,29 @@ def check_inputs(
             raise TypeError(f"initial_state must be floating point (got {initial_state.dtype})")
 
 
-def check_values(beta: torch.Tensor) -> None:
-    """beta >= 0 (a negative duration runs the ODE backwards and the state can blow up). Syncs with the device."""
-    low = beta.min() if beta.numel() else None
-    if low is not None and bool(low < 0):
-        raise ValueError(f"beta must be >= 0 (got min {low.item():.4g})")
-    if low is not None and bool(torch.isnan(low)):
+def check_values(beta: torch.Tensor, mode: str = "efla") -> None:
+    """beta >= 0 and not NaN (a negative duration runs the ODE backwards and the state can blow up); finite too in
+    mode "delta", whose Euler step has no limit for beta -> inf (EFLA's has: the projection onto k's complement).
+    Syncs with the device: ``efla_attention`` calls ``assert_values`` on GPUs instead."""
+    if not beta.numel():
+        return
+    low = beta.min()
+    if bool(torch.isnan(low)) or bool(torch.isnan(beta).any()):
         raise ValueError("beta contains NaN")
+    if bool(low < 0):
+        raise ValueError(f"beta must be >= 0 (got min {low.item():.4g})")
+    if mode == "delta" and bool(torch.isinf(beta).any()):
+        raise ValueError("beta must be finite in mode 'delta' (got inf)")
+
+
+def assert_values(beta: torch.Tensor, mode: str = "efla") -> None:
+    """``check_values`` without waiting for the device: on a GPU (and inside torch.compile) a device-side assert (the
+    process stops with "device-side assert triggered" when beta is invalid); eagerly on the CPU, ``check_values``."""
+    if not beta.is_cuda and not torch.compiler.is_compiling():
+        check_values(beta, mode)
+        return
+    valid = (beta >= 0) if mode == "efla" else (beta >= 0) & (beta < float("inf"))
+    torch._assert_async(valid.all(), "efla_attention: beta must be >= 0, not NaN (and finite in mode 'delta')")
 
 
 def sequence_lengths(cu_seqlens: torch.Tensor, total: int) -> list[int]:

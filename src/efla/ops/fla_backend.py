@@ -14,8 +14,10 @@ from fla.ops.delta_rule import chunk_delta_rule
 from efla.ops.alpha import step_sizes
 
 
-def fla_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size):
-    """Same contract as ``triton_efla``; alpha goes to fla in q's dtype, as fla expects of beta."""
+def fla_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, lengths_from):
+    """Same contract as ``triton_efla``; alpha goes to fla in q's dtype, as fla expects of beta. fla reads the
+    lengths itself, so ``lengths_from`` is not used."""
+    del lengths_from
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"backend='fla' takes float16 or bfloat16 inputs (got {q.dtype}); fla's chunk kernel "
                         "refuses float32: use backend='triton' or 'torch'")

@@ -6,10 +6,11 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from efla.ops import varlen
 from efla.ops.alpha import step_sizes
-from efla.ops.checks import check_inputs, check_values, sequence_lengths
+from efla.ops.checks import assert_values, check_inputs, sequence_lengths
 from efla.ops.chunk import chunk_fwd
 from efla.ops.recurrent import recurrent_fwd
 
@@ -28,6 +29,8 @@ def efla_attention(
     backend: str = "auto",
     chunk_size: int = 64,
     check_beta: bool = True,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Error-Free Linear Attention (or the delta rule, ``mode="delta"``) over a batch of sequences.
 
@@ -51,23 +54,49 @@ def efla_attention(
             float16/bfloat16/float32 inputs when installed, else torch). Triton runs float32 with exact ("ieee")
             dot products unless torch.backends.cuda.matmul.allow_tf32 is set, and inference (no gradients) on
             sequences of at most 64 tokens with a fused recurrent kernel.
-        chunk_size: tokens per chunk for the torch backend (the Triton kernels always use 64; fla takes 16/32/64).
-        check_beta: check beta >= 0 (reads beta's values, so syncs with the GPU); callers whose beta comes out of a
-            sigmoid can turn it off.
+        chunk_size: tokens per chunk for the torch backend (fla takes 16/32/64); the Triton kernels use 64 and
+            reject other values.
+        check_beta: check beta >= 0 and not NaN (and finite in mode "delta"). On the CPU a ValueError says which;
+            on a GPU the check is a device-side assert, so it never waits for the GPU (an invalid beta stops the
+            process with "device-side assert triggered"; call ``efla.ops.checks.check_values(beta, mode)`` for the
+            message). Callers whose beta comes out of a sigmoid can turn it off.
+        use_qk_l2norm_in_kernel: L2-normalise q and k before the operator, as fla's keyword does (in mode "efla"
+            this fixes ||k|| = 1, so alpha = 1 - exp(-beta)); gradients flow through the normalisation.
+        cu_seqlens_cpu: a host copy of cu_seqlens (fla's keyword); given, the sequence lengths are read from it
+            instead of copying cu_seqlens from the GPU.
 
     Returns:
         o: [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for float64 inputs) when
         output_final_state is True, else None. Differentiable in q, k, v, beta and initial_state.
     """
-    check_inputs(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size)
+    check_inputs(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, scale, cu_seqlens_cpu)
     if check_beta:
-        check_values(beta)
+        assert_values(beta, mode)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if use_qk_l2norm_in_kernel:
+        q, k = (F.normalize(x.float(), dim=-1, eps=1e-6).to(x.dtype) for x in (q, k))
+    if q.shape[1] == 0:
+        return _empty(q, v, initial_state, output_final_state, cu_seqlens)
     if backend == "auto":
         backend = "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_installed() else "torch"
     run = _BACKENDS[backend]()
-    return run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+    lengths_from = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
+    return run(q, k, v, beta, float(scale), initial_state, output_final_state, cu_seqlens, mode, chunk_size,
+               lengths_from)
+
+
+def _empty(q, v, initial_state, output_final_state, cu_seqlens):
+    """T = 0: no tokens, so the output is empty and each sequence's state is its initial state."""
+    B, _, H, K = q.shape
+    o = v.new_empty(B, 0, H, v.shape[-1])
+    if not output_final_state:
+        return o, None
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is None:
+        return o, q.new_zeros(N, H, K, v.shape[-1], dtype=dtype)
+    return o, initial_state.to(dtype)
 
 
 def _triton_installed() -> bool:
@@ -77,11 +106,11 @@ def _triton_installed() -> bool:
 def _reference_backend(kernel: Callable) -> Callable:
     """Wrap a PyTorch forward (recurrent or chunkwise) with alpha, varlen packing and output dtypes."""
 
-    def run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size):
+    def run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, lengths_from):
         alpha = step_sizes(k, beta, mode).to(torch.promote_types(q.dtype, torch.float32))
         lengths = None
         if cu_seqlens is not None:
-            lengths = sequence_lengths(cu_seqlens, q.shape[1])
+            lengths = sequence_lengths(lengths_from, q.shape[1])
             q, k, v, alpha = (varlen.unpack(x, lengths) for x in (q, k, v, alpha))
         o, state = kernel(q, k, v, alpha, scale, initial_state, chunk_size)
         if lengths is not None:

@@ -17,9 +17,11 @@ and da goes to beta and lambda = ||k||^2 as in ``efla/ops/alpha.py`` (dK += 2 dl
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from efla.ops.triton.launch import launch
 from efla.ops.triton.tiles import (
     _chunk_rows,
     _initial_state,
@@ -144,3 +146,45 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
         db = da
     tl.store(dk + tok * K + kk, dk_acc.to(dk.dtype.element_ty), mask=rmask[:, None])
     tl.store(dbeta + tok + r * H, db.to(dbeta.dtype.element_ty), mask=rmask)
+
+
+def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, prec: str):
+    """Launch the reverse state pass: the gradient dh of every chunk's entering state (like ``h``), du of the
+    state-pass input u, and the initial states' gradient [N, H, K, V] float32 if ``has_h0`` (else None)."""
+    H, K = k.shape[1:]
+    V = do.shape[-1]
+    N = cu.numel() - 1
+    dh = torch.empty_like(h)
+    du = torch.empty_like(do)
+    dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None
+    cfg = launch("state_bwd", K, V, q.element_size())
+    _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
+                                                      K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
+                                                      STORE_DH0=has_h0, PREC=prec, num_warps=cfg.warps,
+                                                      num_stages=cfg.stages)
+    return dh, du, dh0
+
+
+def grad_qk(*, q, k, u, do, h, dh, chunks, cu, scale: float, prec: str):
+    """Launch the per-chunk q/k gradient pass: dq and the part of dk that does not go through the WY system."""
+    H, K = k.shape[1:]
+    V = do.shape[-1]
+    dq = torch.empty_like(q)
+    dk_part = torch.empty_like(k)  # input dtype, as the dk it becomes part of
+    cfg = launch("grad_qk", K, V, q.element_size())
+    _grad_qk_kernel[(chunks.total, H)](q, k, u, do, h, dh, dq, dk_part, chunks.seq, chunks.t0, cu, scale, H, K=K, V=V,
+                                       BV=cfg.bv, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+    return dq, dk_part
+
+
+def grad_wy(*, k, v, beta, t, du, h, dk_part, chunks, cu, efla: bool, prec: str):
+    """Launch the gradient pass through the WY system: dk (adding dk_part), dv and dbeta."""
+    H, K = k.shape[1:]
+    V = v.shape[-1]
+    dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+    cfg = launch("grad_wy", K, V, k.element_size())
+    _grad_wy_kernel[(chunks.total, H)](k, v, beta, t, du, h, dk_part, dk, dv, dbeta, chunks.seq, chunks.t0, cu, H,
+                                       K=K, V=V, BV=cfg.bv, EFLA=efla, LOAD_T=t is not None,
+                                       KS_IN_LOOP=k.dtype == torch.float32 and K > 128, PREC=prec,
+                                       num_warps=cfg.warps, num_stages=cfg.stages)
+    return dk, dv, dbeta

@@ -10,9 +10,11 @@ and its u, and the final state. The output pass reads them back, one program per
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from efla.ops.triton.launch import launch
 from efla.ops.triton.tiles import (
     _chunk_rows,
     _initial_state,
@@ -68,3 +70,31 @@ def _out_kernel(q, k, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
     out = tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)
     out += tl.dot(qk.to(u_tile.dtype), u_tile, input_precision=PREC)
     tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)
+
+
+def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str):
+    """Launch the state pass: every chunk's entering state h ([chunks, H, K, V]; float32 for float32 inputs, else the
+    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None)."""
+    H, K = k.shape[1:]
+    V = u0.shape[-1]
+    N = cu.numel() - 1
+    h = k.new_empty(chunks.total, H, K, V, dtype=torch.float32 if k.dtype == torch.float32 else k.dtype)
+    u = torch.empty_like(u0)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
+    cfg = launch("state_fwd", K, V, k.element_size())
+    _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K, V=V,
+                                                      BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
+                                                      PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+    return h, u, ht
+
+
+def output(*, q, k, u, h, chunks, cu, scale: float, prec: str):
+    """Launch the output pass: O = scale (Q S + tril(Q K^T) u) per chunk, [TT, H, V] in the input dtype."""
+    H, K = k.shape[1:]
+    V = u.shape[-1]
+    o = torch.empty_like(u)
+    cfg = launch("out", K, V, q.element_size())
+    _out_kernel[(chunks.total, H, triton.cdiv(V, cfg.bv))](q, k, u, h, o, chunks.seq, chunks.t0, cu, scale, H,
+                                                           K=K, V=V, BV=cfg.bv, PREC=prec, num_warps=cfg.warps,
+                                                           num_stages=cfg.stages)
+    return o

@@ -8,6 +8,7 @@ needs gradients to the chunk kernels.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -38,3 +39,18 @@ def _fused_recurrent_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, scale, H,
         tl.store(o + (t * H + i_h) * V + ov, o_t.to(o.dtype.element_ty), mask=vmask)
     if STORE_HT:
         _store_state(ht, S, n, i_h, H, K, V, ov, vmask)
+
+
+def fused_recurrent(*, q, k, v, beta, h0, cu, scale: float, efla: bool, output_final_state: bool):
+    """Launch the fused recurrent kernel on packed [TT, H, D] tensors: o (input dtype) and, if
+    ``output_final_state``, the final states [N, H, K, V] float32 (else None)."""
+    H, K = k.shape[1:]
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    o = torch.empty_like(v)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    bv = min(V, 32 if K <= 128 else 16)
+    _fused_recurrent_kernel[(N, H, triton.cdiv(V, bv))](q, k, v, beta, o, h0, ht, cu, scale, H, K=K, V=V, BV=bv,
+                                                        EFLA=efla, HAS_H0=h0 is not None,
+                                                        STORE_HT=output_final_state, num_warps=4)
+    return o, ht

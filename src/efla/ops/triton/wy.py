@@ -14,9 +14,11 @@ The alpha series and phi' follow ``efla/ops/alpha.py``.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from efla.ops.triton.launch import launch
 from efla.ops.triton.tiles import _chunk_rows, _tile_offsets, _v_block
 
 CHUNK = 64  # tokens per chunk in every Triton kernel
@@ -129,3 +131,19 @@ def _wy_fwd_kernel(k, v, beta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
         v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)
         u_tile = tl.dot(Td, (alpha[:, None] * v_tile).to(dt), input_precision=PREC)
         tl.store(u0 + tok * V + vv, u_tile.to(u0.dtype.element_ty), mask=m)
+
+
+def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bool = False):
+    """Launch ``_wy_fwd_kernel`` on packed [TT, H, D] tensors: returns W, U0 and T (stored now if ``store_t``, the
+    given ``t`` loaded instead of inverting if it is not None, else None)."""
+    H, K = k.shape[1:]
+    V = v.shape[-1]
+    w, u0 = torch.empty_like(k), torch.empty_like(v)
+    load_t = t is not None
+    if store_t:
+        t = k.new_empty(k.shape[0], H, CHUNK)
+    cfg = launch("wy_fwd", K, V, k.element_size())
+    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv,
+                                      EFLA=efla, STORE_T=store_t, LOAD_T=load_t, PREC=prec,
+                                      num_warps=cfg.warps, num_stages=cfg.stages)
+    return w, u0, t

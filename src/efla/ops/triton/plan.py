@@ -1,0 +1,81 @@
+"""Where the 64-token chunks of packed sequences live, read once per cu_seqlens tensor.
+
+The chunk kernels run one program per chunk, so they need, per chunk, its sequence and first token, and per sequence
+the row of its first chunk in the per-chunk state tensors. For equal-length batches this map is built on the device
+without a sync; for packed sequences of different lengths it needs the lengths on the host.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from efla.ops.checks import sequence_lengths
+from efla.ops.triton.wy import CHUNK
+
+
+class Chunks:
+    """Per chunk: ``seq`` (its sequence) and ``t0`` (its first token); per sequence: ``first`` (the global index of
+    its first chunk); ``total`` chunks. All int32 on the device."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, lengths: list[int] | None, batch: int, length: int):
+        device = cu_seqlens.device
+        if lengths is None:  # equal lengths: built on the device, no sync
+            per_seq = triton.cdiv(length, CHUNK)
+            self.seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(per_seq)
+            within = torch.arange(batch * per_seq, device=device, dtype=torch.int32) % per_seq
+            self.t0 = self.seq * length + within * CHUNK
+            self.first = torch.arange(batch, device=device, dtype=torch.int32) * per_seq
+        else:
+            counts = [triton.cdiv(n, CHUNK) for n in lengths]
+            starts = list(itertools.accumulate(lengths, initial=0))
+            seq = [i for i, c in enumerate(counts) for _ in range(c)]
+            t0 = [starts[i] + j * CHUNK for i, c in enumerate(counts) for j in range(c)]
+            first = list(itertools.accumulate(counts, initial=0))[:-1]
+            self.seq, self.t0, self.first = (torch.tensor(x, dtype=torch.int32).to(device) for x in (seq, t0, first))
+        self.total = self.seq.numel()
+
+
+@dataclass
+class PackedPlan:
+    """What a cu_seqlens tensor says, read once: its int32 copy, the sequence lengths and their chunk map."""
+
+    source: weakref.ref
+    version: int | None
+    T: int
+    cu: torch.Tensor
+    lengths: list[int]
+    _chunks: Chunks | None = None
+
+    def chunks(self) -> Chunks:
+        if self._chunks is None:
+            self._chunks = Chunks(self.cu, self.lengths, 1, self.T)
+        return self._chunks
+
+
+_last_plan: PackedPlan | None = None
+
+
+def packed_plan(cu_seqlens: torch.Tensor, T: int, cu_seqlens_cpu: torch.Tensor | None = None) -> PackedPlan:
+    """The plan of cu_seqlens for T packed tokens. Reading the lengths costs a host-device sync unless the caller
+    passes a host copy (``cu_seqlens_cpu``), and every layer of a model gets the same cu_seqlens tensor, so the plan of
+    the last tensor seen is kept (keyed by identity, in-place version and T): one sync per batch instead of one per
+    layer. Inference-mode tensors carry no version, so they are read every time."""
+    global _last_plan
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
+    last = _last_plan
+    if last is not None and last.source() is cu_seqlens and last.version == version and last.T == T:
+        return last
+    lengths = sequence_lengths(cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu, T)
+    plan = PackedPlan(weakref.ref(cu_seqlens), version, T, cu_seqlens.to(torch.int32), lengths)
+    _last_plan = None if version is None else plan
+    return plan
+
+
+def dense_cu(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens of ``batch`` sequences of ``length`` tokens each, [batch + 1] int32 (no sync)."""
+    return torch.arange(0, batch + 1, device=device, dtype=torch.int32) * length

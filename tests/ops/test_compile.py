@@ -1,0 +1,60 @@
+"""efla_attention under torch.compile: the Triton pipelines are custom ops, so a model traces around them in one
+graph (packed cu_seqlens included) and its results and gradients equal eager's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from efla import efla_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(T, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, T, 2, 16, generator=g), torch.randn(1, T, 2, 16, generator=g)
+    v, beta = torch.randn(1, T, 2, 32, generator=g), torch.rand(1, T, 2, generator=g)
+    return [x.to(DEVICE).requires_grad_() for x in (q, k, v, beta)]
+
+
+def _attend(q, k, v, beta, cu_seqlens):
+    o, state = efla_attention(q.tanh(), k, v, beta.sigmoid(), cu_seqlens=cu_seqlens, output_final_state=True,
+                              backend="triton")
+    return (o * o).sum() + state.sum()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_call_is_one_graph_and_equals_eager(packed):
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 17, 70, 90], device=DEVICE) if packed else None
+    inputs = _inputs(90, seed=3 + packed)
+    eager = _attend(*inputs, cu)
+    eager_grads = torch.autograd.grad(eager, inputs)
+    compiled = torch.compile(_attend, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    out = compiled(*inputs, cu)
+    grads = torch.autograd.grad(out, inputs)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_inference_takes_the_fused_recurrent_op():
+    torch._dynamo.reset()
+    q, k, v, beta = (x.detach() for x in _inputs(3, seed=9))
+    state = torch.randn(1, 2, 16, 32, device=DEVICE)
+
+    def step(q, k, v, beta, state):
+        return efla_attention(q, k, v, beta, initial_state=state, output_final_state=True, backend="triton")
+
+    with torch.no_grad():
+        o, s = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, beta, state)
+        o_ref, s_ref = step(q, k, v, beta, state)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(s, s_ref)
