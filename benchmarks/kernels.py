@@ -1,6 +1,6 @@
 """Kernel benchmark: EFLA's Triton kernels against fla's DeltaNet kernel, EFLA through fla, and PyTorch SDPA.
 
-    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile]
+    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile [INDEX ...]]
 
 For bfloat16 inputs of each (B, T, H, D) shape (K = V = D) it times, with triton.testing.do_bench medians, the
 forward and forward+backward of: ours (backend="triton", modes efla and delta), fla's chunk_delta_rule (DeltaNet,
@@ -8,7 +8,8 @@ the baseline every ratio is taken against), EFLA through fla (alpha computed in 
 causal SDPA (flash). It measures the copy bandwidth and bf16 matmul rate of the GPU in the same run and reports each
 forward's achieved TB/s (bytes of q, k, v, beta, o once) and TFLOP/s (chunkwise model below) against them, plus peak
 memory of forward+backward above the inputs, and the relative error of ours against EFLA through fla. --profile
-also prints the per-kernel CUDA time of one forward+backward of ours and of fla at the first shape.
+also prints the per-kernel CUDA time of one forward+backward of ours and of fla at the first shape (or the shapes
+whose indices follow it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import triton
 
 from efla import efla_attention
 
-SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (32, 1024, 16, 128), (8, 4096, 32, 64)]
+SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (32, 1024, 16, 128), (8, 4096, 32, 64),
+          # low parallelism (batch x heads <= 16): the shapes of long-context training
+          (1, 32768, 8, 128), (1, 65536, 16, 128), (2, 16384, 8, 128)]
 CHUNK = 64
 
 
@@ -108,7 +111,8 @@ def profile(B, T, H, D, impls):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D for each shape (default: the issue's)")
-    parser.add_argument("--profile", action="store_true", help="per-kernel times at the first shape")
+    parser.add_argument("--profile", nargs="*", type=int, default=None, metavar="INDEX",
+                        help="per-kernel times at these shapes (indices into --shapes; none given: the first)")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     torch.manual_seed(0)
@@ -144,8 +148,9 @@ def main() -> None:
                   f"| {peak:.0f} | {peak / base[2]:.2f} | {err} |", flush=True)
             del call_args
         del q, k, v, beta
-    if args.profile:
-        profile(*shapes[0], impls)
+    if args.profile is not None:
+        for index in args.profile or [0]:
+            profile(*shapes[index], impls)
 
 
 if __name__ == "__main__":

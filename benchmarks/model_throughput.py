@@ -1,30 +1,43 @@
-"""Training throughput (forward + backward, tokens/s) of an EFLA model preset: attn_mode "efla" vs "delta", and fla's
-DeltaNet of the same shape when fla is installed. Median over timed steps, after warm-up; no optimizer step (it costs
-the same for every model). Mixed precision: float32 weights, bfloat16 autocast.
+"""Training throughput and memory of the EFLA language model against fla's DeltaNet model, side by side in one run.
 
-    python benchmarks/model_throughput.py                                       # 340M, seq 2048, batch 8, GPU
-    python benchmarks/model_throughput.py --packed-docs 1500 --profile          # also packed documents; op table
-    python benchmarks/model_throughput.py --preset tiny --seq-len 128 --steps 2 --warmup 1   # CPU smoke run
+Each row is one model variant at one batch x length and one precision: forward + backward of the causal-LM loss
+(no optimizer step, which costs the same for every model), median step time after warm-up, tokens/s and peak GPU
+memory. Variants: ``efla`` / ``delta`` (our model in each attn_mode, eager), ``efla+compile`` / ``delta+compile``
+(each block torch.compile'd, as ``efla train`` does), ``fla`` (fla's DeltaNetForCausalLM of the same sizes, its
+fused kernels and loss left at their defaults). Precisions: ``bf16`` (bfloat16 weights, what a model loaded in bf16
+runs) and ``amp`` (float32 weights, bfloat16 autocast, what the trainer runs).
 
---packed-docs MEAN also times the EFLA models on the layout ``efla train`` feeds them: the batch's rows flattened into
-one packed row cut into documents (lengths drawn from an exponential distribution of that mean, plus the row ends) and
-passed as cu_seqlens. --profile prints the operators that take the most time in one step of each EFLA-mode model.
+    python benchmarks/model_throughput.py                                  # the issue's table, 340M on one GPU
+    python benchmarks/model_throughput.py --context-sweep                  # + longest context at batch 1
+    python benchmarks/model_throughput.py --shapes 8x2048 --variants efla fla --precisions bf16 amp
+    python benchmarks/model_throughput.py --preset tiny --shapes 2x64 --variants efla delta --steps 2 --warmup 1 \
+        --device cpu                                                       # CPU smoke run
+
+--context-sweep runs batch 1 at 16k, 32k, ... tokens, doubling until a variant runs out of memory, for each of
+--sweep-variants, and reports each one's longest context. --packed-docs MEAN also times our variants on one packed row
+of documents (the layout ``efla train`` feeds them). --activation-checkpointing sets that config field of our models.
+Every row is appended to --out (JSON lines) as it finishes, so a run cut short keeps its numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
-import importlib.util
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, preset_config
 from efla.train.profiling import device_profile, operator_table
+
+VARIANTS = ("efla", "delta", "efla+compile", "delta+compile", "fla")
+SHAPES = ("8x2048", "16x2048", "1x32768", "2x32768")
 
 
 def fla_deltanet(config: EFLAConfig) -> nn.Module:
@@ -36,6 +49,18 @@ def fla_deltanet(config: EFLAConfig) -> nn.Module:
         num_heads=config.num_heads, intermediate_size=config.intermediate_size, conv_size=config.conv_size,
         use_short_conv=config.use_short_conv, use_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
     ))
+
+
+def build(variant: str, preset: str, overrides: dict) -> nn.Module:
+    """The model of one variant (see the module docstring), on the CPU in float32."""
+    if variant == "fla":
+        return fla_deltanet(preset_config(preset))
+    mode, _, compiled = variant.partition("+")
+    model = EFLAForCausalLM(preset_config(preset, attn_mode=mode, **overrides))
+    if compiled:
+        for block in model.model.layers:
+            block.compile()
+    return model
 
 
 def packed_documents(batch: int, seq_len: int, mean_length: int, device: torch.device) -> torch.Tensor:
@@ -52,97 +77,146 @@ def packed_documents(batch: int, seq_len: int, mean_length: int, device: torch.d
     return torch.tensor([*starts, batch * seq_len], dtype=torch.int32, device=device)
 
 
-def train_step(model: nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None, device: torch.device) -> None:
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids, use_cache=False, cu_seqlens=cu_seqlens).loss
+def train_step(model: nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None, amp: bool) -> None:
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
 
 
-def step_seconds(model: nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None, steps: int, warmup: int,
-                 device: torch.device) -> list[float]:
-    """Wall time of each timed forward + backward step on the token ids [B, T] (with cu_seqlens: [1, B*T])."""
+def step_seconds(model: nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None, amp: bool, steps: int,
+                 warmup: int) -> list[float]:
+    """Wall time of each timed forward + backward step."""
+    cuda = ids.device.type == "cuda"
     times = []
     for i in range(warmup + steps):
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_step(model, ids, cu_seqlens, device)
-        if device.type == "cuda":
+        train_step(model, ids, cu_seqlens, amp)
+        if cuda:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
 
 
-def print_profile(name: str, model: nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                  device: torch.device) -> None:
-    """The operators taking the most (device, else CPU) time in one step."""
-    with device_profile(device) as prof:
-        train_step(model, ids, cu_seqlens, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    print(f"\n{name}: one step, {operator_table(prof, device, 15)}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="340M", choices=sorted(PRESETS))
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (autotuning, allocator)")
-    parser.add_argument("--backend", default="auto", help="efla_attention backend of the EFLA models")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--packed-docs", type=int, default=0, metavar="MEAN",
-                        help="also time the EFLA models on packed documents of this mean length (0: off)")
-    parser.add_argument("--profile", action="store_true", help="print each EFLA-mode model's top operators")
-    args = parser.parse_args(argv)
+def measure(make: Callable[[], nn.Module], batch: int, length: int, precision: str, packed: int, args) -> dict:
+    """One row: build the model, time it, free it. Out of memory is a result (``"oom": true``), not an error."""
     device = torch.device(args.device)
-
-    def efla_model(mode: str) -> nn.Module:
-        return EFLAForCausalLM(preset_config(args.preset, attn_mode=mode, attn_backend=args.backend))
-
-    ids = torch.randint(0, preset_config(args.preset).vocab_size, (args.batch_size, args.seq_len), device=device)
-    runs: dict[str, tuple[Callable[[], nn.Module], torch.Tensor | None]] = {
-        f"EFLA {mode}": (lambda mode=mode: efla_model(mode), None) for mode in ("efla", "delta")}
-    if args.packed_docs:
-        cu_seqlens = packed_documents(args.batch_size, args.seq_len, args.packed_docs, device)
-        runs.update({f"EFLA {mode} packed": (lambda mode=mode: efla_model(mode), cu_seqlens)
-                     for mode in ("efla", "delta")})
-    # fla-core ships only the kernels; the models come with the flash-linear-attention package
-    if importlib.util.find_spec("fla") is not None and importlib.util.find_spec("fla.models") is not None:
-        runs["fla DeltaNet"] = (lambda: fla_deltanet(preset_config(args.preset)), None)
-
-    tokens = args.batch_size * args.seq_len
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len} = {tokens} tokens/step, bf16 autocast, "
-          f"{where}, median of {args.steps} steps after {args.warmup} warm-up"
-          + (f"; packed: {len(cu_seqlens) - 1} documents" if args.packed_docs else ""))
-    rows = []  # (name, params, median seconds, peak GiB)
-    for name, (build, cu) in runs.items():
+    row = {"batch": batch, "length": length, "precision": precision, "packed_docs": packed}
+    model = None
+    try:
         torch.manual_seed(0)
-        model = build().to(device).train()
+        model = make().to(device, torch.bfloat16 if precision == "bf16" else torch.float32).train()
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+        cu = None
+        if packed:
+            cu, ids = packed_documents(batch, length, packed, device), ids.reshape(1, -1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        batch_ids = ids if cu is None else ids.reshape(1, -1)
-        seconds = statistics.median(step_seconds(model, batch_ids, cu, args.steps, args.warmup, device))
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append((name, model.num_parameters(), seconds, peak))
-        print(f"{name}: {seconds * 1e3:.1f} ms/step, {tokens / seconds:,.0f} tokens/s, peak {peak:.1f} GiB",
-              flush=True)  # as each finishes, so a run cut short keeps its numbers
-        if args.profile and name.startswith("EFLA efla"):
-            print_profile(name, model, batch_ids, cu, device)
+        seconds = statistics.median(step_seconds(model, ids, cu, precision == "amp", args.steps, args.warmup))
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        row.update(params=model.num_parameters(), ms=seconds * 1e3, tokens_per_s=batch * length / seconds,
+                   peak_gib=peak, oom=False)
+        if args.profile:
+            with device_profile(device) as prof:
+                train_step(model, ids, cu, precision == "amp")
+            print(operator_table(prof, device, 15))
+    except torch.OutOfMemoryError:
+        row.update(oom=True)
+    finally:
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return row
 
-    delta_seconds = next(seconds for name, _, seconds, _ in rows if name == "EFLA delta")
-    print(f"{'model':<20} {'params':>14} {'step ms':>10} {'tokens/s':>12} {'vs delta':>9} {'peak GiB':>9}")
-    for name, params, seconds, peak in rows:
-        print(f"{name:<20} {params:>14,} {seconds * 1e3:>10.1f} {tokens / seconds:>12,.0f} "
-              f"{delta_seconds / seconds:>9.3f} {peak:>9.1f}")
+
+def report(name: str, row: dict, out: Path) -> None:
+    row = {"variant": name, **row}
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    shape = f"{row['batch']}x{row['length']}" + (f" packed({row['packed_docs']})" if row["packed_docs"] else "")
+    if row["oom"]:
+        print(f"{name:<14} {shape:<22} {row['precision']:<5} out of memory", flush=True)
+        return
+    peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+    print(f"{name:<14} {shape:<22} {row['precision']:<5} {row['ms']:>9.1f} ms {row['tokens_per_s'] / 1e3:>8.1f}k "
+          f"tokens/s  peak {peak} GiB", flush=True)
+
+
+def summary(rows: list[dict]) -> None:
+    """Per shape and precision: each variant's tokens/s and memory relative to fla's row of the same shape."""
+    print("\n| B x T | precision | variant | tokens/s (k) | peak GiB | speed vs fla | memory vs fla |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next((r for r in rows if r["variant"] == "fla" and not r["oom"] and r["batch"] == row["batch"]
+                     and r["length"] == row["length"] and r["precision"] == row["precision"]
+                     and not row["packed_docs"]), None)
+        shape = f"{row['batch']}x{row['length']}" + (" packed" if row["packed_docs"] else "")
+        if row["oom"]:
+            print(f"| {shape} | {row['precision']} | {row['variant']} | OOM | | | |")
+            continue
+        peak = row["peak_gib"] or float("nan")
+        speed = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else ""
+        memory = f"{peak / base['peak_gib']:.2f}" if base and base["peak_gib"] else ""
+        print(f"| {shape} | {row['precision']} | {row['variant']} | {row['tokens_per_s'] / 1e3:.1f} | {peak:.1f} "
+              f"| {speed} | {memory} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--preset", default="340M", choices=sorted(PRESETS))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), metavar="BxT")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=("bf16", "amp"))
+    parser.add_argument("--context-sweep", action="store_true", help="batch 1 at 16k, 32k, ... until out of memory")
+    parser.add_argument("--sweep-variants", nargs="+", default=["efla", "efla+compile", "fla"], choices=VARIANTS)
+    parser.add_argument("--sweep-max", type=int, default=1 << 20, help="longest context the sweep tries")
+    parser.add_argument("--packed-docs", type=int, default=0, metavar="MEAN",
+                        help="also time our variants on packed documents of this mean length (0: off)")
+    parser.add_argument("--activation-checkpointing", default=None, help="config field of our models")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="print each row's top operators")
+    parser.add_argument("--out", type=Path, default=Path("runs/model_throughput.jsonl"))
+    args = parser.parse_args(argv)
+    overrides = {} if args.activation_checkpointing is None else {
+        "activation_checkpointing": args.activation_checkpointing}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"preset {args.preset}, {where}, torch {torch.__version__}, {datetime.date.today()}; forward+backward of "
+          f"the loss, median of {args.steps} steps after {args.warmup} warm-up; rows appended to {args.out}",
+          flush=True)
+
+    rows = []
+    for shape in args.shapes:
+        batch, length = (int(x) for x in shape.lower().split("x"))
+        for precision in args.precisions:
+            for variant in args.variants:
+                row = measure(lambda v=variant: build(v, args.preset, overrides), batch, length, precision, 0, args)
+                report(variant, row, args.out)
+                rows.append({"variant": variant, **row})
+                if args.packed_docs and variant != "fla":
+                    row = measure(lambda v=variant: build(v, args.preset, overrides), batch, length, precision,
+                                  args.packed_docs, args)
+                    report(variant, row, args.out)
+                    rows.append({"variant": variant, **row})
+    if args.context_sweep:
+        for variant in args.sweep_variants:
+            length, longest = 16384, None
+            while length <= args.sweep_max:
+                row = measure(lambda v=variant: build(v, args.preset, overrides), 1, length, "bf16", 0, args)
+                report(variant, row, args.out)
+                rows.append({"variant": variant, **row})
+                if row["oom"]:
+                    break
+                longest, length = length, 2 * length
+            print(f"{variant}: longest context at batch 1 (bf16): {longest}", flush=True)
+    summary(rows)
 
 
 if __name__ == "__main__":
