@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
 from efla.models.configuration_efla import EFLAConfig
+from efla.ops.elementwise import swiglu
 
 # transformers renamed the `past_key_values` argument and output field to `cache` (5.2x); speak whichever it uses
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -36,7 +37,7 @@ class EFLAMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class EFLABlock(GradientCheckpointingLayer):

@@ -1,0 +1,129 @@
+"""The layers' element-wise pieces that keep only their inputs for the backward: RMSNorm (optionally gated by
+silu(gate)) and SwiGLU.
+
+Eager PyTorch keeps what each small op needs (x in float32, the normalised x, silu(a), ...): about 10 KB per token for
+a 1024-wide RMSNorm and 16 KB for a 2816-wide SwiGLU. These functions keep their inputs in the input dtype (and one
+float32 per row for RMSNorm) and recompute the rest in the backward: on CUDA through fused Triton kernels
+(``ops/triton/rmsnorm.py``, ``ops/triton/swiglu.py``), elsewhere through the same formulas in PyTorch. Under
+torch.compile they are the plain formulas, which the compiler fuses and recomputes itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim [* silu(gate)], in float32, returned in x's dtype."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps) * weight.float()
+    if gate is not None:
+        y = y * F.silu(gate.float())
+    return y.to(x.dtype)
+
+
+def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b."""
+    return F.silu(a) * b
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim of x (optionally times silu(gate), gate shaped like x); same values as
+    ``rms_norm_reference``, saving only x (and gate) and the per-row scale."""
+    if torch.compiler.is_compiling():
+        return rms_norm_reference(x, weight, eps, gate)
+    return _RMSNorm.apply(x, weight, gate, eps)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b, saving only a and b."""
+    if torch.compiler.is_compiling():
+        return swiglu_reference(a, b)
+    return _SwiGLU.apply(a, b)
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return _TRITON and x.is_cuda
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, gate, eps):
+        shape, N = x.shape, x.shape[-1]
+        x2 = x.reshape(-1, N).contiguous()
+        g2 = None if gate is None else gate.reshape(-1, N).contiguous()
+        if _fused(x):
+            from efla.ops.triton.rmsnorm import rms_norm_fwd
+
+            y, rstd = rms_norm_fwd(x2, weight.contiguous(), eps, g2)
+        else:
+            x32 = x2.float()
+            rstd = torch.rsqrt(x32.square().mean(-1) + eps)
+            y = x32 * rstd[:, None] * weight.float()
+            y = (y if g2 is None else y * F.silu(g2.float())).to(x.dtype)
+        ctx.save_for_backward(x2, weight, g2, rstd)
+        return y.view(shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, weight, g2, rstd = ctx.saved_tensors
+        dy2 = dy.reshape(x2.shape).contiguous()
+        if _fused(x2):
+            from efla.ops.triton.rmsnorm import rms_norm_bwd
+
+            dx, dw, dg = rms_norm_bwd(x2, weight.contiguous(), g2, rstd, dy2)
+        else:
+            dx, dw, dg = _rms_norm_backward(x2, weight, g2, rstd, dy2)
+        shape = dy.shape
+        return dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None
+
+
+def _rms_norm_backward(x, weight, gate, rstd, dy):
+    """The backward formulas of ``ops/triton/rmsnorm.py`` in PyTorch (float32)."""
+    xh = x.float() * rstd[:, None]
+    w = weight.float()
+    dn = dy.float()
+    dg = None
+    if gate is not None:
+        g = gate.float()
+        s = torch.sigmoid(g)
+        dg = (dn * xh * w * s * (1 + g * (1 - s))).to(gate.dtype)
+        dn = dn * g * s
+    dw = (dn * xh).sum(0)
+    wdn = w * dn
+    dx = rstd[:, None] * (wdn - xh * (xh * wdn).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw, dg
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        if _fused(a):
+            from efla.ops.triton.swiglu import swiglu_fwd
+
+            y = swiglu_fwd(a, b)
+        else:
+            y = F.silu(a) * b
+        ctx.save_for_backward(a, b)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        dy = dy.contiguous()
+        if _fused(a):
+            from efla.ops.triton.swiglu import swiglu_bwd
+
+            return swiglu_bwd(a, b, dy)
+        a32, b32, g = a.float(), b.float(), dy.float()
+        s = torch.sigmoid(a32)
+        return (g * b32 * s * (1 + a32 * (1 - s))).to(a.dtype), (g * a32 * s).to(b.dtype)

@@ -1,0 +1,116 @@
+"""RMSNorm (plain and gated) and SwiGLU that save only their inputs: values and gradients against float64 autograd
+of the plain formulas, through the PyTorch path and the Triton kernels (interpreter on CPU), and what they save."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from efla.ops.elementwise import rms_norm, rms_norm_reference, swiglu, swiglu_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _norm_inputs(rows, n, gated, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * 3
+    w = 1 + 0.3 * torch.randn(n, generator=g)
+    gate = torch.randn(rows, n, generator=g) if gated else None
+    dy = torch.randn(rows, n, generator=g)
+    return [t if t is None else t.to(DEVICE, dtype) for t in (x, w, gate, dy)]
+
+
+def _reference_grads(x, w, gate, dy, eps=1e-6):
+    leaves = [t.detach().double().requires_grad_() for t in (x, w) + (() if gate is None else (gate,))]
+    y = rms_norm_reference(leaves[0], leaves[1], eps, leaves[2] if gate is not None else None)
+    return y, torch.autograd.grad(y, leaves, dy.double())
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_float64(gated, dtype):
+    x, w, gate, dy = _norm_inputs(37, 96, gated, dtype, seed=1 + gated)
+    leaves = [t.detach().requires_grad_() for t in (x, w) + (() if gate is None else (gate,))]
+    y = rms_norm(leaves[0].view(37, 1, 96), leaves[1], 1e-6, None if gate is None else leaves[2].view(37, 1, 96))
+    grads = torch.autograd.grad(y, leaves, dy.view(37, 1, 96))
+    y_ref, grads_ref = _reference_grads(x, w, gate, dy)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and _rel(y.view(37, 96), y_ref) < tol
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_float64(dtype):
+    g = torch.Generator().manual_seed(5)
+    a, b, dy = (torch.randn(3, 7, 50, generator=g).to(DEVICE, dtype) * 2 for _ in range(3))
+    leaves = [t.detach().requires_grad_() for t in (a, b)]
+    y = swiglu(*leaves)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (a, b)]
+    y_ref = swiglu_reference(*ref_leaves)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(y, y_ref) < tol
+    for x, ref in zip(grads, grads_ref, strict=True):
+        assert _rel(x, ref) < tol
+
+
+def test_only_inputs_are_saved():
+    """What the backward keeps: RMSNorm its input, weight and one float32 per row; SwiGLU its two inputs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(64, 128, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(128, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rms_norm(x, w, 1e-6)
+    assert sum(t.numel() * t.element_size() for t in saved) == x.numel() * 2 + 128 * 2 + 64 * 4
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        swiglu(x, x * 2)
+    assert sum(t.numel() * t.element_size() for t in saved) == 2 * x.numel() * 2
+
+
+triton_kernels = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or (not torch.cuda.is_available()
+                                                   and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="the Triton kernels need triton and a GPU or TRITON_INTERPRET=1")
+
+
+@triton_kernels
+@pytest.mark.parametrize("gated", [False, True])
+def test_rms_norm_kernels_match_float64(gated):
+    from efla.ops.triton.rmsnorm import rms_norm_bwd, rms_norm_fwd
+
+    x, w, gate, dy = _norm_inputs(19, 80, gated, torch.float32, seed=7)  # rows not a multiple of the 8 per program
+    y, rstd = rms_norm_fwd(x, w, 1e-6, gate)
+    grads = rms_norm_bwd(x, w, gate, rstd, dy)
+    y_ref, grads_ref = _reference_grads(x, w, gate, dy)
+    assert _rel(y, y_ref) < 1e-5
+    for a, b in zip([g for g in grads if g is not None], grads_ref, strict=True):
+        assert _rel(a, b) < 1e-5
+
+
+@triton_kernels
+def test_swiglu_kernels_match_float64():
+    from efla.ops.triton.swiglu import swiglu_bwd, swiglu_fwd
+
+    g = torch.Generator().manual_seed(8)
+    a, b, dy = (torch.randn(3001, generator=g).to(DEVICE) * 2 for _ in range(3))  # not a multiple of the block
+    y = swiglu_fwd(a, b)
+    da, db = swiglu_bwd(a, b, dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (a, b)]
+    y_ref = swiglu_reference(*ref_leaves)
+    da_ref, db_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    assert _rel(y, y_ref) < 1e-6 and _rel(da, da_ref) < 1e-6 and _rel(db, db_ref) < 1e-6
