@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from efla.ops.elementwise import rms_norm, rms_norm_reference, swiglu, swiglu_reference
+from efla.ops.elementwise import rms_norm, rms_norm_reference, swiglu, swiglu_linear, swiglu_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -114,3 +114,25 @@ def test_swiglu_kernels_match_float64():
     y_ref = swiglu_reference(*ref_leaves)
     da_ref, db_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
     assert _rel(y, y_ref) < 1e-6 and _rel(da, da_ref) < 1e-6 and _rel(db, db_ref) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_linear_matches_float64_and_keeps_no_product(dtype):
+    g = torch.Generator().manual_seed(6)
+    a, b = (torch.randn(2, 9, 48, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight = (torch.randn(16, 48, generator=g) / 7).to(DEVICE)  # float32 weight, as under autocast
+    dy = torch.randn(2, 9, 16, generator=g).to(DEVICE, dtype)
+    leaves = [t.detach().requires_grad_() for t in (a, b, weight)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = swiglu_linear(*leaves)
+    assert sum(t.numel() for t in saved) == a.numel() + b.numel() + weight.numel()
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = [t.detach().double().requires_grad_() for t in (a, b, weight)]
+    y_ref = swiglu_reference(ref[0], ref[1]) @ ref[2].t()
+    grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and _rel(y, y_ref) < tol
+    assert grads[2].dtype == torch.float32
+    for x, r in zip(grads, grads_ref, strict=True):
+        assert _rel(x, r) < tol

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
 from efla.models.configuration_efla import EFLAConfig
-from efla.ops.elementwise import swiglu
+from efla.ops.elementwise import swiglu, swiglu_linear
 
 # transformers renamed the `past_key_values` argument and output field to `cache` (5.2x); speak whichever it uses
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -37,7 +37,11 @@ class EFLAMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        down = self.down_proj
+        if type(down) is nn.Linear and not (down._forward_hooks or down._forward_pre_hooks):
+            return swiglu_linear(gate, up, down.weight)  # silu(gate) * up is formed again in the backward
+        return self.down_proj(swiglu(gate, up))  # a wrapped down_proj (LoRA, hooks) runs as itself
 
 
 class EFLABlock(GradientCheckpointingLayer):

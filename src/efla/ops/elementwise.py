@@ -102,28 +102,58 @@ def _rms_norm_backward(x, weight, gate, rstd, dy):
     return dx.to(x.dtype), dw, dg
 
 
+def _swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if _fused(a):
+        from efla.ops.triton.swiglu import swiglu_fwd
+
+        return swiglu_fwd(a, b)
+    return F.silu(a) * b
+
+
+def _swiglu_backward(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _fused(a):
+        from efla.ops.triton.swiglu import swiglu_bwd
+
+        return swiglu_bwd(a, b, dy.contiguous())
+    a32, b32, g = a.float(), b.float(), dy.float()
+    s = torch.sigmoid(a32)
+    return (g * b32 * s * (1 + a32 * (1 - s))).to(a.dtype), (g * a32 * s).to(b.dtype)
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         a, b = a.contiguous(), b.contiguous()
-        if _fused(a):
-            from efla.ops.triton.swiglu import swiglu_fwd
-
-            y = swiglu_fwd(a, b)
-        else:
-            y = F.silu(a) * b
         ctx.save_for_backward(a, b)
-        return y
+        return _swiglu_forward(a, b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        a, b = ctx.saved_tensors
-        dy = dy.contiguous()
-        if _fused(a):
-            from efla.ops.triton.swiglu import swiglu_bwd
+        return _swiglu_backward(*ctx.saved_tensors, dy)
 
-            return swiglu_bwd(a, b, dy)
-        a32, b32, g = a.float(), b.float(), dy.float()
-        s = torch.sigmoid(a32)
-        return (g * b32 * s * (1 + a32 * (1 - s))).to(a.dtype), (g * a32 * s).to(b.dtype)
+
+def swiglu_linear(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(silu(a) * b) @ weight^T, the SwiGLU MLP's down projection, saving a, b and weight but not silu(a) * b (the
+    backward forms it again). weight is used in a's dtype (as autocast would) and gets its gradient in its own."""
+    if torch.compiler.is_compiling():
+        return F.linear(swiglu_reference(a, b), weight.to(a.dtype))
+    return _SwiGLULinear.apply(a, b, weight)
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, weight):
+        a, b = a.contiguous(), b.contiguous()
+        ctx.save_for_backward(a, b, weight)
+        return F.linear(_swiglu_forward(a, b), weight.to(a.dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        a, b, weight = ctx.saved_tensors
+        w = weight.to(a.dtype)
+        product = _swiglu_forward(a, b)
+        dw = dy.flatten(0, -2).t().mm(product.flatten(0, -2)).to(weight.dtype)
+        da, db = _swiglu_backward(a, b, dy.matmul(w))
+        return da, db, dw
