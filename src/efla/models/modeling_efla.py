@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
+from efla.models.loss import causal_lm_loss
 
 # transformers renamed the `past_key_values` argument and output field to `cache` (5.2x); speak whichever it uses
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -202,6 +203,9 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """As EFLAModel.forward, plus the language-modelling loss and logits_to_keep (0: all positions; n: the last n).
 
+        In training mode with labels the logits are not computed (logits=None): the loss comes from
+        ``efla.models.loss.causal_lm_loss``, chunk by chunk, without float32 logits for every token.
+
         labels [B, T]: the input ids themselves (shifted here, -100 ignored); the first token of each packed document
         is not predicted from the previous document's last token. shift_labels [B, T]: targets already aligned with
         the positions (-100 ignored), used instead of labels. The loss is the sum of the token cross-entropies over
@@ -216,16 +220,13 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
-        loss = None
         if shift_labels is None and labels is not None:
             shift_labels = _next_token_targets(labels, cu_seqlens)
+        loss = logits = None
         if shift_labels is not None:
-            full_logits = logits if not logits_to_keep else self.lm_head(hidden_states)
-            loss = F.cross_entropy(full_logits.flatten(0, 1).float(), shift_labels.flatten().to(logits.device),
-                                   ignore_index=-100, reduction="sum")
-            count = (shift_labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
-            loss = loss / (count.to(loss.device) if torch.is_tensor(count) else count)
+            loss = causal_lm_loss(hidden_states, self.lm_head.weight, shift_labels, num_items_in_batch)
+        if shift_labels is None or not self.training:  # training with labels needs no logits: never form them
+            logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
