@@ -170,5 +170,8 @@ def test_state_dict_with_fused_qkv_loads_into_the_separate_projections(use_short
         fused = fused_conv(fused)[0]
     else:
         fused = torch.nn.functional.silu(fused)
-    q, k, v = layer._short_conv(x, None, None, None)[:3]
-    torch.testing.assert_close(torch.cat([q, k, v], -1), fused, atol=ATOL, rtol=0)
+    q, k, v = (t.flatten(-2) for t in layer._qkv(x, None, None, None, keep_state=False)[:3])
+    q_fused, k_fused, v_fused = fused.chunk(3, dim=-1)
+    torch.testing.assert_close(q, torch.nn.functional.normalize(q_fused.unflatten(-1, (H, -1)), dim=-1).flatten(-2),
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat([k, v], -1), torch.cat([k_fused, v_fused], -1), atol=ATOL, rtol=0)

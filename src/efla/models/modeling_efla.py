@@ -15,12 +15,14 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
+from efla.layers.recompute import recompute
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
 from efla.models.loss import causal_lm_loss
@@ -30,16 +32,22 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalL
 
 
 class EFLAMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); recompute=True keeps only gate(x) and up(x) for the
+    backward, not silu(gate(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, recompute: bool = False) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(recompute(_swiglu, self.gate_proj(x), self.up_proj(x), enabled=self.recompute))
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class EFLABlock(GradientCheckpointingLayer):
@@ -47,17 +55,18 @@ class EFLABlock(GradientCheckpointingLayer):
 
     def __init__(self, config: EFLAConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        selective = config.activation_checkpointing == "selective"
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, recompute=selective)
         if layer_idx in config.attn_layers:
             self.attn: nn.Module = SoftmaxAttention(config.hidden_size, config.num_heads, layer_idx=layer_idx)
         else:
             self.attn = EFLAttention(
                 config.hidden_size, config.num_heads, mode=config.attn_mode, use_short_conv=config.use_short_conv,
                 conv_size=config.conv_size, use_output_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
-                layer_idx=layer_idx, backend=config.attn_backend, chunk_size=config.chunk_size,
+                layer_idx=layer_idx, backend=config.attn_backend, chunk_size=config.chunk_size, recompute=selective,
             )
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = EFLAMLP(config.hidden_size, config.intermediate_size)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, recompute=selective)
+        self.mlp = EFLAMLP(config.hidden_size, config.intermediate_size, recompute=selective)
 
     def forward(
         self,
@@ -146,7 +155,8 @@ class EFLAModel(EFLAPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states.view(B, T, -1),)
-            hidden_states = layer(hidden_states, attention_mask, cache if use_cache else None, cu_seqlens)
+            hidden_states = self._run_block(layer, hidden_states, attention_mask, cache if use_cache else None,
+                                            cu_seqlens)
         hidden_states = self.norm(hidden_states).view(B, T, -1)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -156,6 +166,16 @@ class EFLAModel(EFLAPreTrainedModel):
             **{_CACHE_FIELD: cache if use_cache else None},
         )
         return outputs if _wants_dict(return_dict, self.config) else outputs.to_tuple()
+
+
+    def _run_block(self, block: EFLABlock, hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
+        """block(hidden_states, *args); with activation_checkpointing="full" (training, with gradients) only the
+        block's input is kept and the whole block is recomputed in the backward. transformers'
+        gradient_checkpointing_enable() does the same through the block itself, so it is not done twice."""
+        full = self.config.activation_checkpointing == "full" and self.training and torch.is_grad_enabled()
+        if full and not block.gradient_checkpointing:
+            return checkpoint(block, hidden_states, *args, use_reentrant=False)
+        return block(hidden_states, *args)
 
 
 class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
