@@ -32,10 +32,30 @@ def test_short_conv_continues_from_its_state():
     y2, state2 = conv(x[:, 3:], state1)
     torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=ATOL, rtol=0)
     torch.testing.assert_close(state2, state, atol=0, rtol=0)
-    # with lengths, the state is that of each row's valid prefix alone
-    _, state_short = conv(x[1:, :2])
-    _, states = conv(x, lengths=torch.tensor([10, 2]))
-    torch.testing.assert_close(states, torch.cat([state, state_short])[[0, 2]], atol=0, rtol=0)
+
+
+
+def test_packed_short_conv_continues_each_sequence_from_its_state():
+    """Packed sequences (cu_seqlens) with one state each, including sequences shorter than the kernel and an empty
+    one: outputs and final states equal each sequence continued alone, in float64, and so do the gradients."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4).double()
+    lengths = [5, 2, 0, 1, 7]
+    cu_seqlens = torch.tensor([0, 5, 7, 7, 8, 15], dtype=torch.int32)
+    x = torch.randn(1, sum(lengths), 6, dtype=torch.float64, requires_grad=True)
+    states = torch.randn(len(lengths), 6, 3, dtype=torch.float64, requires_grad=True)
+    y, final = conv(x, states, cu_seqlens)
+    pieces = torch.split(x, lengths, dim=1)
+    alone = [conv(piece, states[n:n + 1]) if len(piece[0]) else (piece, states[n:n + 1])  # empty: state unchanged
+             for n, piece in enumerate(pieces)]
+    torch.testing.assert_close(y, torch.cat([a[0] for a in alone], 1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(final, torch.cat([a[1] for a in alone]), atol=0, rtol=0)
+    dy, dfinal = torch.randn_like(y), torch.randn_like(final)
+    grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), (x, states, conv.weight))
+    y_alone, final_alone = torch.cat([a[0] for a in alone], 1), torch.cat([a[1] for a in alone])
+    grads_alone = torch.autograd.grad((y_alone * dy).sum() + (final_alone * dfinal).sum(), (x, states, conv.weight))
+    for g, g_alone in zip(grads, grads_alone, strict=True):
+        torch.testing.assert_close(g, g_alone, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["efla", "delta"])
@@ -119,7 +139,7 @@ def test_packed_documents_stay_packed():
     y, state = conv(x, cu_seqlens=cu_seqlens)
     alone = torch.cat([conv(piece)[0] for piece in torch.split(x, lengths, dim=1)], dim=1)
     torch.testing.assert_close(y, alone, atol=ATOL, rtol=0)
-    assert state is None
+    assert state.shape == (len(lengths), 6, 3)
     y.square().sum().backward()  # differentiable through the packing
 
     # the packed path's own backward: gradients equal those of each document convolved alone (float64), including
@@ -170,7 +190,7 @@ def test_state_dict_with_fused_qkv_loads_into_the_separate_projections(use_short
         fused = fused_conv(fused)[0]
     else:
         fused = torch.nn.functional.silu(fused)
-    q, k, v = (t.flatten(-2) for t in layer._qkv(x, None, None, None, keep_state=False)[:3])
+    q, k, v = (t.flatten(-2) for t in layer._qkv(x, None, None, keep_state=False)[:3])
     q_fused, k_fused, v_fused = fused.chunk(3, dim=-1)
     torch.testing.assert_close(q, torch.nn.functional.normalize(q_fused.unflatten(-1, (H, -1)), dim=-1).flatten(-2),
                                atol=ATOL, rtol=0)

@@ -6,8 +6,9 @@
     o = efla_attention(q, k, v, beta)         per head, state [K, V]
     y = W_o RMSNorm(o) [* silu(W_g x)]        per-head norm, optional output gate
 
-A 0/1 padding mask is turned into packed variable-length sequences (``cu_seqlens``), so padded tokens never enter the
-convolution or the recurrent state and left- or right-padded batches give each sequence's own outputs.
+A 0/1 padding mask is removed up front (``efla.layers.padding.unpad``: each row becomes one of the packed sequences
+``cu_seqlens``) and put back at the end (``repad``), so padded tokens never enter the convolution or the recurrent state
+and left- or right-padded batches give each sequence's own outputs. Packed training documents take the same path.
 
 The cache is a transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built
 from a config whose ``layer_types`` says ``"linear_attention"``): it stores the convolution state [B, C, W - 1] and the
@@ -30,6 +31,7 @@ from torch import nn
 
 from efla.layers.conv import ShortConvolution, short_conv, short_conv_state
 from efla.layers.norm import GatedRMSNorm, RMSNorm
+from efla.layers.padding import repad, unpad
 from efla.layers.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
@@ -94,49 +96,38 @@ class EFLAttention(nn.Module):
         tokens; 0 = padding) or None; cache: a transformers Cache or None; cu_seqlens: [N + 1] cumulative lengths of
         documents packed along T (then B = 1, no mask, no cache), so no document sees another's tokens.
         Returns [B, T, hidden_size], zeros at padded positions."""
-        B, T, _ = hidden_states.shape
+        T = hidden_states.shape[1]
         conv_state, recurrent_state = _cached_states(cache, self.layer_idx)
-        mask = lengths = None
-        x = hidden_states
+        x, padding = hidden_states, None
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with attention_mask or a cache")
-            # the tokens stay packed (no padding to the longest document); efla_attention checks cu_seqlens
-        elif attention_mask is not None:
-            mask = attention_mask[:, -T:].bool()
-            x, lengths = _left_align(hidden_states, mask)
+        elif attention_mask is not None:  # from here on, each row is one sequence of the packed tokens
+            x, padding = unpad(hidden_states, attention_mask[:, -T:])
+            cu_seqlens = padding.cu_seqlens
 
-        q, k, v, conv_state = self._qkv(x, conv_state, lengths, cu_seqlens, keep_state=cache is not None)
+        q, k, v, conv_state = self._qkv(x, conv_state, cu_seqlens, keep_state=cache is not None)
         beta = recompute(_sigmoid32, self.b_proj(x), enabled=self.recompute)
-        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-
-        if lengths is not None:  # rows -> one packed sequence per row
-            valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
-            q, k, v, beta = (t[valid].unsqueeze(0) for t in (q, k, v, beta))
-            gate = None if gate is None else gate[valid].unsqueeze(0)
-            cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         o, recurrent_state = efla_attention(
             q, k, v, beta, initial_state=recurrent_state, output_final_state=cache is not None,
             cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
         )
-        o = self.o_norm(o) if gate is None else self.o_norm(o, gate)
+        if self.g_proj is None:
+            o = self.o_norm(o)
+        else:
+            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
         o = self.o_proj(o.flatten(-2))
 
         if cache is not None:
             if conv_state is not None:
                 cache.update_conv_state(conv_state, self.layer_idx)
             cache.update_recurrent_state(recurrent_state, self.layer_idx)
-        if mask is None:  # dense rows, or packed documents already back in their packed order
-            return o
-        out = o.new_zeros(B, T, self.hidden_size)
-        out[mask] = o[0]
-        return out
+        return o if padding is None else repad(o, padding)
 
     def _qkv(
         self,
         x: torch.Tensor,
         conv_state: torch.Tensor | None,
-        lengths: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         keep_state: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -152,7 +143,7 @@ class EFLAttention(nn.Module):
             projected = proj(x)
 
             def activate(p: torch.Tensor, *weight: torch.Tensor, conv=conv, state=state, l2=l2) -> torch.Tensor:
-                y = F.silu(p) if conv is None else short_conv(p, weight[0], state, lengths, cu_seqlens)[0]
+                y = F.silu(p) if conv is None else short_conv(p, weight[0], state, cu_seqlens)
                 y = y.unflatten(-1, (self.num_heads, self.head_dim))
                 # CUDA autocast runs the norm in float32: back to the features' dtype for efla_attention
                 return F.normalize(y, dim=-1, eps=1e-6).to(y.dtype) if l2 else y
@@ -160,7 +151,7 @@ class EFLAttention(nn.Module):
             weights = () if conv is None else (conv.weight,)
             features.append(recompute(activate, projected, *weights, enabled=self.recompute))
             if keep_state and conv is not None:
-                new_states.append(short_conv_state(projected, conv.kernel_size[0], state, lengths))
+                new_states.append(short_conv_state(projected, conv.kernel_size[0], state, cu_seqlens))
         return *features, (torch.cat(new_states, dim=1) if new_states else None)
 
 
@@ -191,13 +182,3 @@ def _cached_states(cache: Any | None, layer_idx: int | None) -> tuple[torch.Tens
         raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a linear-attention cache layer: "
                          "build the cache with DynamicCache(config=model.config)")
     return layer.conv_states[0], layer.recurrent_states[0]
-
-
-def _left_align(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's unmasked tokens, in order, to the start of the row: [B, T, D] -> [B, max length, D] and the
-    lengths [B]. Padding anywhere in the row (left, right or between) is dropped."""
-    lengths = mask.sum(1)
-    rows = x.new_zeros(x.shape[0], int(lengths.max()), x.shape[-1])
-    position = mask.cumsum(1) - 1
-    rows[mask.nonzero(as_tuple=True)[0], position[mask]] = x[mask]
-    return rows, lengths
