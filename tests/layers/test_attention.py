@@ -32,10 +32,30 @@ def test_short_conv_continues_from_its_state():
     y2, state2 = conv(x[:, 3:], state1)
     torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=ATOL, rtol=0)
     torch.testing.assert_close(state2, state, atol=0, rtol=0)
-    # with lengths, the state is that of each row's valid prefix alone
-    _, state_short = conv(x[1:, :2])
-    _, states = conv(x, lengths=torch.tensor([10, 2]))
-    torch.testing.assert_close(states, torch.cat([state, state_short])[[0, 2]], atol=0, rtol=0)
+
+
+
+def test_packed_short_conv_continues_each_sequence_from_its_state():
+    """Packed sequences (cu_seqlens) with one state each, including sequences shorter than the kernel and an empty
+    one: outputs and final states equal each sequence continued alone, in float64, and so do the gradients."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4).double()
+    lengths = [5, 2, 0, 1, 7]
+    cu_seqlens = torch.tensor([0, 5, 7, 7, 8, 15], dtype=torch.int32)
+    x = torch.randn(1, sum(lengths), 6, dtype=torch.float64, requires_grad=True)
+    states = torch.randn(len(lengths), 6, 3, dtype=torch.float64, requires_grad=True)
+    y, final = conv(x, states, cu_seqlens)
+    pieces = torch.split(x, lengths, dim=1)
+    alone = [conv(piece, states[n:n + 1]) if len(piece[0]) else (piece, states[n:n + 1])  # empty: state unchanged
+             for n, piece in enumerate(pieces)]
+    torch.testing.assert_close(y, torch.cat([a[0] for a in alone], 1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(final, torch.cat([a[1] for a in alone]), atol=0, rtol=0)
+    dy, dfinal = torch.randn_like(y), torch.randn_like(final)
+    grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), (x, states, conv.weight))
+    y_alone, final_alone = torch.cat([a[0] for a in alone], 1), torch.cat([a[1] for a in alone])
+    grads_alone = torch.autograd.grad((y_alone * dy).sum() + (final_alone * dfinal).sum(), (x, states, conv.weight))
+    for g, g_alone in zip(grads, grads_alone, strict=True):
+        torch.testing.assert_close(g, g_alone, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["efla", "delta"])
@@ -119,7 +139,7 @@ def test_packed_documents_stay_packed():
     y, state = conv(x, cu_seqlens=cu_seqlens)
     alone = torch.cat([conv(piece)[0] for piece in torch.split(x, lengths, dim=1)], dim=1)
     torch.testing.assert_close(y, alone, atol=ATOL, rtol=0)
-    assert state is None
+    assert state.shape == (len(lengths), 6, 3)
     y.square().sum().backward()  # differentiable through the packing
 
     # the packed path's own backward: gradients equal those of each document convolved alone (float64), including
@@ -135,8 +155,43 @@ def test_packed_documents_stay_packed():
 
     layer = EFLAttention(32, 2, chunk_size=4)
     seen = []
-    layer.qkv_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    layer.q_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
     layer(torch.randn(1, 15, 32), cu_seqlens=cu_seqlens)
     assert seen == [torch.Size([1, 15, 32])]
     with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at T=15"):
         layer(torch.randn(1, 15, 32), cu_seqlens=torch.tensor([0, 3, 14], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("use_short_conv", [False, True])
+def test_state_dict_with_fused_qkv_loads_into_the_separate_projections(use_short_conv):
+    """A state dict saved before q, k, v were separated (fused qkv_proj [3C, C] and conv [3C, 1, W], q's channels
+    first) loads with load_state_dict and gives the outputs of the fused computation."""
+    torch.manual_seed(0)
+    C, H, W = 32, 2, 4
+    qkv = torch.randn(3 * C, C) / C**0.5
+    conv = torch.randn(3 * C, 1, W)
+    layer = EFLAttention(C, H, use_short_conv=use_short_conv, use_output_gate=True, chunk_size=4)
+    old = {k: v for k, v in layer.state_dict().items() if not k.startswith(("q_", "k_", "v_"))}
+    old["qkv_proj.weight"] = qkv
+    if use_short_conv:
+        old["conv.weight"] = conv
+    layer.load_state_dict(old)  # strict: every new name is filled, no fused name is left over
+    for i, name in enumerate("qkv"):
+        assert torch.equal(getattr(layer, f"{name}_proj").weight, qkv[i * C:(i + 1) * C])
+        if use_short_conv:
+            assert torch.equal(getattr(layer, f"{name}_conv1d").weight, conv[i * C:(i + 1) * C])
+
+    # the fused computation the old layer ran: one projection, one convolution over 3C channels, then split
+    x = torch.randn(2, 9, C)
+    fused = x @ qkv.t()
+    if use_short_conv:
+        fused_conv = ShortConvolution(3 * C, W)
+        fused_conv.weight.data.copy_(conv)
+        fused = fused_conv(fused)[0]
+    else:
+        fused = torch.nn.functional.silu(fused)
+    q, k, v = (t.flatten(-2) for t in layer._qkv(x, None, None, keep_state=False)[:3])
+    q_fused, k_fused, v_fused = fused.chunk(3, dim=-1)
+    torch.testing.assert_close(q, torch.nn.functional.normalize(q_fused.unflatten(-1, (H, -1)), dim=-1).flatten(-2),
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat([k, v], -1), torch.cat([k_fused, v_fused], -1), atol=ATOL, rtol=0)

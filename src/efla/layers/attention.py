@@ -1,17 +1,24 @@
 """``EFLAttention``: the EFLA token mixer (DeltaNet's layer with the exact step), for use inside a model.
 
-    q, k, v = silu(conv(W_qkv x))            short causal depthwise convolution over time
+    q, k, v = silu(conv_q(W_q x)), ...       short causal depthwise convolution over time, one per projection
     q = q / ||q||;  k = k / ||k|| only in mode "delta": in EFLA the key norm is the implicit gate (PAPER.md)
     beta = sigmoid(W_b x)                     one step duration per head and token
     o = efla_attention(q, k, v, beta)         per head, state [K, V]
     y = W_o RMSNorm(o) [* silu(W_g x)]        per-head norm, optional output gate
 
-A 0/1 padding mask is turned into packed variable-length sequences (``cu_seqlens``), so padded tokens never enter the
-convolution or the recurrent state and left- or right-padded batches give each sequence's own outputs.
+A 0/1 padding mask is removed up front (``efla.layers.padding.unpad``: each row becomes one of the packed sequences
+``cu_seqlens``) and put back at the end (``repad``), so padded tokens never enter the convolution or the recurrent state
+and left- or right-padded batches give each sequence's own outputs. Packed training documents take the same path.
 
 The cache is a transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built
 from a config whose ``layer_types`` says ``"linear_attention"``): it stores the convolution state [B, C, W - 1] and the
-recurrent state [B, H, K, V] (float32), updated in place by each forward.
+recurrent state [B, H, K, V] (float32), updated in place by each forward; the three convolutions' states are
+concatenated along the channels (q, k, v).
+
+The parameter names are fla DeltaNet's (``q_proj``, ``k_proj``, ``v_proj``, ``q_conv1d``, ``k_conv1d``, ``v_conv1d``,
+``b_proj``, ``g_proj``, ``o_norm``, ``o_proj``), so LoRA recipes that target q/k/v/o work unchanged. State dicts saved
+before the split (one fused ``qkv_proj`` and one ``conv`` over 3 * hidden_size channels) still load: a load hook splits
+them.
 """
 
 from __future__ import annotations
@@ -22,17 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efla.layers.conv import ShortConvolution
+from efla.layers.conv import ShortConvolution, short_conv, short_conv_state
 from efla.layers.norm import GatedRMSNorm, RMSNorm
+from efla.layers.padding import repad, unpad
+from efla.layers.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
+
+# the fused weights of state dicts saved before q, k and v were separated, and the names they split into (dim 0)
+FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d", "k_conv1d", "v_conv1d")}
 
 
 class EFLAttention(nn.Module):
     """EFLA (mode="efla") or DeltaNet (mode="delta") attention over [B, T, hidden_size] inputs.
 
     Both modes have exactly the same parameters; they differ only in the key normalisation and the step size.
-    ``backend`` and ``chunk_size`` are passed to ``efla_attention``.
+    ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True keeps only the inputs of the
+    element-wise work (convolution + SiLU + L2 norm, the beta sigmoid) for the backward and recomputes the rest there
+    (``efla.layers.recompute``); the output norm always keeps only its inputs.
     """
 
     def __init__(
@@ -47,6 +61,7 @@ class EFLAttention(nn.Module):
         layer_idx: int | None = None,
         backend: str = "auto",
         chunk_size: int = 64,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -55,12 +70,20 @@ class EFLAttention(nn.Module):
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
         self.mode, self.layer_idx, self.backend, self.chunk_size = mode, layer_idx, backend, chunk_size
-        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.recompute = recompute
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.conv = ShortConvolution(3 * hidden_size, conv_size) if use_short_conv else None
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(hidden_size, conv_size)
+            self.k_conv1d = ShortConvolution(hidden_size, conv_size)
+            self.v_conv1d = ShortConvolution(hidden_size, conv_size)
         self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_output_gate else None
         self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.register_load_state_dict_pre_hook(_split_fused_qkv)
 
     def forward(
         self,
@@ -73,52 +96,77 @@ class EFLAttention(nn.Module):
         tokens; 0 = padding) or None; cache: a transformers Cache or None; cu_seqlens: [N + 1] cumulative lengths of
         documents packed along T (then B = 1, no mask, no cache), so no document sees another's tokens.
         Returns [B, T, hidden_size], zeros at padded positions."""
-        B, T, _ = hidden_states.shape
+        T = hidden_states.shape[1]
         conv_state, recurrent_state = _cached_states(cache, self.layer_idx)
-        mask = lengths = None
-        x = hidden_states
+        x, padding = hidden_states, None
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with attention_mask or a cache")
-            # the tokens stay packed (no padding to the longest document); efla_attention checks cu_seqlens
-        elif attention_mask is not None:
-            mask = attention_mask[:, -T:].bool()
-            x, lengths = _left_align(hidden_states, mask)
+        elif attention_mask is not None:  # from here on, each row is one sequence of the packed tokens
+            x, padding = unpad(hidden_states, attention_mask[:, -T:])
+            cu_seqlens = padding.cu_seqlens
 
-        qkv = self.qkv_proj(x)
-        if self.conv is None:
-            qkv = F.silu(qkv)
-        else:
-            qkv, conv_state = self.conv(qkv, conv_state, lengths, cu_seqlens)
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        # CUDA autocast runs the norm in float32: bring q (and k) back to v's dtype for efla_attention
-        q = F.normalize(q, dim=-1, eps=1e-6).to(v.dtype)
-        if self.mode == "delta":
-            k = F.normalize(k, dim=-1, eps=1e-6).to(v.dtype)
-        beta = self.b_proj(x).float().sigmoid()
-        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-
-        if lengths is not None:  # rows -> one packed sequence per row
-            valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
-            q, k, v, beta = (t[valid].unsqueeze(0) for t in (q, k, v, beta))
-            gate = None if gate is None else gate[valid].unsqueeze(0)
-            cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        q, k, v, conv_state = self._qkv(x, conv_state, cu_seqlens, keep_state=cache is not None)
+        beta = recompute(_sigmoid32, self.b_proj(x), enabled=self.recompute)
         o, recurrent_state = efla_attention(
             q, k, v, beta, initial_state=recurrent_state, output_final_state=cache is not None,
             cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
         )
-        o = self.o_norm(o) if gate is None else self.o_norm(o, gate)
+        if self.g_proj is None:
+            o = self.o_norm(o)
+        else:
+            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
         o = self.o_proj(o.flatten(-2))
 
         if cache is not None:
             if conv_state is not None:
                 cache.update_conv_state(conv_state, self.layer_idx)
             cache.update_recurrent_state(recurrent_state, self.layer_idx)
-        if mask is None:  # dense rows, or packed documents already back in their packed order
-            return o
-        out = o.new_zeros(B, T, self.hidden_size)
-        out[mask] = o[0]
-        return out
+        return o if padding is None else repad(o, padding)
+
+    def _qkv(
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        keep_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k, v [B, T, H, head_dim] = silu(conv(W x)) (silu(W x) without the convolution), q (and k in mode
+        "delta") L2-normalised; and, with keep_state, the new convolution state: q's, k's and v's [B, hidden_size,
+        W - 1] concatenated along the channels."""
+        states = (None,) * 3 if conv_state is None else conv_state.chunk(3, dim=1)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else (None,) * 3
+        normalized = (True, self.mode == "delta", False)
+        features, new_states = [], []
+        for proj, conv, state, l2 in zip((self.q_proj, self.k_proj, self.v_proj), convs, states, normalized,
+                                         strict=True):
+            projected = proj(x)
+
+            def activate(p: torch.Tensor, *weight: torch.Tensor, conv=conv, state=state, l2=l2) -> torch.Tensor:
+                y = F.silu(p) if conv is None else short_conv(p, weight[0], state, cu_seqlens)
+                y = y.unflatten(-1, (self.num_heads, self.head_dim))
+                # CUDA autocast runs the norm in float32: back to the features' dtype for efla_attention
+                return F.normalize(y, dim=-1, eps=1e-6).to(y.dtype) if l2 else y
+
+            weights = () if conv is None else (conv.weight,)
+            features.append(recompute(activate, projected, *weights, enabled=self.recompute))
+            if keep_state and conv is not None:
+                new_states.append(short_conv_state(projected, conv.kernel_size[0], state, cu_seqlens))
+        return *features, (torch.cat(new_states, dim=1) if new_states else None)
+
+
+def _sigmoid32(x: torch.Tensor) -> torch.Tensor:
+    return x.float().sigmoid()
+
+
+def _split_fused_qkv(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    """Load hook: state dicts saved before q, k and v were separated hold ``qkv_proj.weight`` [3 C, C] and
+    ``conv.weight`` [3 C, 1, W] (q's channels first, then k's, then v's); split them into the separate names."""
+    for fused, parts in FUSED_WEIGHTS.items():
+        weight = state_dict.pop(f"{prefix}{fused}.weight", None)
+        if weight is not None:
+            for name, piece in zip(parts, weight.chunk(3, dim=0), strict=True):
+                state_dict[f"{prefix}{name}.weight"] = piece
 
 
 def _cached_states(cache: Any | None, layer_idx: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -134,13 +182,3 @@ def _cached_states(cache: Any | None, layer_idx: int | None) -> tuple[torch.Tens
         raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a linear-attention cache layer: "
                          "build the cache with DynamicCache(config=model.config)")
     return layer.conv_states[0], layer.recurrent_states[0]
-
-
-def _left_align(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's unmasked tokens, in order, to the start of the row: [B, T, D] -> [B, max length, D] and the
-    lengths [B]. Padding anywhere in the row (left, right or between) is dropped."""
-    lengths = mask.sum(1)
-    rows = x.new_zeros(x.shape[0], int(lengths.max()), x.shape[-1])
-    position = mask.cumsum(1) - 1
-    rows[mask.nonzero(as_tuple=True)[0], position[mask]] = x[mask]
-    return rows, lengths
