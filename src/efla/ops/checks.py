@@ -75,6 +75,27 @@ def check_inputs(
             raise TypeError(f"initial_state must be floating point (got {initial_state.dtype})")
 
 
+def check_decay(g: torch.Tensor, beta: torch.Tensor) -> None:
+    """The decay gate g: a floating [B, T, H] tensor like beta, on beta's device; metadata only."""
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor or None (got {type(g).__name__})")
+    if g.shape != beta.shape:
+        raise ValueError(f"g must be [B, T, H] = {list(beta.shape)} like beta, got {list(g.shape)}")
+    if not g.is_floating_point():
+        raise TypeError(f"g must be a floating-point tensor (got {g.dtype})")
+    if g.device != beta.device:
+        raise ValueError(f"g is on {g.device} but q is on {beta.device}")
+
+
+def check_decay_values(g: torch.Tensor) -> None:
+    """g <= 0 (a log decay: g > 0 would grow the state) and no NaN. Syncs with the device."""
+    high = g.max() if g.numel() else None
+    if high is not None and bool(high > 0):
+        raise ValueError(f"g is a log decay and must be <= 0 (got max {high.item():.4g})")
+    if high is not None and bool(torch.isnan(high)):
+        raise ValueError("g contains NaN")
+
+
 def check_values(beta: torch.Tensor) -> None:
     """beta >= 0 (a negative duration runs the ODE backwards and the state can blow up). Syncs with the device."""
     low = beta.min() if beta.numel() else None

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 
 from efla.ops import varlen
-from efla.ops.alpha import step_sizes
-from efla.ops.checks import check_inputs, check_values, sequence_lengths
+from efla.ops.alpha import gated_step_sizes, step_sizes
+from efla.ops.checks import check_decay, check_decay_values, check_inputs, check_values, sequence_lengths
 from efla.ops.chunk import chunk_fwd
 from efla.ops.recurrent import recurrent_fwd
 
@@ -28,6 +28,7 @@ def efla_attention(
     backend: str = "auto",
     chunk_size: int = 64,
     check_beta: bool = True,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Error-Free Linear Attention (or the delta rule, ``mode="delta"``) over a batch of sequences.
 
@@ -36,6 +37,12 @@ def efla_attention(
         alpha_t = (1 - exp(-beta_t ||k_t||^2)) / ||k_t||^2     (mode="efla"; alpha_t = beta_t for mode="delta")
         S_t     = (I - alpha_t k_t k_t^T) S_{t-1} + alpha_t k_t v_t^T
         o_t     = scale * S_t^T q_t
+
+    With a decay gate g (gamma_t = exp(g_t)), gated EFLA, the exact step of dS/dt = -(c I + k k^T) S + k v^T with
+    c = -g / beta (``efla/ops/recurrent.py``), or Gated DeltaNet for mode="delta" (eta_t = alpha_t = beta_t):
+
+        eta_t   = beta_t * phi(beta_t ||k_t||^2 - g_t),   phi(x) = (1 - exp(-x)) / x
+        S_t     = gamma_t (I - alpha_t k_t k_t^T) S_{t-1} + eta_t k_t v_t^T
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype (float16, bfloat16, float32 or float64).
@@ -52,22 +59,32 @@ def efla_attention(
             dot products unless torch.backends.cuda.matmul.allow_tf32 is set, and inference (no gradients) on
             sequences of at most 64 tokens with a fused recurrent kernel.
         chunk_size: tokens per chunk for the torch backend (the Triton kernels always use 64; fla takes 16/32/64).
-        check_beta: check beta >= 0 (reads beta's values, so syncs with the GPU); callers whose beta comes out of a
-            sigmoid can turn it off.
+        check_beta: check beta >= 0 and g <= 0 (reads their values, so syncs with the GPU); callers whose beta comes
+            out of a sigmoid and g out of -softplus can turn it off.
+        g: [B, T, H] log decay (<= 0, any floating dtype) or None (no decay). Backends "recurrent", "torch" and "fla"
+            (fla's chunk_gated_delta_rule); "auto" picks "torch" for it until the Triton kernels take g.
 
     Returns:
         o: [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for float64 inputs) when
-        output_final_state is True, else None. Differentiable in q, k, v, beta and initial_state.
+        output_final_state is True, else None. Differentiable in q, k, v, beta, g and initial_state.
     """
     check_inputs(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size)
+    if g is not None:
+        check_decay(g, beta)
     if check_beta:
         check_values(beta)
+        if g is not None:
+            check_decay_values(g)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
-        backend = "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_installed() else "torch"
-    run = _BACKENDS[backend]()
-    return run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+        gpu = q.is_cuda and q.dtype != torch.float64 and g is None and _triton_installed()
+        backend = "triton" if gpu else "torch"
+    if g is None:
+        run = _BACKENDS[backend]()
+        return run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+    run = _GATED_BACKENDS[backend]()
+    return run(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
 
 
 def _triton_installed() -> bool:
@@ -91,6 +108,38 @@ def _reference_backend(kernel: Callable) -> Callable:
     return run
 
 
+def _gated_reference_backend(kernel: Callable) -> Callable:
+    """Wrap a PyTorch forward with the gated step sizes (alpha, eta), varlen packing and output dtypes."""
+
+    def run(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size):
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        alpha, eta = (x.to(dtype) for x in gated_step_sizes(k, beta, g, mode))
+        g = g.to(dtype)
+        lengths = None
+        if cu_seqlens is not None:
+            lengths = sequence_lengths(cu_seqlens, q.shape[1])
+            q, k, v, alpha, eta, g = (varlen.unpack(x, lengths) for x in (q, k, v, alpha, eta, g))
+        o, state = kernel(q, k, v, alpha, scale, initial_state, chunk_size, g=g, eta=eta)
+        if lengths is not None:
+            o = varlen.pack(o, lengths)
+        return o.to(v.dtype), (state if output_final_state else None)
+
+    return run
+
+
+def _gated_triton_backend() -> Callable:
+    raise NotImplementedError("g (the decay gate) is not in the Triton kernels yet: use backend='torch' or "
+                              "'recurrent' (or 'auto', which picks 'torch' when g is given)")
+
+
+def _gated_fla_backend() -> Callable:
+    try:
+        from efla.ops.fla_backend import fla_gated_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='fla' needs fla-core: pip install 'efla[bench]' ({error})") from error
+    return fla_gated_efla
+
+
 def _triton_backend() -> Callable:
     try:
         from efla.ops.triton import triton_efla
@@ -112,4 +161,12 @@ _BACKENDS: dict[str, Callable[[], Callable]] = {
     "torch": lambda: _reference_backend(chunk_fwd),
     "triton": _triton_backend,
     "fla": _fla_backend,
+}
+
+_GATED_BACKENDS: dict[str, Callable[[], Callable]] = {
+    "recurrent": lambda: _gated_reference_backend(
+        lambda q, k, v, a, scale, s0, _chunk, g, eta: recurrent_fwd(q, k, v, a, scale, s0, g=g, eta=eta)),
+    "torch": lambda: _gated_reference_backend(chunk_fwd),
+    "triton": _gated_triton_backend,
+    "fla": _gated_fla_backend,
 }
