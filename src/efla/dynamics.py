@@ -78,13 +78,14 @@ def _exact_propagator(k: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | Non
 
     The solution over the step is S(beta) = E_11 S(0) + e_12 v^T (see the module docstring).
     """
-    k, beta = k.to(torch.float64), beta.to(torch.float64)[..., None]
+    k, beta = k.to(torch.float64), beta.to(torch.float64)
     K = k.shape[-1]
     generator = k.new_zeros(*k.shape[:-1], K + 1, K + 1)
-    generator[..., :K, :K] = -(beta * k)[..., :, None] * k[..., None, :]
+    generator[..., :K, :K] = -k[..., :, None] * k[..., None, :]
+    generator[..., :K, K] = k
+    generator = beta[..., None, None] * generator
     if g is not None:
         generator[..., :K, :K] += g.to(torch.float64)[..., None, None] * torch.eye(K, dtype=torch.float64)
-    generator[..., :K, K] = beta * k
     propagator = _matrix_exp(generator)
     return propagator[..., :K, :K], propagator[..., :K, K]
 

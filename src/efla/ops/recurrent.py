@@ -44,15 +44,16 @@ def recurrent_fwd(
     q, k, v = (x.to(dtype) for x in (q, k, v))
     state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
     decay = None if g is None else torch.exp(g.to(dtype))
-    eta = alpha if eta is None else eta.to(dtype)
+    eta = None if eta is None else eta.to(dtype)
     outputs = []
     for t in range(T):
-        k_t, v_t, a_t, e_t = k[:, t], v[:, t], alpha[:, t, :, None], eta[:, t, :, None]
+        k_t, v_t, a_t = k[:, t], v[:, t], alpha[:, t, :, None]
         if decay is not None:
             state = decay[:, t, :, None, None] * state
-        # S^T k_t is the (decayed) state's prediction for v_t; the step erases a_t ||k_t||^2 of it, writes e_t v_t.
+        # S^T k_t is the (decayed) state's prediction for v_t; the step erases a_t ||k_t||^2 of it and writes e_t v_t
         prediction = torch.einsum("bhkv,bhk->bhv", state, k_t)
-        state = state + torch.einsum("bhk,bhv->bhkv", k_t, e_t * v_t - a_t * prediction)
+        update = a_t * (v_t - prediction) if eta is None else eta[:, t, :, None] * v_t - a_t * prediction
+        state = state + torch.einsum("bhk,bhv->bhkv", k_t, update)
         outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o, state
