@@ -99,12 +99,13 @@ def _ungated(q, k, v, a, scale, initial_state, T):
 
 def _gated(q, k, v, a, e, g, scale, initial_state, T):
     """The gated chunk loop (module docstring) on [B, H, n, C, .] chunks; a, e, g: [B, H, n, C, 1]."""
-    B, H, n, C, K = k.shape
+    B, H, _, C, K = k.shape
     V, dtype = v.shape[-1], k.dtype
     causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    # log_decay[t, i] = g_{i+1} + ... + g_t for t >= i (0 on the diagonal), -inf above it: D = exp(log_decay)
-    log_decay = (g.transpose(-1, -2).expand(B, H, n, C, C) * causal.tril(-1).T.to(dtype)).cumsum(-1).transpose(-1, -2)
-    log_decay = torch.where(causal, log_decay, -torch.inf)
+    # log_decay[t, i] = g_{i+1} + ... + g_t for t >= i (0 on the diagonal), -inf above it: D = exp(log_decay).
+    # later[i, j] = g_j for tokens j after i; summing it along j up to t gives log_decay[t, i].
+    later = torch.where(~causal, g.transpose(-1, -2), 0.0)  # [B, H, n, C, C]; ~causal[i, j]: j > i
+    log_decay = torch.where(causal, later.cumsum(-1).transpose(-1, -2), -torch.inf)
     decay = log_decay.exp()
     from_start = (g[..., :1, :] + log_decay[..., 0, None]).exp()  # exp(G_t): [B, H, n, C, 1]
     to_end = decay[..., -1, :, None]  # D_Ci: [B, H, n, C, 1]
