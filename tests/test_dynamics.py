@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from efla import efla_attention
 from efla.dynamics import (
     convergence_order,
+    delta_step,
     efla_step,
     euler_step,
     exact_step,
@@ -150,3 +151,58 @@ def test_invalid_arguments() -> None:
         solve_sequence(k, v, beta, "rk3")
     with pytest.raises(ValueError, match="steps must be a positive int"):
         euler_step(s0, k[:, 0], v[:, 0], beta[:, 0], steps=0)
+
+
+def _gated_one_step(stiffness: torch.Tensor, decay: torch.Tensor, K: int = 8, V: int = 5):
+    """_one_step plus a log decay g = -decay per entry."""
+    state, k, v, beta = _one_step(stiffness, K, V)
+    return state, k, v, beta, -decay
+
+
+def test_gated_exact_step_agrees_with_fine_rk4_and_reduces_to_ungated() -> None:
+    state, k, v, beta, g = _gated_one_step(torch.tensor([0.1, 1.0, 2.0], dtype=F64), torch.tensor([0.3, 1.0, 0.05],
+                                                                                               dtype=F64))
+    exact = exact_step(state, k, v, beta, g)
+    assert relative_error(rk4_step(state, k, v, beta, steps=256, g=g), exact) < 1e-10
+    assert relative_error(exact_step(state, k, v, beta, torch.zeros_like(g)), exact_step(state, k, v, beta)) < 1e-15
+    # a pure decay (beta = 0): the state shrinks by exp(g), nothing is written
+    zero = torch.zeros_like(beta)
+    assert relative_error(exact_step(state, k, v, zero, g), g.exp()[:, None, None] * state) < 1e-15
+
+
+@pytest.mark.parametrize("decay", [1e-3, 0.5, 5.0, 50.0])
+def test_gated_efla_step_is_exact_at_every_stiffness(decay: float) -> None:
+    x = torch.logspace(-4, 2, 13, dtype=F64)
+    state, k, v, beta, g = _gated_one_step(x, torch.full_like(x, decay))
+    out, ref = efla_step(state, k, v, beta, g), exact_step(state, k, v, beta, g)
+    for i in range(len(x)):
+        assert relative_error(out[i], ref[i]) < 5e-15 * max(1.0, x[i].item() + decay), (x[i].item(), decay)
+
+
+def test_gated_integrators_converge_at_their_order() -> None:
+    k, v, beta, s0 = _problem(2, 6, 1, 6, 6, stiffness=1.0)
+    g = -torch.rand_like(beta) * 2
+    ref = solve_sequence(k, v, beta, "exact", initial_state=s0, g=g)
+    substeps = [8, 16, 32, 64]
+    for method, order in (("euler", 1), ("rk2", 2), ("rk4", 4)):
+        errors = [relative_error(solve_sequence(k, v, beta, method, steps=n, initial_state=s0, g=g), ref)
+                  for n in substeps]
+        assert convergence_order([1 / n for n in substeps], errors) == pytest.approx(order, abs=0.15), method
+    assert relative_error(solve_sequence(k, v, beta, "efla", initial_state=s0, g=g), ref) < 1e-13
+
+
+def test_gated_deltanet_is_decay_then_an_euler_step() -> None:
+    state, k, v, beta, g = _gated_one_step(torch.rand(5, dtype=F64) * 2, torch.rand(5, dtype=F64) * 3)
+    decayed = g.exp()[:, None, None] * state
+    assert relative_error(delta_step(state, k, v, beta, g), euler_step(decayed, k, v, beta)) < 1e-15
+    k, v, beta, s0 = _problem(2, 10, 2, 4, 3)
+    g = -torch.rand_like(beta)
+    state = s0
+    for t in range(10):
+        state = delta_step(state, k[:, t], v[:, t], beta[:, t], g[:, t])
+    assert relative_error(solve_sequence(k, v, beta, "delta", initial_state=s0, g=g), state) < 1e-14
+    # small keys: the exact step writes eta = beta phi(-g), Gated DeltaNet beta; at g = -1 that is 37% off
+    state, k, v, beta, g = _gated_one_step(torch.full((4,), 1e-8, dtype=F64), torch.ones(4, dtype=F64))
+    written = exact_step(torch.zeros_like(state), k, v, beta, g)
+    gdn_written = delta_step(torch.zeros_like(state), k, v, beta, g)
+    assert relative_error(written, gdn_written * -torch.expm1(torch.tensor(-1.0, dtype=F64))) < 1e-7

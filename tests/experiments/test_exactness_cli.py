@@ -24,13 +24,15 @@ def _tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
 def test_exactness_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["exactness", "--out", str(tmp_path), "--dim", "4", "--batch", "2", "--stiffness", "0.01", "0.1", "1", "10",
           "--substeps", "4", "8", "16", "32", "--order-length", "3", "--lengths", "1", "30",
-          "--length-stiffness", "0.5", "3", "--seed", str(random.randrange(2**31))])
+          "--length-stiffness", "0.5", "3", "--decay", "0", "0.1", "3", "--gated-stiffness", "0.1", "10",
+          "--gated-length", "20", "--seed", str(random.randrange(2**31))])
     printed = capsys.readouterr().out
     table = (tmp_path / "table.md").read_text()
     assert table in printed
-    assert (tmp_path / "exactness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for image in ("exactness.png", "gated.png"):
+        assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    (stiff_header, stiff), (conv_header, conv), (len_header, lengths) = _tables(table)
+    (stiff_header, stiff), (conv_header, conv), (len_header, lengths), *gated = _tables(table)
     assert stiff_header == ["beta*lam", "euler", "rk2", "rk4", "efla"]
     assert [float(r[0]) for r in stiff] == [0.01, 0.1, 1, 10]
     euler = [float(r[1]) for r in stiff]
@@ -54,3 +56,25 @@ def test_exactness_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert all(errors[3] < 1e-13 for errors in by_key.values())
     assert all(math.isfinite(e) for errors in by_key.values() for e in errors)
     assert by_key[3.0, 30][0] > 10 * by_key[3.0, 1][0]  # stiff: Euler's error compounds along the sequence
+
+    (one_step_header, one_step), (sequence_header, sequence) = gated
+    methods = ["euler", "rk2", "rk4", "gated delta", "efla"]
+    assert one_step_header == sequence_header == ["beta*lam", "-g", *methods]
+    one_step = {(float(r[0]), float(r[1])): dict(zip(methods, map(float, r[2:]), strict=True)) for r in one_step}
+    sequence = {(float(r[0]), float(r[1])): dict(zip(methods, map(float, r[2:]), strict=True)) for r in sequence}
+    assert set(one_step) == {(x, d) for x in (0.1, 10.0) for d in (0.0, 0.1, 3.0)}
+    assert set(sequence) == {(x, d) for x in (0.5, 3.0) for d in (0.0, 0.1, 3.0)}
+    assert all(errors["efla"] < 1e-13 for errors in (*one_step.values(), *sequence.values()))  # gated EFLA: exact
+    for x in (0.1, 10.0):  # without decay Gated DeltaNet is DeltaNet, i.e. Euler
+        assert one_step[x, 0.0]["gated delta"] == pytest.approx(one_step[x, 0.0]["euler"], rel=1e-2)
+    # Gated DeltaNet writes beta k v^T where the exact step writes beta phi(beta lam - g) k v^T: off by O(1) at -g = 3
+    assert one_step[0.1, 3.0]["gated delta"] > 10 * one_step[0.1, 0.1]["gated delta"]
+    assert one_step[0.1, 3.0]["euler"] > 1  # Euler's sub-step decays by 1 + g: unstable past -g = 2
+    assert sequence[0.5, 3.0]["gated delta"] > 0.5
+
+
+def test_exactness_cli_refuses_a_negative_decay(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["exactness", "--decay", "0.1", "-0.5"])
+    assert exit_info.value.code == 2
+    assert "-g is the decay per token and must be >= 0 (got -0.5)" in capsys.readouterr().err

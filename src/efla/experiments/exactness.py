@@ -2,7 +2,10 @@
 
 Three sweeps, all in float64 on random keys, values and states (errors are ||out - ref|| / ||ref||):
 one step vs stiffness beta * ||k||^2; a whole sequence vs the sub-step size h = beta / n, with the fitted convergence
-order; the final state vs sequence length. Prints a markdown table and writes table.md and exactness.png to --out.
+order; the final state vs sequence length. Two more for the gated ODE dS/dt = -(c I + k k^T) S + k v^T (log decay
+g = -beta c per token): one step over a grid of stiffness and decay, and the final state of a sequence per decay, with
+Gated DeltaNet beside the integrators and gated EFLA. Prints markdown tables and writes table.md, exactness.png and
+gated.png to --out.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from efla.dynamics import (
     convergence_order,
+    delta_step,
     efla_step,
     euler_step,
     exact_step,
@@ -27,8 +31,18 @@ from efla.dynamics import (
 _STEPS = {"euler": euler_step, "rk2": rk2_step, "rk4": rk4_step}
 INTEGRATORS = tuple(_STEPS)
 METHODS = (*INTEGRATORS, "efla")
+GATED_METHODS = (*INTEGRATORS, "delta", "efla")
+_GATED_LABELS = {"delta": "gated delta"}  # Gated DeltaNet: exact decay, then an Euler step of the ungated ODE
 _ORDER_FIT_FLOOR = 1e-11  # errors below this sit too close to float64 round-off to show the asymptotic order
 _ORDER_FIT_POINTS = 4  # fit the smallest step sizes only: the largest are not yet in the asymptotic regime
+
+
+def _decay(text: str) -> float:
+    """argparse type of --decay: -g, a decay per token, >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"-g is the decay per token and must be >= 0 (got {text})")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequence lengths of the length sweep, ascending")
     parser.add_argument("--length-stiffness", type=float, nargs="+", default=[0.5, 2.5],
                         help="beta * ||k||^2 per token of the length sweep")
+    parser.add_argument("--decay", type=_decay, nargs="+", default=[0.01, 0.1, 1, 3, 10],
+                        help="-g values (log decay per token, >= 0 here) of the gated sweeps")
+    parser.add_argument("--gated-stiffness", type=float, nargs="+", default=[0.1, 1, 10],
+                        help="beta * ||k||^2 values of the gated one-step sweep")
+    parser.add_argument("--gated-length", type=int, default=100,
+                        help="sequence length of the gated sequence sweep (stiffness from --length-stiffness)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -118,6 +138,43 @@ def length_sweep(args: argparse.Namespace, generator: torch.Generator) -> dict[f
     return results
 
 
+def _check_decays(decays: list[float]) -> None:
+    if min(decays) < 0:
+        raise ValueError(f"--decay takes -g, the decay per token, which must be >= 0 (got {min(decays):g})")
+
+
+def gated_stiffness_sweep(args: argparse.Namespace, generator: torch.Generator
+                          ) -> dict[tuple[float, float], dict[str, float]]:
+    """One gated step from a random state: relative error of each method (n = 1) per (beta * ||k||^2, -g)."""
+    _check_decays(args.decay)
+    grid = list(itertools.product(args.gated_stiffness, args.decay))
+    x = torch.tensor([s for s, _ in grid], dtype=torch.float64)
+    k, v, state, beta = random_problem(args.batch, len(grid), args.dim, x, generator)
+    state = state.expand(-1, len(grid), -1, -1)
+    k, v, beta = k[:, :, 0], v[:, :, 0], beta[:, :, 0]  # tokens of one problem act as independent steps here
+    g = -torch.tensor([d for _, d in grid], dtype=torch.float64).expand_as(beta)
+    ref = exact_step(state, k, v, beta, g)
+    outputs = {name: step(state, k, v, beta, g=g) for name, step in _STEPS.items()}
+    outputs["delta"] = delta_step(state, k, v, beta, g)
+    outputs["efla"] = efla_step(state, k, v, beta, g)
+    return {point: {name: relative_error(out[:, i], ref[:, i]) for name, out in outputs.items()}
+            for i, point in enumerate(grid)}
+
+
+def gated_sequence_sweep(args: argparse.Namespace, generator: torch.Generator
+                         ) -> dict[tuple[float, float], dict[str, float]]:
+    """The final state after --gated-length tokens from a random state, n = 1, per (beta * ||k||^2, -g)."""
+    _check_decays(args.decay)
+    results = {}
+    for x, decay in itertools.product(args.length_stiffness, args.decay):
+        k, v, state, beta = random_problem(args.batch, args.gated_length, args.dim, x, generator)
+        g = torch.full_like(beta, -decay)
+        ref = solve_sequence(k, v, beta, "exact", initial_state=state, g=g)
+        results[x, decay] = {name: relative_error(solve_sequence(k, v, beta, name, initial_state=state, g=g), ref)
+                             for name in GATED_METHODS}
+    return results
+
+
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -144,6 +201,23 @@ def format_tables(args: argparse.Namespace, stiff: dict[str, list[float]], conv:
     rows = [[f"{x:g}", str(T), *(f"{errs[m][i]:.2e}" for m in METHODS)]
             for x, errs in lengths.items() for i, T in enumerate(args.lengths)]
     lines += _table(["beta*lam", "T", *METHODS], rows)
+    return "\n".join(lines) + "\n"
+
+
+def format_gated_tables(args: argparse.Namespace, one_step: dict[tuple[float, float], dict[str, float]],
+                        sequence: dict[tuple[float, float], dict[str, float]]) -> str:
+    """The two gated sweeps as markdown tables."""
+    header = ["beta*lam", "-g", *(_GATED_LABELS.get(m, m) for m in GATED_METHODS)]
+
+    def rows(results: dict[tuple[float, float], dict[str, float]]) -> list[list[str]]:
+        return [[f"{x:g}", f"{d:g}", *(f"{errs[m]:.2e}" for m in GATED_METHODS)] for (x, d), errs in results.items()]
+
+    lines = ["", "Gated: dS/dt = -(c I + k k^T) S + k v^T with log decay g = -beta c per token; gated delta = Gated "
+             "DeltaNet, exp(g) (I - beta k k^T) S + beta k v^T; efla = gated EFLA", "",
+             "### Gated, one step: relative error vs stiffness beta*lam and decay -g (n = 1 sub-step)", ""]
+    lines += _table(header, rows(one_step))
+    lines += ["", f"### Gated sequence: relative error of the final state after {args.gated_length} tokens (n = 1)", ""]
+    lines += _table(header, rows(sequence))
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +250,41 @@ def plot(args: argparse.Namespace, stiff: dict[str, list[float]], conv: dict[str
     plt.close(fig)
 
 
+def plot_gated(args: argparse.Namespace, one_step: dict[tuple[float, float], dict[str, float]],
+               sequence: dict[tuple[float, float], dict[str, float]], path: Path) -> None:
+    """Two panels, error vs decay -g: one gated step (a line per stiffness) and a gated sequence's final state."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor, ceiling = 1e-18, 1e4  # diverged integrators (errors up to inf) are drawn at the ceiling
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = ("o-", "s--", "^:", "d-.")
+    for ax, results, stiffnesses in ((axes[0], one_step, args.gated_stiffness),
+                                     (axes[1], sequence, args.length_stiffness)):
+        for color, m in enumerate(GATED_METHODS):
+            for x, style in zip(stiffnesses, styles, strict=False):
+                errors = [min(max(results[x, d][m], floor), ceiling) for d in args.decay]
+                label = f"{_GATED_LABELS.get(m, m)}, beta*lam={x:g}"
+                ax.plot(args.decay, errors, style, color=f"C{color}", label=label)
+        if min(args.decay) > 0:
+            ax.set_xscale("log")
+        else:  # -g = 0 (no decay) on the axis too
+            ax.set_xscale("symlog", linthresh=min([d for d in args.decay if d > 0], default=1.0))
+            ax.set_xlim(left=0)
+        ax.set(yscale="log", xlabel="-g (log decay per token)", ylabel="||S - S_exact|| / ||S_exact|| (capped at 1e4)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0].set_title("gated, one step (n = 1)")
+    axes[1].set_title(f"gated, final state after {args.gated_length} tokens (n = 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> None:
-    """Run the three sweeps, print the tables, write table.md and exactness.png to ``args.out``."""
+    """Run the five sweeps, print the tables, write table.md, exactness.png and gated.png to ``args.out``."""
     generator = torch.Generator().manual_seed(args.seed)
     # Thousands of tiny per-token ops: extra threads only add synchronisation, and on a loaded 2-core machine two
     # threads made the matrix-exponential recurrence ~25x slower than one.
@@ -188,11 +295,15 @@ def run(args: argparse.Namespace) -> None:
         conv = convergence_sweep(args, generator)
         orders = fitted_orders(args.substeps, conv)
         lengths = length_sweep(args, generator)
+        gated_one_step = gated_stiffness_sweep(args, generator)
+        gated_sequence = gated_sequence_sweep(args, generator)
     finally:
         torch.set_num_threads(threads)
-    table = format_tables(args, stiff, conv, orders, lengths)
+    table = format_tables(args, stiff, conv, orders, lengths) + format_gated_tables(args, gated_one_step,
+                                                                                    gated_sequence)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(table)
     plot(args, stiff, conv, orders, lengths, args.out / "exactness.png")
+    plot_gated(args, gated_one_step, gated_sequence, args.out / "gated.png")
     print(table)
-    print(f"wrote {args.out / 'table.md'} and {args.out / 'exactness.png'}")
+    print(f"wrote {args.out / 'table.md'}, {args.out / 'exactness.png'} and {args.out / 'gated.png'}")

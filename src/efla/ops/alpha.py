@@ -1,4 +1,5 @@
-"""The EFLA step size alpha = (1 - exp(-beta * lambda)) / lambda, computed stably with exact gradients.
+"""EFLA's step sizes, computed stably with exact gradients: alpha = (1 - exp(-beta * lambda)) / lambda, and with a
+decay gate g the write step eta = beta * phi(beta * lambda - g).
 
 Write x = beta * lambda and phi(x) = (1 - e^-x) / x (phi(0) = 1). Then alpha = beta * phi(x) and
 
@@ -8,6 +9,15 @@ Write x = beta * lambda and phi(x) = (1 - e^-x) / x (phi(0) = 1). Then alpha = b
 phi is evaluated as -expm1(-x) / x, which is accurate for every x > 0. phi' cancels badly for small x, so there it is
 the Taylor series phi'(x) = sum_{n>=1} (-1)^n n x^(n-1) / (n+1)!; at x >= 1 the closed form loses only a few ulps.
 Both are finite for lambda = 0, beta = 0 and beta * lambda up to any size (e^-x underflows cleanly to 0).
+
+Gated EFLA (decay gate g = log gamma <= 0 over the same duration) erases with alpha and writes with
+eta = beta * phi(y), y = beta * lambda - g >= 0 (derivation in ``efla/ops/recurrent.py``). With the identity
+phi(y) + y phi'(y) = e^-y,
+
+    d eta / d beta   = phi(y) + beta lambda phi'(y) = e^-y + g phi'(y)   (two terms >= 0: no cancellation)
+    d eta / d lambda = beta^2 phi'(y),      d eta / d g = -beta phi'(y)
+
+finite for every beta, lambda >= 0 and g <= 0. g = 0 gives eta = alpha exactly (the same y, the same operations).
 """
 
 from __future__ import annotations
@@ -53,6 +63,24 @@ class _AlphaFromBeta(torch.autograd.Function):
         return grad_beta, grad_lam
 
 
+class _EtaFromBeta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, beta: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        y = beta * lam - g
+        ctx.save_for_backward(beta, g, y)
+        return beta * _phi(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        beta, g, y = ctx.saved_tensors
+        phi_prime = _phi_prime(y)
+        grad_beta = grad_eta * (torch.exp(-y) + g * phi_prime)
+        grad_lam = grad_eta * beta * beta * phi_prime
+        grad_g = -grad_eta * beta * phi_prime
+        return grad_beta, grad_lam, grad_g
+
+
 def alpha_from_beta(beta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """EFLA's exact step size for duration ``beta`` along a key of squared norm ``lam`` (same shape, both >= 0).
 
@@ -61,6 +89,18 @@ def alpha_from_beta(beta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """
     dtype = torch.promote_types(torch.promote_types(beta.dtype, lam.dtype), torch.float32)
     return _AlphaFromBeta.apply(beta.to(dtype), lam.to(dtype))
+
+
+def eta_from_beta(beta: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Gated EFLA's exact write step for duration ``beta``, key norm ``lam`` (>= 0) and log decay ``g`` (<= 0).
+
+    eta = beta * phi(beta lam - g): the integral over the step of the decay exp(-(s (lam + c))) that the written
+    k v^T sees (c = -g / beta). Same shapes; computed in float32 or better and returned in that precision. Equals
+    ``alpha_from_beta(beta, lam)`` where g = 0 and beta * phi(-g) where lam = 0; 0 <= eta <= alpha; values and
+    gradients stay finite for beta = 0, lam = 0, g = 0, g down to -1e4 and beta * lam up to 1e4 and beyond.
+    """
+    dtype = torch.promote_types(torch.promote_types(beta.dtype, lam.dtype), torch.promote_types(g.dtype, torch.float32))
+    return _EtaFromBeta.apply(beta.to(dtype), lam.to(dtype), g.to(dtype))
 
 
 def step_sizes(k: torch.Tensor, beta: torch.Tensor, mode: str) -> torch.Tensor:
@@ -72,3 +112,17 @@ def step_sizes(k: torch.Tensor, beta: torch.Tensor, mode: str) -> torch.Tensor:
         return beta.to(torch.promote_types(beta.dtype, torch.float32))
     lam = k.to(torch.promote_types(k.dtype, torch.float32)).square().sum(-1)
     return alpha_from_beta(beta, lam)
+
+
+def gated_step_sizes(k: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, mode: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated recurrence's erase and write step sizes (alpha, eta): EFLA's exact pair, or (beta, beta) for Gated
+    DeltaNet (``mode="delta"``).
+
+    k: [..., K], beta and g: [...]; both results have beta's shape in float32 or better.
+    """
+    dtype = torch.promote_types(torch.promote_types(beta.dtype, g.dtype), torch.float32)
+    if mode == "delta":
+        return beta.to(dtype), beta.to(dtype)
+    lam = k.to(torch.promote_types(k.dtype, dtype)).square().sum(-1)
+    return alpha_from_beta(beta.to(dtype), lam), eta_from_beta(beta.to(dtype), lam, g)

@@ -85,6 +85,27 @@ def check_inputs(
             raise TypeError(f"initial_state must be floating point (got {initial_state.dtype})")
 
 
+def check_decay(g: torch.Tensor, beta: torch.Tensor) -> None:
+    """The decay gate g: a floating [B, T, H] tensor like beta, on beta's device; metadata only."""
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor or None (got {type(g).__name__})")
+    if g.shape != beta.shape:
+        raise ValueError(f"g must be [B, T, H] = {list(beta.shape)} like beta, got {list(g.shape)}")
+    if not g.is_floating_point():
+        raise TypeError(f"g must be a floating-point tensor (got {g.dtype})")
+    if g.device != beta.device:
+        raise ValueError(f"g is on {g.device} but q is on {beta.device}")
+
+
+def check_decay_values(g: torch.Tensor) -> None:
+    """g <= 0 (a log decay: g > 0 would grow the state) and no NaN. Syncs with the device."""
+    high = g.max() if g.numel() else None
+    if high is not None and bool(high > 0):
+        raise ValueError(f"g is a log decay and must be <= 0 (got max {high.item():.4g})")
+    if high is not None and bool(torch.isnan(high)):
+        raise ValueError("g contains NaN")
+
+
 def check_values(beta: torch.Tensor, mode: str = "efla") -> None:
     """beta >= 0 and not NaN (a negative duration runs the ODE backwards and the state can blow up); finite too in
     mode "delta", whose Euler step has no limit for beta -> inf (EFLA's has: the projection onto k's complement).
@@ -100,14 +121,19 @@ def check_values(beta: torch.Tensor, mode: str = "efla") -> None:
         raise ValueError("beta must be finite in mode 'delta' (got inf)")
 
 
-def assert_values(beta: torch.Tensor, mode: str = "efla") -> None:
-    """``check_values`` without waiting for the device: on a GPU (and inside torch.compile) a device-side assert (the
-    process stops with "device-side assert triggered" when beta is invalid); eagerly on the CPU, ``check_values``."""
+def assert_values(beta: torch.Tensor, mode: str = "efla", g: torch.Tensor | None = None) -> None:
+    """``check_values`` (and ``check_decay_values`` for g) without waiting for the device: on a GPU (and inside
+    torch.compile) a device-side assert (the process stops with "device-side assert triggered" when a value is
+    invalid); eagerly on the CPU, the checks themselves."""
     if not beta.is_cuda and not torch.compiler.is_compiling():
         check_values(beta, mode)
+        if g is not None:
+            check_decay_values(g)
         return
     valid = (beta >= 0) if mode == "efla" else (beta >= 0) & (beta < float("inf"))
     torch._assert_async(valid.all(), "efla_attention: beta must be >= 0, not NaN (and finite in mode 'delta')")
+    if g is not None:
+        torch._assert_async((g <= 0).all(), "efla_attention: g must be <= 0 and not NaN")
 
 
 def sequence_lengths(cu_seqlens: torch.Tensor, total: int) -> list[int]:

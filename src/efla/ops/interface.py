@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from efla.ops import varlen
-from efla.ops.alpha import step_sizes
-from efla.ops.checks import assert_values, check_inputs, sequence_lengths
+from efla.ops.alpha import gated_step_sizes, step_sizes
+from efla.ops.checks import assert_values, check_decay, check_inputs, sequence_lengths
 from efla.ops.chunk import chunk_fwd
 from efla.ops.recurrent import recurrent_fwd
 
@@ -31,6 +31,7 @@ def efla_attention(
     check_beta: bool = True,
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens_cpu: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Error-Free Linear Attention (or the delta rule, ``mode="delta"``) over a batch of sequences.
 
@@ -39,6 +40,12 @@ def efla_attention(
         alpha_t = (1 - exp(-beta_t ||k_t||^2)) / ||k_t||^2     (mode="efla"; alpha_t = beta_t for mode="delta")
         S_t     = (I - alpha_t k_t k_t^T) S_{t-1} + alpha_t k_t v_t^T
         o_t     = scale * S_t^T q_t
+
+    With a decay gate g (gamma_t = exp(g_t)), gated EFLA, the exact step of dS/dt = -(c I + k k^T) S + k v^T with
+    c = -g / beta (``efla/ops/recurrent.py``), or Gated DeltaNet for mode="delta" (eta_t = alpha_t = beta_t):
+
+        eta_t   = beta_t * phi(beta_t ||k_t||^2 - g_t),   phi(x) = (1 - exp(-x)) / x
+        S_t     = gamma_t (I - alpha_t k_t k_t^T) S_{t-1} + eta_t k_t v_t^T
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype (float16, bfloat16, float32 or float64).
@@ -56,22 +63,27 @@ def efla_attention(
             sequences of at most 64 tokens with a fused recurrent kernel.
         chunk_size: tokens per chunk for the torch backend (fla takes 16/32/64); the Triton kernels use 64 and
             reject other values.
-        check_beta: check beta >= 0 and not NaN (and finite in mode "delta"). On the CPU a ValueError says which;
-            on a GPU the check is a device-side assert, so it never waits for the GPU (an invalid beta stops the
-            process with "device-side assert triggered"; call ``efla.ops.checks.check_values(beta, mode)`` for the
-            message). Callers whose beta comes out of a sigmoid can turn it off.
+        check_beta: check beta >= 0 and not NaN (and finite in mode "delta"), and g <= 0. On the CPU a ValueError
+            says which; on a GPU the check is a device-side assert, so it never waits for the GPU (an invalid value
+            stops the process with "device-side assert triggered"; call ``efla.ops.checks.check_values(beta, mode)``
+            for the message). Callers whose beta comes out of a sigmoid and g out of -softplus can turn it off.
         use_qk_l2norm_in_kernel: L2-normalise q and k before the operator, as fla's keyword does (in mode "efla"
             this fixes ||k|| = 1, so alpha = 1 - exp(-beta)); gradients flow through the normalisation.
         cu_seqlens_cpu: a host copy of cu_seqlens (fla's keyword); given, the sequence lengths are read from it
             instead of copying cu_seqlens from the GPU.
+        g: [B, T, H] log decay (<= 0, any floating dtype) or None (no decay): gated EFLA / Gated DeltaNet. Backends
+            "recurrent", "torch" and "fla" (fla's chunk_gated_delta_rule); "auto" picks "torch" for it until the
+            Triton kernels take g.
 
     Returns:
         o: [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for float64 inputs) when
-        output_final_state is True, else None. Differentiable in q, k, v, beta and initial_state.
+        output_final_state is True, else None. Differentiable in q, k, v, beta, g and initial_state.
     """
     check_inputs(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, scale, cu_seqlens_cpu)
+    if g is not None:
+        check_decay(g, beta)
     if check_beta:
-        assert_values(beta, mode)
+        assert_values(beta, mode, g)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if use_qk_l2norm_in_kernel:
@@ -79,11 +91,14 @@ def efla_attention(
     if q.shape[1] == 0:
         return _empty(q, v, initial_state, output_final_state, cu_seqlens)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and q.dtype != torch.float64 and _triton_installed() else "torch"
-    run = _BACKENDS[backend]()
+        gpu = q.is_cuda and q.dtype != torch.float64 and g is None and _triton_installed()
+        backend = "triton" if gpu else "torch"
     lengths_from = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
-    return run(q, k, v, beta, float(scale), initial_state, output_final_state, cu_seqlens, mode, chunk_size,
-               lengths_from)
+    if g is None:
+        return _BACKENDS[backend]()(q, k, v, beta, float(scale), initial_state, output_final_state, cu_seqlens, mode,
+                                    chunk_size, lengths_from)
+    return _GATED_BACKENDS[backend]()(q, k, v, beta, g, float(scale), initial_state, output_final_state, cu_seqlens,
+                                      mode, chunk_size, lengths_from)
 
 
 def _empty(q, v, initial_state, output_final_state, cu_seqlens):
@@ -120,6 +135,38 @@ def _reference_backend(kernel: Callable) -> Callable:
     return run
 
 
+def _gated_reference_backend(kernel: Callable) -> Callable:
+    """Wrap a PyTorch forward with the gated step sizes (alpha, eta), varlen packing and output dtypes."""
+
+    def run(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, lengths_from):
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        alpha, eta = (x.to(dtype) for x in gated_step_sizes(k, beta, g, mode))
+        g = g.to(dtype)
+        lengths = None
+        if cu_seqlens is not None:
+            lengths = sequence_lengths(lengths_from, q.shape[1])
+            q, k, v, alpha, eta, g = (varlen.unpack(x, lengths) for x in (q, k, v, alpha, eta, g))
+        o, state = kernel(q, k, v, alpha, scale, initial_state, chunk_size, g=g, eta=eta)
+        if lengths is not None:
+            o = varlen.pack(o, lengths)
+        return o.to(v.dtype), (state if output_final_state else None)
+
+    return run
+
+
+def _gated_triton_backend() -> Callable:
+    raise NotImplementedError("g (the decay gate) is not in the Triton kernels yet: use backend='torch' or "
+                              "'recurrent' (or 'auto', which picks 'torch' when g is given)")
+
+
+def _gated_fla_backend() -> Callable:
+    try:
+        from efla.ops.fla_backend import fla_gated_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='fla' needs fla-core: pip install 'efla[bench]' ({error})") from error
+    return fla_gated_efla
+
+
 def _triton_backend() -> Callable:
     try:
         from efla.ops.triton import triton_efla
@@ -141,4 +188,12 @@ _BACKENDS: dict[str, Callable[[], Callable]] = {
     "torch": lambda: _reference_backend(chunk_fwd),
     "triton": _triton_backend,
     "fla": _fla_backend,
+}
+
+_GATED_BACKENDS: dict[str, Callable[[], Callable]] = {
+    "recurrent": lambda: _gated_reference_backend(
+        lambda q, k, v, a, scale, s0, _chunk, g, eta: recurrent_fwd(q, k, v, a, scale, s0, g=g, eta=eta)),
+    "torch": lambda: _gated_reference_backend(chunk_fwd),
+    "triton": _gated_triton_backend,
+    "fla": _gated_fla_backend,
 }
