@@ -208,5 +208,3 @@ def test_bad_decay_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="g contains NaN"):
         efla_attention(q, k, v, beta, g=g_nan)
     efla_attention(q, k, v, beta, g=-g, check_beta=False)  # the caller vouches for g: no value check, no sync
-    with pytest.raises(NotImplementedError, match="not in the Triton kernels yet"):
-        efla_attention(q, k, v, beta, g=g, backend="triton")

@@ -71,9 +71,8 @@ def efla_attention(
             this fixes ||k|| = 1, so alpha = 1 - exp(-beta)); gradients flow through the normalisation.
         cu_seqlens_cpu: a host copy of cu_seqlens (fla's keyword); given, the sequence lengths are read from it
             instead of copying cu_seqlens from the GPU.
-        g: [B, T, H] log decay (<= 0, any floating dtype) or None (no decay): gated EFLA / Gated DeltaNet. Backends
-            "recurrent", "torch" and "fla" (fla's chunk_gated_delta_rule); "auto" picks "torch" for it until the
-            Triton kernels take g.
+        g: [B, T, H] log decay (<= 0, any floating dtype) or None (no decay): gated EFLA / Gated DeltaNet, in every
+            backend ("fla" maps to fla's chunk_gated_delta_rule).
 
     Returns:
         o: [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for float64 inputs) when
@@ -91,7 +90,7 @@ def efla_attention(
     if q.shape[1] == 0:
         return _empty(q, v, initial_state, output_final_state, cu_seqlens)
     if backend == "auto":
-        gpu = q.is_cuda and q.dtype != torch.float64 and g is None and _triton_installed()
+        gpu = q.is_cuda and q.dtype != torch.float64 and _triton_installed()
         backend = "triton" if gpu else "torch"
     lengths_from = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
     if g is None:
@@ -155,8 +154,11 @@ def _gated_reference_backend(kernel: Callable) -> Callable:
 
 
 def _gated_triton_backend() -> Callable:
-    raise NotImplementedError("g (the decay gate) is not in the Triton kernels yet: use backend='torch' or "
-                              "'recurrent' (or 'auto', which picks 'torch' when g is given)")
+    try:
+        from efla.ops.triton import triton_gated_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='triton' needs the Triton kernels and a CUDA GPU ({error})") from error
+    return triton_gated_efla
 
 
 def _gated_fla_backend() -> Callable:

@@ -13,6 +13,18 @@ per V block, dX_K K^T is one product after the V loop). Then
     da_i += sum_d (dX_K k + dX_V v)_id + sum_{j<i} dL_ij G_ij,    dG = diag(a) dL,    dK += a dX_K + (dG + dG^T) K
 
 and da goes to beta and lambda = ||k||^2 as in ``efla/ops/alpha.py`` (dK += 2 dlambda k).
+
+Gated (GATED; forward in ``chunk_fwd.py`` and ``wy.py``; c = exp(G_C - G), E = exp(G), X = [diag(a E) K | diag(e) V],
+A = tril(diag(a) (G * D), -1)): the state terms become du = scale (triu(K Q^T) * D^T) dO + diag(c) K dS',
+dS = exp(G_C) dS' + scale (diag(E) Q)^T dO - W^T du, dQ = scale (diag(E) dO S^T + (P * D) K), the u dS'^T term of dK
+is scaled by c, dL = -(dX_K X_K^T + dX_V X_V^T) T^T, de = rowsum(dX_V * V), and the log decay collects, per token,
+
+    dG_t = rowsum(Q * scale E dO S^T) + rowsum(Z) - colsum(Z) - c rowsum(K * u dS'^T)        (Z = (P * D) * Q K^T)
+         + a E rowsum(dX_K * K) + rowsum(Z2) - colsum(Z2)                                   (Z2 = dL * A)
+    dG_C = exp(G_C) <dS', S> + sum_t c_t rowsum(K * u dS'^T)_t
+
+and dg_j = sum_{t >= j} dG_t + dG_C (G_t sums g up to t). ``_grad_qk_kernel`` forms the first line and dG_C, the
+gradient pass through the WY system adds the second.
 """
 
 from __future__ import annotations
@@ -30,16 +42,17 @@ from efla.ops.triton.tiles import (
     _seq_chunk_rows,
     _store_state,
     _tile_offsets,
+    _token_values,
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_t, _gram, _phi_prime
+from efla.ops.triton.wy import _chunk_decay, _chunk_t, _decay_matrix, _erase_write, _gram, _phi_prime
 
 
 @triton.jit
-def _state_bwd_kernel(q, k, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, scale, H,
+def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, scale, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                      STORE_DH0: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and du."""
     n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
@@ -58,9 +71,16 @@ def _state_bwd_kernel(q, k, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, sc
         w_tile = tl.load(w + tok * K + kk, mask=rmask[:, None], other=0.0)
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
         kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
+        if GATED:
+            gc, g_end = _chunk_decay(g, tok, r, rmask, H)
+            kq *= tl.trans(_decay_matrix(gc, r))
+            k_tile = (tl.exp(g_end - gc)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
+            q_tile = (tl.exp(gc)[:, None] * q_tile.to(tl.float32)).to(w_tile.dtype)
         du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
         du_tile += tl.dot(k_tile, dS.to(k_tile.dtype), input_precision=PREC)
         tl.store(du + tok * V + vv, du_tile.to(du.dtype.element_ty), mask=m)
+        if GATED:
+            dS *= tl.exp(g_end)
         dS += scale * tl.dot(tl.trans(q_tile), do_tile, input_precision=PREC)
         dS -= tl.dot(tl.trans(w_tile), du_tile.to(w_tile.dtype), input_precision=PREC)
     if STORE_DH0:
@@ -68,50 +88,71 @@ def _state_bwd_kernel(q, k, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, sc
 
 
 @triton.jit
-def _grad_qk_kernel(q, k, u, do, h, dh, dq, dk_part, chunk_seq, chunk_t0, cu_seqlens, scale, H,
-                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head): dq, and the part of dk that does not go through alpha or T."""
+def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chunk_t0, cu_seqlens, scale, H,
+                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, head): dq, and the part of dk that does not go through alpha or T; if GATED also the
+    part of dg that does not go through the WY system (module docstring)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
     dq_acc = tl.zeros([64, K], dtype=tl.float32)  # dO S^T
     dk_acc = tl.zeros([64, K], dtype=tl.float32)  # u dS'^T
     P = tl.zeros([64, 64], dtype=tl.float32)  # dO u^T
+    state_dot = 0.0  # <dS', S> (gated)
     for i_v in range(tl.cdiv(V, BV)):
         ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
-        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask).to(do_tile.dtype)
-        dS = _load_state(dh, i_c, i_h, H, K, V, ov, vmask).to(u_tile.dtype)
+        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask)
+        dS = _load_state(dh, i_c, i_h, H, K, V, ov, vmask)
+        if GATED:
+            state_dot += tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1), axis=0)
+        S = S.to(do_tile.dtype)
+        dS = dS.to(u_tile.dtype)
         dq_acc += tl.dot(do_tile, tl.trans(S), input_precision=PREC)
         dk_acc += tl.dot(u_tile, tl.trans(dS), input_precision=PREC)
         P += tl.dot(do_tile, tl.trans(u_tile.to(do_tile.dtype)), input_precision=PREC)
     P = scale * tl.where(r[:, None] >= r[None, :], P, 0.0)
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    dq_acc = scale * dq_acc + tl.dot(P.to(k_tile.dtype), k_tile, input_precision=PREC)
-    tl.store(dq + tok * K + kk, dq_acc.to(dq.dtype.element_ty), mask=rmask[:, None])
     q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
+    if GATED:
+        gc, g_end = _chunk_decay(g, tok, r, rmask, H)
+        P *= _decay_matrix(gc, r)
+        dq_acc *= scale * tl.exp(gc)[:, None]
+        z = P * tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+        to_end = tl.exp(g_end - gc) * tl.sum(k_tile.to(tl.float32) * dk_acc, axis=1)  # c rowsum(K * u dS'^T)
+        dk_acc *= tl.exp(g_end - gc)[:, None]
+        dgc = tl.sum(q_tile.to(tl.float32) * dq_acc, axis=1) + tl.sum(z, axis=1) - tl.sum(z, axis=0) - to_end
+        dg_end = tl.exp(g_end) * state_dot + tl.sum(to_end, axis=0)
+        tl.store(dg_part + tok + r * H, tl.cumsum(dgc, 0, reverse=True) + dg_end, mask=rmask)
+    else:
+        dq_acc = scale * dq_acc
+    dq_acc += tl.dot(P.to(k_tile.dtype), k_tile, input_precision=PREC)
+    tl.store(dq + tok * K + kk, dq_acc.to(dq.dtype.element_ty), mask=rmask[:, None])
     dk_acc += tl.dot(tl.trans(P.to(q_tile.dtype)), q_tile, input_precision=PREC)
     tl.store(dk_part + tok * K + kk, dk_acc.to(dk_part.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
-def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, chunk_t0, cu_seqlens, H,
-                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, LOAD_T: tl.constexpr,
-                    KS_IN_LOOP: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head): dv, dbeta and dk = dk_part + the terms through W, U0, T and alpha. T comes from
-    t_in (stored by the training forward) if LOAD_T, else it is recomputed. dX_K K^T is one product after the V loop,
-    or with KS_IN_LOOP (float32 K = 256, whose [64, K] x [K, 64] tf32x3 product needs more shared memory than a
-    Hopper SM has) -dX_V (K S)^T accumulated per V block."""
+def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, dbeta, deta, dg, chunk_seq, chunk_t0,
+                    cu_seqlens, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr,
+                    GATED: tl.constexpr, LOAD_T: tl.constexpr, KS_IN_LOOP: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, head): dv, dbeta and dk = dk_part + the terms through W, U0, T and alpha; if GATED
+    also deta and dg = dg_part + the terms through the WY system. T comes from t_in (stored by the training forward)
+    if LOAD_T, else it is recomputed. dX_K K^T is one product after the V loop, or with KS_IN_LOOP (float32 K = 256,
+    whose [64, K] x [K, 64] tf32x3 product needs more shared memory than a Hopper SM has) -dX_V (K S)^T accumulated
+    per V block."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, lam, Td = _chunk_t(k, beta, t_in, tok, kk, r, rmask, H, K, EFLA, LOAD_T, PREC)
+    k_tile, b, alpha, lam, Td, gc = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
+    erase, write = _erase_write(alpha, gc, eta, tok, r, rmask, H, GATED)
     Tt = tl.trans(Td)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
-    M = tl.zeros([64, 64], dtype=tl.float32)  # dX_V V^T, then + dX_K K^T after the loop
+    M = tl.zeros([64, 64], dtype=tl.float32)  # dX_V V^T, then + dX_K K^T after the loop (gated: dX_V X_V^T, ...)
     da = tl.zeros([64], dtype=tl.float32)
+    de = tl.zeros([64], dtype=tl.float32)  # gated: the write step's gradient
     for i_v in range(tl.cdiv(V, BV)):
         ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         du_tile = tl.load(du + tok * V + vv, mask=m, other=0.0).to(dt)
@@ -120,23 +161,49 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
         dxv_d = dxv.to(dt)
         dxk -= tl.dot(dxv_d, tl.trans(S), input_precision=PREC)
         v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0)
-        tl.store(dv + tok * V + vv, (alpha[:, None] * dxv).to(dv.dtype.element_ty), mask=m)
-        da += tl.sum(dxv * v_tile.to(tl.float32), axis=1)
+        tl.store(dv + tok * V + vv, (write[:, None] * dxv).to(dv.dtype.element_ty), mask=m)
+        if GATED:
+            de += tl.sum(dxv * v_tile.to(tl.float32), axis=1)
+            x_v = write[:, None] * v_tile.to(tl.float32)
+        else:
+            da += tl.sum(dxv * v_tile.to(tl.float32), axis=1)
+            x_v = v_tile.to(tl.float32)
         if KS_IN_LOOP:
             ks = tl.dot(k_tile, S, input_precision=PREC)
-            M += tl.dot(dxv_d, tl.trans((v_tile.to(tl.float32) - ks).to(dt)), input_precision=PREC)
+            if GATED:
+                ks *= erase[:, None]
+            M += tl.dot(dxv_d, tl.trans((x_v - ks).to(dt)), input_precision=PREC)
         else:
-            M += tl.dot(dxv_d, tl.trans(v_tile.to(dt)), input_precision=PREC)
-    if not KS_IN_LOOP:
-        M += tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC)
+            M += tl.dot(dxv_d, tl.trans(x_v.to(dt)), input_precision=PREC)
     kf = k_tile.to(tl.float32)
+    if not KS_IN_LOOP:
+        if GATED:
+            M += tl.dot(dxk.to(dt), tl.trans((erase[:, None] * kf).to(dt)), input_precision=PREC)
+        else:
+            M += tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC)
     dk_part_tile = tl.load(dk_part + tok * K + kk, mask=rmask[:, None], other=0.0).to(tl.float32)
-    dk_acc = dk_part_tile + alpha[:, None] * dxk
-    da += tl.sum(dxk * kf, axis=1)
-    dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
+    dk_acc = dk_part_tile + erase[:, None] * dxk
+    if GATED:
+        d_erase = tl.sum(dxk * kf, axis=1)
+        da += d_erase * tl.exp(gc)
+        dgc = d_erase * erase
+        dL = -tl.dot(M.to(dt), Tt, input_precision=PREC)
+    else:
+        da += tl.sum(dxk * kf, axis=1)
+        dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
-    da += tl.sum(dL * _gram(k_tile, PREC), axis=1)  # G again: cheaper than keeping it live through the V loop
+    gram = _gram(k_tile, PREC)  # G again: cheaper than keeping it live through the V loop
+    if GATED:
+        gram *= _decay_matrix(gc, r)
+    da += tl.sum(dL * gram, axis=1)
     dG = alpha[:, None] * dL
+    if GATED:
+        z = dG * gram  # dL * A
+        dgc += tl.sum(z, axis=1) - tl.sum(z, axis=0)
+        dG *= _decay_matrix(gc, r)
+        dg_tile = _token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True)
+        tl.store(dg + tok + r * H, dg_tile.to(dg.dtype.element_ty), mask=rmask)
+        tl.store(deta + tok + r * H, de.to(deta.dtype.element_ty), mask=rmask)
     dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
     if EFLA:
         x = b * lam
@@ -148,9 +215,10 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
     tl.store(dbeta + tok + r * H, db.to(dbeta.dtype.element_ty), mask=rmask)
 
 
-def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, prec: str):
+def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, prec: str, g=None):
     """Launch the reverse state pass: the gradient dh of every chunk's entering state (like ``h``), du of the
-    state-pass input u, and the initial states' gradient [N, H, K, V] float32 if ``has_h0`` (else None)."""
+    state-pass input u, and the initial states' gradient [N, H, K, V] float32 if ``has_h0`` (else None). Gated when g
+    ([TT, H] log decay) is given."""
     H, K = k.shape[1:]
     V = do.shape[-1]
     N = cu.numel() - 1
@@ -158,33 +226,39 @@ def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, pr
     du = torch.empty_like(do)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None
     cfg = launch("state_bwd", K, V, q.element_size())
-    _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
+    _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, g, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
                                                       K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
-                                                      STORE_DH0=has_h0, PREC=prec, num_warps=cfg.warps,
-                                                      num_stages=cfg.stages)
+                                                      STORE_DH0=has_h0, GATED=g is not None, PREC=prec,
+                                                      num_warps=cfg.warps, num_stages=cfg.stages)
     return dh, du, dh0
 
 
-def grad_qk(*, q, k, u, do, h, dh, chunks, cu, scale: float, prec: str):
-    """Launch the per-chunk q/k gradient pass: dq and the part of dk that does not go through the WY system."""
+def grad_qk(*, q, k, u, do, h, dh, chunks, cu, scale: float, prec: str, g=None):
+    """Launch the per-chunk q/k gradient pass: dq, the part of dk that does not go through the WY system and, when g
+    is given, the part of dg that does not ([TT, H] float32; else None)."""
     H, K = k.shape[1:]
     V = do.shape[-1]
     dq = torch.empty_like(q)
     dk_part = torch.empty_like(k)  # input dtype, as the dk it becomes part of
+    dg_part = None if g is None else torch.empty_like(g, dtype=torch.float32)
     cfg = launch("grad_qk", K, V, q.element_size())
-    _grad_qk_kernel[(chunks.total, H)](q, k, u, do, h, dh, dq, dk_part, chunks.seq, chunks.t0, cu, scale, H, K=K, V=V,
-                                       BV=cfg.bv, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
-    return dq, dk_part
+    _grad_qk_kernel[(chunks.total, H)](q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunks.seq, chunks.t0, cu, scale,
+                                       H, K=K, V=V, BV=cfg.bv, GATED=g is not None, PREC=prec, num_warps=cfg.warps,
+                                       num_stages=cfg.stages)
+    return dq, dk_part, dg_part
 
 
-def grad_wy(*, k, v, beta, t, du, h, dk_part, chunks, cu, efla: bool, prec: str):
-    """Launch the gradient pass through the WY system: dk (adding dk_part), dv and dbeta."""
+def grad_wy(*, k, v, beta, t, du, h, dk_part, chunks, cu, efla: bool, prec: str, g=None, eta=None, dg_part=None):
+    """Launch the gradient pass through the WY system: dk (adding dk_part), dv and dbeta; when g is given (with eta
+    and grad_qk's dg_part) also deta and dg (else None)."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+    deta, dg = (None, None) if g is None else (torch.empty_like(eta), torch.empty_like(g))
     cfg = launch("grad_wy", K, V, k.element_size())
-    _grad_wy_kernel[(chunks.total, H)](k, v, beta, t, du, h, dk_part, dk, dv, dbeta, chunks.seq, chunks.t0, cu, H,
-                                       K=K, V=V, BV=cfg.bv, EFLA=efla, LOAD_T=t is not None,
+    _grad_wy_kernel[(chunks.total, H)](k, v, beta, g, eta, t, du, h, dk_part, dg_part, dk, dv, dbeta, deta, dg,
+                                       chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv, EFLA=efla,
+                                       GATED=g is not None, LOAD_T=t is not None,
                                        KS_IN_LOOP=k.dtype == torch.float32 and K > 128, PREC=prec,
                                        num_warps=cfg.warps, num_stages=cfg.stages)
-    return dk, dv, dbeta
+    return dk, dv, dbeta, deta, dg

@@ -6,6 +6,10 @@ With W, U0 from ``_wy_fwd_kernel`` and S the state entering a chunk (derivation 
 
 The state pass keeps S [K, BV] in registers for one (sequence, head, V-block), stores every chunk's entering state h
 and its u, and the final state. The output pass reads them back, one program per (chunk, head, V-block).
+
+Gated (GATED, G the chunk's cumulative log decay, D[t, i] = exp(G_t - G_i) for t >= i, G_C its value at the end):
+
+    S' = exp(G_C) S + K^T diag(exp(G_C - G)) u,    O = scale (diag(exp(G)) Q S + (tril(Q K^T) * D) u)
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
+from efla.ops.triton.wy import _chunk_decay, _decay_matrix
 
 
 @triton.jit
-def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
+def _state_fwd_kernel(k, g, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                      STORE_HT: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over the sequence's chunks in order."""
     n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
@@ -49,15 +54,19 @@ def _state_fwd_kernel(k, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
         Sc = S.to(w_tile.dtype)
         u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
         tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
+        if GATED:
+            gc, g_end = _chunk_decay(g, tok, r, rmask, H)
+            k_tile = (tl.exp(g_end - gc)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
+            S *= tl.exp(g_end)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)
     if STORE_HT:
         _store_state(ht, S, n, i_h, H, K, V, ov, vmask)
 
 
 @triton.jit
-def _out_kernel(q, k, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
-                K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head, V-block): O = scale (Q S + tril(Q K^T) u)."""
+def _out_kernel(q, k, g, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
+                K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, head, V-block): O = scale (Q S + tril(Q K^T) u), decayed if GATED."""
     i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
@@ -68,13 +77,18 @@ def _out_kernel(q, k, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
     u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
     qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
     out = tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)
+    if GATED:
+        gc, _g_end = _chunk_decay(g, tok, r, rmask, H)
+        qk *= _decay_matrix(gc, r)
+        out *= tl.exp(gc)[:, None]
     out += tl.dot(qk.to(u_tile.dtype), u_tile, input_precision=PREC)
     tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)
 
 
-def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str):
+def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, g=None):
     """Launch the state pass: every chunk's entering state h ([chunks, H, K, V]; float32 for float32 inputs, else the
-    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None)."""
+    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None). Gated when g
+    ([TT, H] log decay) is given."""
     H, K = k.shape[1:]
     V = u0.shape[-1]
     N = cu.numel() - 1
@@ -82,19 +96,21 @@ def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str):
     u = torch.empty_like(u0)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
     cfg = launch("state_fwd", K, V, k.element_size())
-    _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K, V=V,
-                                                      BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
-                                                      PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+    _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, g, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K,
+                                                      V=V, BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
+                                                      GATED=g is not None, PREC=prec, num_warps=cfg.warps,
+                                                      num_stages=cfg.stages)
     return h, u, ht
 
 
-def output(*, q, k, u, h, chunks, cu, scale: float, prec: str):
-    """Launch the output pass: O = scale (Q S + tril(Q K^T) u) per chunk, [TT, H, V] in the input dtype."""
+def output(*, q, k, u, h, chunks, cu, scale: float, prec: str, g=None):
+    """Launch the output pass: O = scale (Q S + tril(Q K^T) u) per chunk (decayed when g is given), [TT, H, V] in
+    the input dtype."""
     H, K = k.shape[1:]
     V = u.shape[-1]
     o = torch.empty_like(u)
     cfg = launch("out", K, V, q.element_size())
-    _out_kernel[(chunks.total, H, triton.cdiv(V, cfg.bv))](q, k, u, h, o, chunks.seq, chunks.t0, cu, scale, H,
-                                                           K=K, V=V, BV=cfg.bv, PREC=prec, num_warps=cfg.warps,
-                                                           num_stages=cfg.stages)
+    _out_kernel[(chunks.total, H, triton.cdiv(V, cfg.bv))](q, k, g, u, h, o, chunks.seq, chunks.t0, cu, scale,
+                                                           H, K=K, V=V, BV=cfg.bv, GATED=g is not None, PREC=prec,
+                                                           num_warps=cfg.warps, num_stages=cfg.stages)
     return o

@@ -3,7 +3,8 @@
 Exactly the definition (``efla/ops/recurrent.py``): per token, lambda = ||k||^2, alpha, then
 S <- S + k (alpha (v - S^T k))^T and o = scale S^T q. No chunk padding and no WY system, so it wins over the chunk
 kernels when T is short (decode steps, prompts of a few dozen tokens). Forward only: the dispatch sends anything that
-needs gradients to the chunk kernels.
+needs gradients to the chunk kernels. Gated (GATED): S <- exp(g) S first, then S <- S + k (eta v - alpha S^T k)^T
+with alpha and eta precomputed (read as beta and eta, EFLA off).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from efla.ops.triton.wy import _step_size
 
 
 @triton.jit
-def _fused_recurrent_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, scale, H,
+def _fused_recurrent_kernel(q, k, v, beta, g, eta, o, h0, ht, cu_seqlens, scale, H,
                             K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr,
-                            HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+                            GATED: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
     """One program per (sequence, head, V-block); loops over the sequence's tokens."""
     n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu_seqlens + n).to(tl.int64)  # int64: offsets can pass 2^31
@@ -33,24 +34,30 @@ def _fused_recurrent_kernel(q, k, v, beta, o, h0, ht, cu_seqlens, scale, H,
         v_t = tl.load(v + (t * H + i_h) * V + ov, mask=vmask, other=0.0).to(tl.float32)
         b_t = tl.load(beta + t * H + i_h).to(tl.float32)
         a_t = _step_size(b_t, tl.sum(k_t * k_t, axis=0), EFLA)
-        error = v_t - tl.sum(S * k_t[:, None], axis=0)  # v_t - S^T k_t
-        S += k_t[:, None] * (a_t * error)[None, :]
+        if GATED:
+            S *= tl.exp(tl.load(g + t * H + i_h).to(tl.float32))
+            e_t = tl.load(eta + t * H + i_h).to(tl.float32)
+            S += k_t[:, None] * (e_t * v_t - a_t * tl.sum(S * k_t[:, None], axis=0))[None, :]
+        else:
+            error = v_t - tl.sum(S * k_t[:, None], axis=0)  # v_t - S^T k_t
+            S += k_t[:, None] * (a_t * error)[None, :]
         o_t = scale * tl.sum(S * q_t[:, None], axis=0)
         tl.store(o + (t * H + i_h) * V + ov, o_t.to(o.dtype.element_ty), mask=vmask)
     if STORE_HT:
         _store_state(ht, S, n, i_h, H, K, V, ov, vmask)
 
 
-def fused_recurrent(*, q, k, v, beta, h0, cu, scale: float, efla: bool, output_final_state: bool):
+def fused_recurrent(*, q, k, v, beta, h0, cu, scale: float, efla: bool, output_final_state: bool, g=None, eta=None):
     """Launch the fused recurrent kernel on packed [TT, H, D] tensors: o (input dtype) and, if
-    ``output_final_state``, the final states [N, H, K, V] float32 (else None)."""
+    ``output_final_state``, the final states [N, H, K, V] float32 (else None). Gated when g ([TT, H] log decay) is
+    given, with eta ([TT, H] write steps) and beta holding alpha."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     N = cu.numel() - 1
     o = torch.empty_like(v)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     bv = min(V, 32 if K <= 128 else 16)
-    _fused_recurrent_kernel[(N, H, triton.cdiv(V, bv))](q, k, v, beta, o, h0, ht, cu, scale, H, K=K, V=V, BV=bv,
-                                                        EFLA=efla, HAS_H0=h0 is not None,
+    _fused_recurrent_kernel[(N, H, triton.cdiv(V, bv))](q, k, v, beta, g, eta, o, h0, ht, cu, scale, H, K=K, V=V,
+                                                        BV=bv, EFLA=efla, GATED=g is not None, HAS_H0=h0 is not None,
                                                         STORE_HT=output_final_state, num_warps=4)
     return o, ht

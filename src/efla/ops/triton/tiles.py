@@ -34,6 +34,12 @@ def _seq_chunk_rows(bos, eos, i, r, i_h, H):
 
 
 @triton.jit
+def _token_values(ptr, tok, r, rmask, H):
+    """A per-token [TT, H] tensor's values for the chunk's rows (0 on padding rows), in float32."""
+    return tl.load(ptr + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _tile_offsets(r, H, D: tl.constexpr, cols):
     """int32 offsets of the [64, len(cols)] tile of rows r, columns cols of a [TT, H, D] tensor, from tok * D."""
     return r[:, None] * (H * D) + cols[None, :]

@@ -10,6 +10,11 @@ Neumann-series product whose powers of A grow like binomials): the four 16 x 16 
 substitution, X <- (I - a_j e_j^T) X for j = 0..15, then two doubling steps
 [[X1, 0], [A21, X2]]^-1 = [[X1, 0], [-X2 A21 X1, X2]] done as 64 x 64 matrix products on the tensor cores.
 The alpha series and phi' follow ``efla/ops/alpha.py``.
+
+Gated (GATED, log decay g): with G the chunk's cumulative log decay and D[t, i] = exp(G_t - G_i) (t >= i), the system
+is A = tril(diag(alpha) (K K^T * D), -1), W = T diag(alpha exp(G)) K and U0 = T diag(eta) V. alpha and eta arrive
+precomputed (``efla/ops/alpha.py`` in PyTorch, whose autograd takes their gradients on to beta, ||k||^2 and g), so the
+gated kernels run with EFLA off and read them as beta and eta.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import triton
 import triton.language as tl
 
 from efla.ops.triton.launch import launch
-from efla.ops.triton.tiles import _chunk_rows, _tile_offsets, _v_block
+from efla.ops.triton.tiles import _chunk_rows, _tile_offsets, _token_values, _v_block
 
 CHUNK = 64  # tokens per chunk in every Triton kernel
 
@@ -59,6 +64,20 @@ def _step_size(beta, lam, EFLA: tl.constexpr):
 
 
 @triton.jit
+def _chunk_decay(g, tok, r, rmask, H):
+    """The chunk's cumulative log decay G_t = g_0 + ... + g_t [64] (float32; padding rows add 0) and G at its end."""
+    gc = tl.cumsum(_token_values(g, tok, r, rmask, H), 0)
+    return gc, tl.sum(tl.where(r == 63, gc, 0.0), 0)
+
+
+@triton.jit
+def _decay_matrix(gc, r):
+    """D[t, i] = exp(G_t - G_i) for t >= i (every exponent <= 0), 0 above the diagonal."""
+    causal = r[:, None] >= r[None, :]
+    return tl.where(causal, tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
+
+
+@triton.jit
 def _unit_lower_inverse(A, PREC: tl.constexpr):
     """(I + A)^-1 for a strictly lower-triangular 64 x 64 float32 A."""
     i16 = tl.arange(0, 16)
@@ -92,50 +111,69 @@ def _gram(k_tile, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_t(k, beta, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, LOAD_T: tl.constexpr,
-             PREC: tl.constexpr):
+def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
+             LOAD_T: tl.constexpr, PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha, lambda = ||k||^2 and T (input dtype): read from t if LOAD_T (stored by the training forward), else
-    inverted from A = tril(diag(alpha) K K^T, -1) as T = (I + A)^-1."""
+    alpha, lambda = ||k||^2, T (input dtype) and G (the cumulative log decay if GATED, else zeros): T is read from t
+    if LOAD_T (stored by the training forward), else inverted from A = tril(diag(alpha) K K^T (* D if GATED), -1) as
+    T = (I + A)^-1."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    b = tl.load(beta + tok + r * H, mask=rmask, other=0.0).to(tl.float32)
+    b = _token_values(beta, tok, r, rmask, H)
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
     alpha = _step_size(b, lam, EFLA)
+    if GATED:
+        gc, _g_end = _chunk_decay(g, tok, r, rmask, H)
+    else:
+        gc = tl.zeros([64], dtype=tl.float32)
     if LOAD_T:
         Td = tl.load(t + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0)
     else:
-        A = tl.where(r[:, None] > r[None, :], alpha[:, None] * _gram(k_tile, PREC), 0.0)
+        A = alpha[:, None] * _gram(k_tile, PREC)
+        if GATED:
+            A = A * _decay_matrix(gc, r)
+        A = tl.where(r[:, None] > r[None, :], A, 0.0)
         Td = _unit_lower_inverse(A, PREC).to(k_tile.dtype)
-    return k_tile, b, alpha, lam, Td
+    return k_tile, b, alpha, lam, Td, gc
 
 
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
-                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, STORE_T: tl.constexpr,
-                   LOAD_T: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype. T ([TT, H, 64]
-    rows, input dtype) is computed and, if STORE_T, stored for the backward; with LOAD_T it is read from t instead
-    (the backward's recomputation, after a forward that stored it)."""
+def _erase_write(alpha, gc, eta, tok, r, rmask, H, GATED: tl.constexpr):
+    """The row scales of K and V in the WY system: (alpha, alpha), or (alpha exp(G), eta) if GATED."""
+    if GATED:
+        return alpha * tl.exp(gc), _token_values(eta, tok, r, rmask, H)
+    else:
+        return alpha, alpha
+
+
+@triton.jit
+def _wy_fwd_kernel(k, v, beta, g, eta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
+                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
+                   STORE_T: tl.constexpr, LOAD_T: tl.constexpr, PREC: tl.constexpr):
+    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype (gated: the
+    scales of ``_erase_write``). T ([TT, H, 64] rows, input dtype) is computed and, if STORE_T, stored for the
+    backward; with LOAD_T it is read from t instead (the backward's recomputation, after a forward that stored it)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, _b, alpha, _lam, Td = _chunk_t(k, beta, t, tok, kk, r, rmask, H, K, EFLA, LOAD_T, PREC)
+    k_tile, _b, alpha, _lam, Td, gc = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
+    erase, write = _erase_write(alpha, gc, eta, tok, r, rmask, H, GATED)
     if STORE_T:
         tl.store(t + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
-    w_tile = tl.dot(Td, (alpha[:, None] * k_tile.to(tl.float32)).to(dt), input_precision=PREC)
+    w_tile = tl.dot(Td, (erase[:, None] * k_tile.to(tl.float32)).to(dt), input_precision=PREC)
     tl.store(w + tok * K + kk, w_tile.to(w.dtype.element_ty), mask=rmask[:, None])
     for i_v in range(tl.cdiv(V, BV)):
         _ov, _vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         v_tile = tl.load(v + tok * V + vv, mask=m, other=0.0).to(tl.float32)
-        u_tile = tl.dot(Td, (alpha[:, None] * v_tile).to(dt), input_precision=PREC)
+        u_tile = tl.dot(Td, (write[:, None] * v_tile).to(dt), input_precision=PREC)
         tl.store(u0 + tok * V + vv, u_tile.to(u0.dtype.element_ty), mask=m)
 
 
-def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bool = False):
+def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bool = False, g=None, eta=None):
     """Launch ``_wy_fwd_kernel`` on packed [TT, H, D] tensors: returns W, U0 and T (stored now if ``store_t``, the
-    given ``t`` loaded instead of inverting if it is not None, else None)."""
+    given ``t`` loaded instead of inverting if it is not None, else None). Gated when g ([TT, H] log decay) is given,
+    with eta ([TT, H] write steps) and beta holding alpha."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     w, u0 = torch.empty_like(k), torch.empty_like(v)
@@ -143,7 +181,7 @@ def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bo
     if store_t:
         t = k.new_empty(k.shape[0], H, CHUNK)
     cfg = launch("wy_fwd", K, V, k.element_size())
-    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv,
-                                      EFLA=efla, STORE_T=store_t, LOAD_T=load_t, PREC=prec,
-                                      num_warps=cfg.warps, num_stages=cfg.stages)
+    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, g, eta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V,
+                                      BV=cfg.bv, EFLA=efla, GATED=g is not None, STORE_T=store_t, LOAD_T=load_t,
+                                      PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
     return w, u0, t
