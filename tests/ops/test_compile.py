@@ -17,28 +17,30 @@ from efla import efla_attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(T, seed):
+def _inputs(T, seed, gated=False):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(1, T, 2, 16, generator=g), torch.randn(1, T, 2, 16, generator=g)
     v, beta = torch.randn(1, T, 2, 32, generator=g), torch.rand(1, T, 2, generator=g)
-    return [x.to(DEVICE).requires_grad_() for x in (q, k, v, beta)]
+    gate = [torch.randn(1, T, 2, generator=g)] if gated else []
+    return [x.to(DEVICE).requires_grad_() for x in (q, k, v, beta, *gate)]
 
 
-def _attend(q, k, v, beta, cu_seqlens):
-    o, state = efla_attention(q.tanh(), k, v, beta.sigmoid(), cu_seqlens=cu_seqlens, output_final_state=True,
+def _attend(q, k, v, beta, *gate, cu_seqlens):
+    g = -torch.nn.functional.softplus(gate[0]) if gate else None
+    o, state = efla_attention(q.tanh(), k, v, beta.sigmoid(), g=g, cu_seqlens=cu_seqlens, output_final_state=True,
                               backend="triton")
     return (o * o).sum() + state.sum()
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_compiled_call_is_one_graph_and_equals_eager(packed):
+@pytest.mark.parametrize(("packed", "gated"), [(False, False), (True, False), (True, True)])
+def test_compiled_call_is_one_graph_and_equals_eager(packed, gated):
     torch._dynamo.reset()
     cu = torch.tensor([0, 17, 70, 90], device=DEVICE) if packed else None
-    inputs = _inputs(90, seed=3 + packed)
-    eager = _attend(*inputs, cu)
+    inputs = _inputs(90, seed=3 + packed, gated=gated)
+    eager = _attend(*inputs, cu_seqlens=cu)
     eager_grads = torch.autograd.grad(eager, inputs)
     compiled = torch.compile(_attend, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
-    out = compiled(*inputs, cu)
+    out = compiled(*inputs, cu_seqlens=cu)
     grads = torch.autograd.grad(out, inputs)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, eager_grads, strict=True):
