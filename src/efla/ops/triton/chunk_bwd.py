@@ -33,7 +33,7 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_t, _gram, _phi_prime
+from efla.ops.triton.wy import _alpha_lam_grad, _chunk_t, _gram
 
 
 @triton.jit
@@ -139,9 +139,8 @@ def _grad_wy_kernel(k, v, beta, t_in, du, h, dk_part, dk, dv, dbeta, chunk_seq, 
     dG = alpha[:, None] * dL
     dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
     if EFLA:
-        x = b * lam
-        dk_acc += (2.0 * da * b * b * _phi_prime(x))[:, None] * kf
-        db = da * tl.exp(-x)
+        dk_acc += (2.0 * da * _alpha_lam_grad(b, lam, alpha))[:, None] * kf
+        db = da * tl.exp(-tl.where(lam == 0.0, 0.0, b * lam))
     else:
         db = da
     tl.store(dk + tok * K + kk, dk_acc.to(dk.dtype.element_ty), mask=rmask[:, None])
