@@ -100,9 +100,11 @@ class EFLAStaticCache(Cache):
         device = torch.device(device) if device is not None else parameter.device
         layers = []
         for attention in _efla_layers(model):
+            # one window for the layer: its q, k and v convolutions' windows concatenated along the channels
             convs = [m for m in attention.modules() if isinstance(m, ShortConvolution)]
-            conv_states = [torch.zeros(batch_size, c.in_channels, c.kernel_size[0] - 1, dtype=dtype, device=device)
-                           for c in convs]
+            channels = sum(c.in_channels for c in convs)
+            conv_states = [torch.zeros(batch_size, channels, convs[0].kernel_size[0] - 1, dtype=dtype, device=device)
+                           ] if convs else []
             recurrent = torch.zeros(batch_size, attention.num_heads, attention.head_dim, attention.head_dim,
                                     dtype=torch.float32, device=device)
             layers.append(_StaticStateLayer(conv_states, recurrent))
