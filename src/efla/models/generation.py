@@ -27,6 +27,7 @@ cache (eager).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -148,7 +149,7 @@ class DecodeGraph:
             raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
         self.use_cuda_graph = on_cuda if use_cuda_graph is None else use_cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._captured_for: tuple[int, tuple[int, ...]] | None = None
+        self._captured_cache: weakref.ref | None = None  # the graph reads and writes this cache's buffers
         self._input_ids = self._logits = None
 
     def __call__(self, input_ids: torch.Tensor, cache: Cache | None = None, past_key_values: Cache | None = None,
@@ -158,10 +159,14 @@ class DecodeGraph:
             raise ValueError("DecodeGraph needs the cache that the prompt was prefilled into")
         if input_ids.dim() != 2 or input_ids.shape[1] != 1:
             raise ValueError(f"input_ids must be [batch, 1], one new token per row (got {tuple(input_ids.shape)})")
+        if isinstance(cache, EFLAStaticCache) and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the cache was built for batch size "
+                             f"{cache.batch_size}")
         if not self.use_cuda_graph:
             logits = self._step(input_ids, cache)
         else:
-            if self._captured_for != (id(cache), tuple(input_ids.shape)):
+            captured = self._captured_cache() if self._captured_cache is not None else None
+            if captured is not cache or self._input_ids.shape != input_ids.shape:
                 self._capture(input_ids, cache)
             self._input_ids.copy_(input_ids)
             self._graph.replay()
@@ -189,7 +194,7 @@ class DecodeGraph:
             self._logits = self._step(self._input_ids, cache)
         for buffer, value in zip(_state_buffers(cache), saved, strict=True):
             buffer.copy_(value)
-        self._graph, self._captured_for = graph, (id(cache), tuple(input_ids.shape))
+        self._graph, self._captured_cache = graph, weakref.ref(cache)
 
 
 @torch.inference_mode()
