@@ -151,6 +151,19 @@ class DecodeGraph:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._captured_cache: weakref.ref | None = None  # the graph reads and writes this cache's buffers
         self._input_ids = self._logits = None
+        self._cache: EFLAStaticCache | None = None
+        self._cache_key: tuple | None = None
+
+    def static_cache(self, batch_size: int) -> EFLAStaticCache:
+        """A zeroed EFLAStaticCache for ``batch_size`` rows: the previous one when the size matches (so its captured
+        graph is replayed again), else a new one."""
+        parameter = next(self.model.parameters())
+        key = (batch_size, parameter.dtype, parameter.device)
+        if self._cache is None or self._cache_key != key:
+            self._cache = None  # free the old buffers before allocating the new ones
+            self._cache, self._cache_key = EFLAStaticCache(self.model, batch_size), key
+        self._cache.reset()
+        return self._cache
 
     def __call__(self, input_ids: torch.Tensor, cache: Cache | None = None, past_key_values: Cache | None = None,
                  **ignored: Any) -> CausalLMOutputWithPast:
@@ -197,6 +210,16 @@ class DecodeGraph:
         self._graph, self._captured_cache = graph, weakref.ref(cache)
 
 
+def decode_step(model: nn.Module, use_cuda_graph: bool | None = None) -> DecodeGraph:
+    """The model's DecodeGraph, kept on the model so that its captured graphs and static cache are reused by later
+    calls (as transformers keeps its compiled call); a new one when ``use_cuda_graph`` asks for the other kind."""
+    step = getattr(model, "_decode_graph", None)
+    if step is None or (use_cuda_graph is not None and step.use_cuda_graph != use_cuda_graph):
+        step = DecodeGraph(model, use_cuda_graph)
+        model._decode_graph = step
+    return step
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -237,8 +260,8 @@ def generate(
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("attention_mask: prompts must be left-padded (the last column holds padding)")
     B, T = input_ids.shape
-    cache = EFLAStaticCache(model, B)
-    step = DecodeGraph(model, use_cuda_graph)
+    step = decode_step(model, use_cuda_graph)
+    cache = step.static_cache(B)
     pad = pad_token_id if pad_token_id is not None else eos_token_id
 
     logits = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,

@@ -180,11 +180,9 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         (``efla.models.generation.DecodeGraph``). Hybrid models keep transformers' torch.compile."""
         if self.config.attn_layers:
             return super().get_compiled_call(compile_config)
-        from efla.models.generation import DecodeGraph  # imports this module
+        from efla.models.generation import decode_step  # imports this module
 
-        if getattr(self, "_decode_graph", None) is None:
-            self._decode_graph = DecodeGraph(self)
-        return self._decode_graph
+        return decode_step(self)
 
     def forward(
         self,
