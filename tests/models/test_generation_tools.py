@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 
-from efla.cli import main  # noqa: E402
-from efla.models import EFLAForCausalLM, preset_config  # noqa: E402
-from efla.train.tokenizer import train_tokenizer  # noqa: E402
+from efla.cli import main
+from efla.models import EFLAForCausalLM, preset_config
+from efla.train.tokenizer import train_tokenizer
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "a tiny model writes tiny words", "the fox and the dog"] * 20
 
