@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import CompileConfig, DynamicCache  # noqa: E402
 
 from efla.models import EFLAForCausalLM, preset_config  # noqa: E402
-from efla.models.generation import STOP_CHECK_EVERY, DecodeGraph, EFLAStaticCache, generate  # noqa: E402
+from efla.models.generation import STOP_CHECK_EVERY, DecodeGraph, EFLAStaticCache, decode_step, generate  # noqa: E402
 
 VARIANTS = {  # small chunks so that prompts span several chunks
     "efla": dict(chunk_size=4),
@@ -67,6 +67,13 @@ def test_transformers_generate_decodes_through_the_decode_graph():
     switched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                               cache_implementation="static", compile_config=_graph_config())
     assert torch.equal(switched, eager)
+    # generate() and transformers' generate share the model's decode step and its static cache (made in inference
+    # mode by the first, updated under no_grad by the second)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=8), eager)
+    shared = decode_step(model).static_cache(len(LENGTHS))
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache=shared,
+                           compile_config=_graph_config())
+    assert torch.equal(again, eager)
 
 
 def test_prefill_leaves_each_rows_own_state_in_place():

@@ -100,15 +100,17 @@ class EFLAStaticCache(Cache):
         dtype = dtype or parameter.dtype
         device = torch.device(device) if device is not None else parameter.device
         layers = []
-        for attention in _efla_layers(model):
-            # one window for the layer: its q, k and v convolutions' windows concatenated along the channels
-            convs = [m for m in attention.modules() if isinstance(m, ShortConvolution)]
-            channels = sum(c.in_channels for c in convs)
-            conv_states = [torch.zeros(batch_size, channels, convs[0].kernel_size[0] - 1, dtype=dtype, device=device)
-                           ] if convs else []
-            recurrent = torch.zeros(batch_size, attention.num_heads, attention.head_dim, attention.head_dim,
-                                    dtype=torch.float32, device=device)
-            layers.append(_StaticStateLayer(conv_states, recurrent))
+        # plain tensors even when built inside inference mode: transformers' generate updates them under no_grad
+        with torch.inference_mode(False):
+            for attention in _efla_layers(model):
+                # one window for the layer: its q, k and v convolutions' windows concatenated along the channels
+                convs = [m for m in attention.modules() if isinstance(m, ShortConvolution)]
+                channels = sum(c.in_channels for c in convs)
+                conv_states = [torch.zeros(batch_size, channels, convs[0].kernel_size[0] - 1, dtype=dtype,
+                                           device=device)] if convs else []
+                recurrent = torch.zeros(batch_size, attention.num_heads, attention.head_dim, attention.head_dim,
+                                        dtype=torch.float32, device=device)
+                layers.append(_StaticStateLayer(conv_states, recurrent))
         super().__init__(layers=layers)
 
 
@@ -144,7 +146,8 @@ class DecodeGraph:
 
     def __init__(self, model: nn.Module, use_cuda_graph: bool | None = None) -> None:
         self.model = model
-        on_cuda = next(model.parameters()).is_cuda
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
         if use_cuda_graph and not on_cuda:
             raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
         self.use_cuda_graph = on_cuda if use_cuda_graph is None else use_cuda_graph
@@ -194,27 +197,32 @@ class DecodeGraph:
         """Warm up on a side stream (compiles the Triton kernels), capture one step, then put back the state that the
         warm-up steps advanced."""
         saved = [b.clone() for b in _state_buffers(cache)]
-        self._graph = None  # free the previous graph's memory pool first
-        self._input_ids = input_ids.clone()
-        stream = torch.cuda.Stream(device=input_ids.device)
-        stream.wait_stream(torch.cuda.current_stream(input_ids.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(self._input_ids, cache)
-        torch.cuda.current_stream(input_ids.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._logits = self._step(self._input_ids, cache)
-        for buffer, value in zip(_state_buffers(cache), saved, strict=True):
-            buffer.copy_(value)
+        self._graph = self._captured_cache = None  # free the previous graph's memory pool first
+        with torch.inference_mode(False):  # a plain tensor, written by later calls in or out of inference mode
+            self._input_ids = input_ids.clone()
+        try:
+            stream = torch.cuda.Stream(device=input_ids.device)
+            stream.wait_stream(torch.cuda.current_stream(input_ids.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(self._input_ids, cache)
+            torch.cuda.current_stream(input_ids.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._logits = self._step(self._input_ids, cache)
+        finally:
+            for buffer, value in zip(_state_buffers(cache), saved, strict=True):
+                buffer.copy_(value)
         self._graph, self._captured_cache = graph, weakref.ref(cache)
 
 
 def decode_step(model: nn.Module, use_cuda_graph: bool | None = None) -> DecodeGraph:
-    """The model's DecodeGraph, kept on the model so that its captured graphs and static cache are reused by later
-    calls (as transformers keeps its compiled call); a new one when ``use_cuda_graph`` asks for the other kind."""
+    """The model's DecodeGraph, kept on the model so that its captured graph and static cache are reused by later
+    calls (as transformers keeps its compiled call); a new one when the model moved to another device or
+    ``use_cuda_graph`` asks for the other kind."""
     step = getattr(model, "_decode_graph", None)
-    if step is None or (use_cuda_graph is not None and step.use_cuda_graph != use_cuda_graph):
+    if (step is None or step.device != next(model.parameters()).device
+            or (use_cuda_graph is not None and step.use_cuda_graph != use_cuda_graph)):
         step = DecodeGraph(model, use_cuda_graph)
         model._decode_graph = step
     return step
