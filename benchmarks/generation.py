@@ -7,10 +7,13 @@ Llama of the same size (SDPA), at several batch sizes and prompt lengths, all in
 
 Models: "efla eager" (transformers' generate with its default cache: the path before the static state), "efla graph"
 (``efla.models.generation.generate``: static state, CUDA-graph decode steps; eager static steps on the CPU),
-"efla graph hf" (transformers' generate with an EFLAStaticCache, which decodes through the same graph), "fla
+"efla graph hf" (transformers' generate with an EFLAStaticCache, which decodes through the same graph), "efla graph
+compiled" (only with --models: the step compiled by torch.compile's inductor before the capture), "fla
 DeltaNet" (flash-linear-attention's DeltaNetForCausalLM with the same sizes, transformers' generate; skipped with a
 note when not importable or not on CUDA) and "llama sdpa" (LlamaForCausalLM: same hidden size, layers, heads and
-MLP width, so about the same parameters; its count is printed).
+MLP width: 373,867,520 parameters against EFLA 340M's 374,362,112; counts are printed per row).
+
+    python benchmarks/generation.py --models "efla graph" "efla graph compiled" --out generation.jsonl
 
 Per (model, batch, prompt) the prompt is random tokens without padding; greedy decoding, no eos. With t(n) the median
 wall time of a generate call producing n tokens (after one untimed warm-up call: kernel compilation, graph capture),
@@ -38,6 +41,7 @@ from efla.models.generation import decode_step, generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = ("efla eager", "efla graph", "efla graph hf", "fla DeltaNet", "llama sdpa")
+OPTIONAL = ("efla graph compiled",)  # only when asked for with --models: compiling costs minutes per batch size
 Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids [B, T], new tokens) -> ids [B, T + new]
 
 
@@ -97,7 +101,8 @@ def build(name: str, config: EFLAConfig) -> tuple[nn.Module, Callable[[nn.Module
         return model, hf_generate
     if name == "efla graph hf":
         return model, lambda m: hf_generate(m, static_cache=True)
-    return model, lambda m: lambda ids, new: generate(m, ids, max_new_tokens=new)
+    backend = "inductor" if name == "efla graph compiled" else None
+    return model, lambda m: lambda ids, new: generate(m, ids, max_new_tokens=new, compile_backend=backend)
 
 
 def median_seconds(run: Generate, ids: torch.Tensor, new: int, repeats: int, device: torch.device) -> float:
@@ -134,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is kept")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + OPTIONAL)
     parser.add_argument("--out", type=Path, help="append each row to this file as a JSON line")
     args = parser.parse_args(argv)
     for name in ("new_tokens", "repeats"):

@@ -76,6 +76,15 @@ def test_transformers_generate_decodes_through_the_decode_graph():
     assert torch.equal(again, eager)
 
 
+def test_compiled_decode_step_traces_the_model():
+    """torch.compile's graph capture (backend "eager": dynamo only, same numerics) traces the whole step."""
+    model = _model(**VARIANTS["efla"])
+    ids, mask = _left_padded(LENGTHS)
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=6, compile_backend="eager"), eager)
+    assert model._decode_graph.compile_backend == "eager"
+
+
 def test_prefill_leaves_each_rows_own_state_in_place():
     model = _model(**VARIANTS["efla"])
     ids, mask = _left_padded(LENGTHS)

@@ -138,14 +138,21 @@ def _efla_layers(model: nn.Module) -> list[EFLAttention]:
 class DecodeGraph:
     """The model's one-token step over a static cache: logits [B, 1, vocab] of ``input_ids`` [B, 1], the cache
     advanced in place. With ``use_cuda_graph`` (default: the model is on CUDA) the step is captured in a CUDA graph
-    the first time it meets a cache and batch size, and replayed after; otherwise it runs eagerly.
+    the first time it meets a cache and batch size, and replayed after; otherwise it runs eagerly. ``compile_backend``
+    (e.g. "inductor"; default None: off) compiles the step with torch.compile first.
 
     Callable like the model's forward as transformers' generate calls it during decoding (other keywords, such as
     attention_mask, are ignored: after the prefill the static state already holds each row's own past). The returned
     logits are a static buffer, overwritten by the next call."""
 
-    def __init__(self, model: nn.Module, use_cuda_graph: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, use_cuda_graph: bool | None = None, compile_backend: str | None = None
+                 ) -> None:
         self.model = model
+        self.compile_backend = compile_backend
+        # torch.compile fuses the step's small elementwise kernels (norms, activations, casts) before the capture;
+        # fused kernels round differently, so greedy tokens may differ from the eager path's
+        self._forward = model if compile_backend is None else torch.compile(model, backend=compile_backend,
+                                                                            dynamic=False)
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
         if use_cuda_graph and not on_cuda:
@@ -191,7 +198,7 @@ class DecodeGraph:
 
     @torch.inference_mode()
     def _step(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-        return self.model(input_ids=input_ids, cache=cache, use_cache=True).logits
+        return self._forward(input_ids=input_ids, cache=cache, use_cache=True).logits
 
     def _capture(self, input_ids: torch.Tensor, cache: Cache) -> None:
         """Warm up on a side stream (compiles the Triton kernels), capture one step, then put back the state that the
@@ -216,14 +223,16 @@ class DecodeGraph:
         self._graph, self._captured_cache = graph, weakref.ref(cache)
 
 
-def decode_step(model: nn.Module, use_cuda_graph: bool | None = None) -> DecodeGraph:
+def decode_step(model: nn.Module, use_cuda_graph: bool | None = None, compile_backend: str | None = None
+                ) -> DecodeGraph:
     """The model's DecodeGraph, kept on the model so that its captured graph and static cache are reused by later
-    calls (as transformers keeps its compiled call); a new one when the model moved to another device or
-    ``use_cuda_graph`` asks for the other kind."""
+    calls (as transformers keeps its compiled call); a new one when the model moved to another device or the
+    arguments ask for another kind."""
     step = getattr(model, "_decode_graph", None)
     if (step is None or step.device != next(model.parameters()).device
-            or (use_cuda_graph is not None and step.use_cuda_graph != use_cuda_graph)):
-        step = DecodeGraph(model, use_cuda_graph)
+            or (use_cuda_graph is not None and step.use_cuda_graph != use_cuda_graph)
+            or step.compile_backend != compile_backend):
+        step = DecodeGraph(model, use_cuda_graph, compile_backend)
         model._decode_graph = step
     return step
 
@@ -240,6 +249,7 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     use_cuda_graph: bool | None = None,
+    compile_backend: str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens with the static state (prefill, then CUDA-graph decode
@@ -254,6 +264,7 @@ def generate(
         eos_token_id: a row stops after it emits this token; later positions hold ``pad_token_id`` (default: eos).
             Generation ends when every row has stopped (checked every STOP_CHECK_EVERY tokens; the output is cut at
             the step where the last row stopped, as transformers' generate does).
+        use_cuda_graph, compile_backend: as in DecodeGraph.
         generator: the random generator for sampling (default: torch's global one, so torch.manual_seed fixes it).
 
     Returns:
@@ -268,7 +279,7 @@ def generate(
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("attention_mask: prompts must be left-padded (the last column holds padding)")
     B, T = input_ids.shape
-    step = decode_step(model, use_cuda_graph)
+    step = decode_step(model, use_cuda_graph, compile_backend)
     cache = step.static_cache(B)
     pad = pad_token_id if pad_token_id is not None else eos_token_id
 
