@@ -192,10 +192,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n{'model':<15} {'params':>13} {'batch':>6} {'prompt':>7} {'ms/token':>9} {'tokens/s':>10} "
+    print(f"\n{'model':<20} {'params':>13} {'batch':>6} {'prompt':>7} {'ms/token':>9} {'tokens/s':>10} "
           f"{'prefill ms':>11}")
     for r in rows:
-        print(f"{r['model']:<15} {r['params']:>13,} {r['batch']:>6} {r['prompt']:>7} {r['ms_per_token']:>9.2f} "
+        print(f"{r['model']:<20} {r['params']:>13,} {r['batch']:>6} {r['prompt']:>7} {r['ms_per_token']:>9.2f} "
               f"{r['tokens_per_s']:>10,.0f} {r['prefill_ms']:>11.1f}")
     if failures:
         raise SystemExit("failed measurements:\n" + "\n".join(failures))

@@ -172,6 +172,16 @@ def test_cuda_graph_decoding_matches_eager(dtype):
                             cache=EFLAStaticCache(model, len(LENGTHS)))
     assert model._decode_graph.use_cuda_graph and model._decode_graph._graph is not None
     assert torch.equal(hooked, eager)
+    # the eager step makes no host-device sync (the capture above would have failed too)
+    cache = EFLAStaticCache(model, len(LENGTHS))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        DecodeGraph(model, use_cuda_graph=False)(ids[:, -1:], cache)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     # another cache (another batch size) is captured anew
     graph = model._decode_graph._graph
     again = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=20, do_sample=False,
