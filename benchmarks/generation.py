@@ -2,8 +2,8 @@
 Llama of the same size (SDPA), at several batch sizes and prompt lengths, all in one run.
 
     python benchmarks/generation.py --out generation.jsonl          # 340M, bf16, batch 1/16/64, prompts 128/2048
-    python benchmarks/generation.py --preset tiny --device cpu --dtype float32 --batch-sizes 1 2 \\
-        --prompt-lens 8 --new-tokens 4 --repeats 1                      # CPU smoke run
+    python benchmarks/generation.py --preset tiny --device cpu --batch-sizes 1 2 --prompt-lens 8 \\
+        --new-tokens 4 --repeats 1                                      # CPU smoke run (float32)
 
 Models: "efla eager" (transformers' generate with its default cache: the path before the static state), "efla graph"
 (``efla.models.generation.generate``: static state, CUDA-graph decode steps; eager static steps on the CPU),
@@ -134,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="340M", choices=sorted(PRESETS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weights and activations")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default bfloat16 on CUDA, "
+                        "float32 on the CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call (default 64)")
@@ -153,7 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run every model at every batch size and prompt length; print the table; return the rows."""
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[args.dtype]
     config = preset_config(args.preset)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"preset {args.preset}, {args.dtype}, {where}; ms per generated token = (t(1 + {args.new_tokens}) - t(1)) / "

@@ -62,7 +62,7 @@ def test_generation_benchmark_smoke_run(tmp_path):
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     out = tmp_path / "rows.jsonl"
-    rows = benchmark.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "2",
+    rows = benchmark.main(["--preset", "tiny", "--device", "cpu", "--batch-sizes", "2",
                            "--prompt-lens", "8", "--new-tokens", "2", "--repeats", "1", "--out", str(out)])
     expected = {"efla eager", "efla graph", "efla graph hf", "llama sdpa"}  # fla DeltaNet needs CUDA
     assert {r["model"] for r in rows} == expected
