@@ -97,7 +97,9 @@ def test_gated_delta_mode_is_gated_deltanet():
 
 @pytest.mark.parametrize("mode", ["efla", "delta"])
 def test_zero_decay_equals_ungated(mode):
-    q, k, v, beta, _, h0 = random_inputs(2, 30, 2, 8, 4)
+    q, k, v, beta, _, h0 = random_inputs(2, 30, 2, 8, 4, seed=99)
+    if mode == "delta":  # the Euler step's stable regime (unit keys, beta < 2); raw keys make the state explode
+        k = torch.nn.functional.normalize(k, dim=-1)
     zero = torch.zeros_like(beta)
     for backend in ("recurrent", "torch"):
         ungated, s1 = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, mode=mode,

@@ -19,9 +19,11 @@ def recompute(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, enabled: 
 
     fn must be a deterministic function of ``tensors`` alone: pass the parameters it uses among them (their
     gradients flow through), anything else it closes over is not differentiated. Without gradients, or with
-    enabled=False, it is a plain call.
+    enabled=False, it is a plain call; under torch.compile too.
     """
     if not enabled or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return fn(*tensors)
+    if torch.compiler.is_compiling():  # the compiler's own partitioner chooses what to recompute
         return fn(*tensors)
     return _Recomputed.apply(fn, *tensors)
 

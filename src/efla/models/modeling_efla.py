@@ -3,7 +3,8 @@
 Pre-norm blocks (RMSNorm -> token mixer -> residual, RMSNorm -> SwiGLU MLP -> residual), the token mixer being
 ``EFLAttention`` or, at the layers listed in ``config.attn_layers``, softmax attention. Generation uses transformers'
 ``DynamicCache`` built from the config's ``layer_types``: linear-attention layers keep a convolution state and the
-recurrent state, softmax layers keep keys and values.
+recurrent state, softmax layers keep keys and values. ``efla.models.generation`` holds the static state and the
+CUDA-graph decode step.
 """
 
 from __future__ import annotations
@@ -199,6 +200,16 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def get_compiled_call(self, compile_config: Any) -> Any:
+        """The decode step transformers' generate runs over a compileable cache (an EFLAStaticCache or
+        cache_implementation="static") on CUDA: the one-token step captured in a CUDA graph
+        (``efla.models.generation.DecodeGraph``). Hybrid models keep transformers' torch.compile."""
+        if self.config.attn_layers:
+            return super().get_compiled_call(compile_config)
+        from efla.models.generation import decode_step  # imports this module
+
+        return decode_step(self)
 
     def forward(
         self,

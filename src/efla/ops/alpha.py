@@ -47,20 +47,39 @@ def _phi_prime(x: torch.Tensor) -> torch.Tensor:
     return torch.where(large, closed, series)
 
 
+_SATURATED = 50.0  # x e^-x < 1e-20 beyond this: beta e^-x is nothing beside alpha = (1 - e^-x) / lambda
+
+
+def _alpha(beta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x = beta lambda, alpha): beta phi(x) below x = 1, (1 - e^-x) / lambda above (also for x = inf)."""
+    x = torch.where(lam == 0, torch.zeros_like(beta), beta * lam)  # beta = inf on a zero key: no step at all
+    large = x >= 1
+    safe_lam = torch.where(large, lam, torch.ones_like(lam))
+    return x, torch.where(large, -torch.expm1(-x) / safe_lam, torch.where(large, 0, beta) * _phi(x))
+
+
 class _AlphaFromBeta(torch.autograd.Function):
+    """alpha = beta phi(x) for x = beta lambda < 1, and (1 - e^-x) / lambda above, so that beta lambda beyond the
+    dtype's range (x = inf, or beta = inf) still gives alpha = 1 / lambda, the exact limit."""
+
     @staticmethod
     def forward(ctx, beta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        x = beta * lam
-        ctx.save_for_backward(beta, x)
-        return beta * _phi(x)
+        x, alpha = _alpha(beta, lam)
+        ctx.save_for_backward(beta, lam, x, alpha)
+        return alpha
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        beta, x = ctx.saved_tensors
+        beta, lam, x, alpha = ctx.saved_tensors
         grad_beta = grad_alpha * torch.exp(-x)
-        grad_lam = grad_alpha * beta * beta * _phi_prime(x)
-        return grad_beta, grad_lam
+        large = x >= 1
+        safe_lam = torch.where(large, lam, torch.ones_like(lam))
+        small_beta = torch.where(large, 0, beta)
+        # beta^2 phi'(x) = (beta e^-x - alpha) / lambda for x >= 1 (beta e^-x -> 0 past saturation, also at beta = inf)
+        fresh = torch.where(x > _SATURATED, 0, torch.where(large, beta, 0) * torch.exp(-x))
+        dalpha_dlam = torch.where(large, (fresh - alpha) / safe_lam, small_beta * small_beta * _phi_prime(x))
+        return grad_beta, grad_alpha * dalpha_dlam
 
 
 class _EtaFromBeta(torch.autograd.Function):
@@ -68,7 +87,7 @@ class _EtaFromBeta(torch.autograd.Function):
     def forward(ctx, beta: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         y = beta * lam - g
         ctx.save_for_backward(beta, g, y)
-        return beta * _phi(y)
+        return torch.where(g == 0, _alpha(beta, lam)[1], beta * _phi(y))  # no decay: EFLA's alpha, bit for bit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -112,6 +131,26 @@ def step_sizes(k: torch.Tensor, beta: torch.Tensor, mode: str) -> torch.Tensor:
         return beta.to(torch.promote_types(beta.dtype, torch.float32))
     lam = k.to(torch.promote_types(k.dtype, torch.float32)).square().sum(-1)
     return alpha_from_beta(beta, lam)
+
+
+def unit_key_form(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EFLA as the delta rule on unit keys: (k / ||k||, v / ||k||, a) with a = alpha ||k||^2 = 1 - exp(-beta ||k||^2).
+
+    alpha k k^T = a k^ k^T and alpha k v^T = a k^ (v / ||k||)^T, so the recurrence with these keys, values and step
+    is EFLA's, while no product ever holds ||k||^2: finite for keys up to the dtype's largest value and for any
+    beta >= 0 including inf (a -> 1, the projection onto k's complement). A zero key gives a zero step. Computed in
+    float32 or better; differentiable by autograd.
+    """
+    dtype = torch.promote_types(torch.promote_types(k.dtype, beta.dtype), torch.float32)
+    k, beta = k.to(dtype), beta.to(dtype)
+    peak = k.abs().amax(-1, keepdim=True)  # ||k|| = peak * ||k / peak||, whose square cannot overflow
+    zero = peak == 0
+    shrunk = k / torch.where(zero, torch.ones_like(peak), peak)
+    norm = peak * shrunk.norm(dim=-1, keepdim=True)
+    safe_norm = torch.where(zero, torch.ones_like(norm), norm)
+    x = torch.where(zero[..., 0], torch.zeros_like(beta), (beta * norm[..., 0]) * norm[..., 0])
+    return k / safe_norm, torch.where(zero, 0, v.to(dtype) / safe_norm), -torch.expm1(-x)
 
 
 def gated_step_sizes(k: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, mode: str

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from efla.ops import varlen
-from efla.ops.alpha import gated_step_sizes, step_sizes
+from efla.ops.alpha import gated_step_sizes, step_sizes, unit_key_form
 from efla.ops.checks import assert_values, check_decay, check_inputs, sequence_lengths
 from efla.ops.chunk import chunk_fwd
 from efla.ops.recurrent import recurrent_fwd
@@ -121,7 +121,12 @@ def _reference_backend(kernel: Callable) -> Callable:
     """Wrap a PyTorch forward (recurrent or chunkwise) with alpha, varlen packing and output dtypes."""
 
     def run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, lengths_from):
-        alpha = step_sizes(k, beta, mode).to(torch.promote_types(q.dtype, torch.float32))
+        out_dtype = v.dtype
+        if mode == "efla":  # unit keys, so that no product holds ||k||^2 (finite for any key norm and beta)
+            k, v, alpha = unit_key_form(k, v, beta)
+        else:
+            alpha = step_sizes(k, beta, mode)
+        alpha = alpha.to(torch.promote_types(q.dtype, torch.float32))
         lengths = None
         if cu_seqlens is not None:
             lengths = sequence_lengths(lengths_from, q.shape[1])
@@ -129,7 +134,7 @@ def _reference_backend(kernel: Callable) -> Callable:
         o, state = kernel(q, k, v, alpha, scale, initial_state, chunk_size)
         if lengths is not None:
             o = varlen.pack(o, lengths)
-        return o.to(v.dtype), (state if output_final_state else None)
+        return o.to(out_dtype), (state if output_final_state else None)
 
     return run
 

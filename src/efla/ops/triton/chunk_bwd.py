@@ -46,7 +46,7 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_decay, _chunk_t, _decay_matrix, _erase_write, _gram, _phi_prime
+from efla.ops.triton.wy import _alpha_lam_grad, _chunk_decay, _chunk_t, _decay_matrix, _erase_write, _gram
 
 
 @triton.jit
@@ -206,9 +206,8 @@ def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, d
         tl.store(deta + tok + r * H, de.to(deta.dtype.element_ty), mask=rmask)
     dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
     if EFLA:
-        x = b * lam
-        dk_acc += (2.0 * da * b * b * _phi_prime(x))[:, None] * kf
-        db = da * tl.exp(-x)
+        dk_acc += (2.0 * da * _alpha_lam_grad(b, lam, alpha))[:, None] * kf
+        db = da * tl.exp(-tl.where(lam == 0.0, 0.0, b * lam))
     else:
         db = da
     tl.store(dk + tok * K + kk, dk_acc.to(dk.dtype.element_ty), mask=rmask[:, None])

@@ -56,9 +56,13 @@ def _phi_prime(x):
 
 @triton.jit
 def _step_size(beta, lam, EFLA: tl.constexpr):
-    """alpha = beta * phi(beta * lam) for EFLA, beta itself for the delta rule."""
+    """alpha for EFLA (beta phi(x) below x = beta lam = 1, (1 - e^-x) / lam above, so x = inf or beta = inf give the
+    exact limit 1 / lam; a zero key gives no step), beta itself for the delta rule."""
     if EFLA:
-        return beta * _phi(beta * lam)
+        x = tl.where(lam == 0.0, 0.0, beta * lam)
+        large = x >= 1.0
+        return tl.where(large, (1.0 - tl.exp(-x)) / tl.where(large, lam, 1.0),
+                        tl.where(large, 0.0, beta) * _phi(tl.where(large, 0.0, x)))
     else:
         return beta
 
@@ -75,6 +79,18 @@ def _decay_matrix(gc, r):
     """D[t, i] = exp(G_t - G_i) for t >= i (every exponent <= 0), 0 above the diagonal."""
     causal = r[:, None] >= r[None, :]
     return tl.where(causal, tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
+
+
+@triton.jit
+def _alpha_lam_grad(beta, lam, alpha):
+    """d alpha / d lam = beta^2 phi'(x): the series below x = 1, (beta e^-x - alpha) / lam above (beta e^-x taken as
+    0 past x = 50, which also covers beta = inf), as ``efla/ops/alpha.py``."""
+    x = tl.where(lam == 0.0, 0.0, beta * lam)
+    large = x >= 1.0
+    small_beta = tl.where(large, 0.0, beta)
+    fresh = tl.where(large & (x <= 50.0), beta * tl.exp(-tl.minimum(x, 50.0)), 0.0)
+    return tl.where(large, (fresh - alpha) / tl.where(large, lam, 1.0),
+                    small_beta * small_beta * _phi_prime(tl.where(large, 0.0, x)))
 
 
 @triton.jit

@@ -1,0 +1,209 @@
+"""Generation speed: milliseconds per generated token of an EFLA preset (random weights) against fla's DeltaNet and a
+Llama of the same size (SDPA), at several batch sizes and prompt lengths, all in one run.
+
+    python benchmarks/generation.py --out generation.jsonl          # 340M, bf16, batch 1/16/64, prompts 128/2048
+    python benchmarks/generation.py --preset tiny --device cpu --batch-sizes 1 2 --prompt-lens 8 \\
+        --new-tokens 4 --repeats 1                                      # CPU smoke run (float32)
+
+Models: "efla eager" (transformers' generate with its default cache: the path before the static state), "efla graph"
+(``efla.models.generation.generate``: static state, CUDA-graph decode steps; eager static steps on the CPU),
+"efla graph hf" (transformers' generate with an EFLAStaticCache, which decodes through the same graph), "efla graph
+compiled" (only with --models: the step compiled by torch.compile's inductor before the capture), "fla
+DeltaNet" (flash-linear-attention's DeltaNetForCausalLM with the same sizes, transformers' generate; skipped with a
+note when not importable or not on CUDA) and "llama sdpa" (LlamaForCausalLM: same hidden size, layers, heads and
+MLP width: 373,867,520 parameters against EFLA 340M's 374,362,112; counts are printed per row).
+
+    python benchmarks/generation.py --models "efla graph" "efla graph compiled" --out generation.jsonl
+
+Per (model, batch, prompt) the prompt is random tokens without padding; greedy decoding, no eos. With t(n) the median
+wall time of a generate call producing n tokens (after one untimed warm-up call: kernel compilation, graph capture),
+ms per generated token = (t(1 + N) - t(1)) / N, i.e. the decode steps alone; the prefill time t(1) is shown too.
+Each row is printed and, with --out, appended to that file as one JSON line as soon as it is measured, so a run cut
+short keeps its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, preset_config
+from efla.models.generation import decode_step, generate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODELS = ("efla eager", "efla graph", "efla graph hf", "fla DeltaNet", "llama sdpa")
+OPTIONAL = ("efla graph compiled",)  # only when asked for with --models: compiling costs minutes per batch size
+Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids [B, T], new tokens) -> ids [B, T + new]
+
+
+def fla_deltanet(config: EFLAConfig) -> nn.Module:
+    """fla's DeltaNetForCausalLM with the sizes of ``config``."""
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    return DeltaNetForCausalLM(DeltaNetConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_heads=config.num_heads, intermediate_size=config.intermediate_size, conv_size=config.conv_size,
+        use_short_conv=config.use_short_conv, use_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
+    ))
+
+
+def llama_sdpa(config: EFLAConfig) -> nn.Module:
+    """A LlamaForCausalLM with the hidden size, layers, heads, MLP width and vocabulary of ``config`` (SDPA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False,
+        max_position_embeddings=8192, attn_implementation="sdpa",
+    ))
+
+
+def hf_generate(model: nn.Module, static_cache: bool = False) -> Generate:
+    """transformers' generate, greedy, exactly ``new`` tokens (optionally over the model's EFLAStaticCache for this
+    batch size, zeroed: the one its decode graph was captured on, so the graph is replayed, not captured again)."""
+
+    def run(ids: torch.Tensor, new: int) -> torch.Tensor:
+        extra = {"cache": decode_step(model).static_cache(ids.shape[0])} if static_cache else {}
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
+
+    return run
+
+
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why a model cannot run here, or None."""
+    if name == "fla DeltaNet":
+        if device.type != "cuda":
+            return "fla's kernels need CUDA"
+        if importlib.util.find_spec("fla") is None or importlib.util.find_spec("fla.models") is None:
+            return "flash-linear-attention is not installed (pip install flash-linear-attention)"
+    return None
+
+
+def build(name: str, config: EFLAConfig) -> tuple[nn.Module, Callable[[nn.Module], Generate]]:
+    """The model (random weights) and how to generate with it."""
+    if name == "fla DeltaNet":
+        return fla_deltanet(config), hf_generate
+    if name == "llama sdpa":
+        return llama_sdpa(config), hf_generate
+    model = EFLAForCausalLM(config)
+    if name == "efla eager":
+        return model, hf_generate
+    if name == "efla graph hf":
+        return model, lambda m: hf_generate(m, static_cache=True)
+    backend = "inductor" if name == "efla graph compiled" else None
+    return model, lambda m: lambda ids, new: generate(m, ids, max_new_tokens=new, compile_backend=backend)
+
+
+def median_seconds(run: Generate, ids: torch.Tensor, new: int, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = run(ids, new)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        if out.shape[1] != ids.shape[1] + new:
+            raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {new}")
+    return statistics.median(times)
+
+
+def measure(run: Generate, batch: int, prompt: int, vocab: int, args: argparse.Namespace,
+            device: torch.device) -> tuple[float, float]:
+    """(ms per generated token of the decode steps, prefill ms) for one batch size and prompt length."""
+    ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    run(ids, min(args.new_tokens, 4))  # warm-up: kernel compilation, autotuning, graph capture
+    first = median_seconds(run, ids, 1, args.repeats, device)
+    full = median_seconds(run, ids, 1 + args.new_tokens, args.repeats, device)
+    return (full - first) / args.new_tokens * 1e3, first * 1e3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="340M", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default bfloat16 on CUDA, "
+                        "float32 on the CPU)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is kept")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + OPTIONAL)
+    parser.add_argument("--out", type=Path, help="append each row to this file as a JSON line")
+    args = parser.parse_args(argv)
+    for name in ("new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.batch_sizes + args.prompt_lens) < 1:
+        parser.error("--batch-sizes and --prompt-lens must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run every model at every batch size and prompt length; print the table; return the rows."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[args.dtype]
+    config = preset_config(args.preset)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"preset {args.preset}, {args.dtype}, {where}; ms per generated token = (t(1 + {args.new_tokens}) - t(1)) / "
+          f"{args.new_tokens}, median of {args.repeats} calls after a warm-up", flush=True)
+    rows, failures = [], []
+    for name in args.models:
+        reason = unavailable(name, device)
+        if reason is not None:
+            print(f"{name}: skipped: {reason}", flush=True)
+            continue
+        torch.manual_seed(0)
+        model, generator_of = build(name, config)
+        model = model.to(device=device, dtype=dtype).eval()
+        run = generator_of(model)
+        params = model.num_parameters()
+        for batch in args.batch_sizes:
+            for prompt in args.prompt_lens:
+                try:
+                    ms, prefill = measure(run, batch, prompt, config.vocab_size, args, device)
+                except Exception as error:  # one model failing must not lose the other models' rows
+                    failures.append(f"{name}, batch {batch}, prompt {prompt}: {type(error).__name__}: {error}")
+                    print(f"{failures[-1]} (FAILED)", flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                row = dict(model=name, params=params, batch=batch, prompt=prompt, ms_per_token=ms,
+                           tokens_per_s=batch / ms * 1e3, prefill_ms=prefill, preset=args.preset, dtype=args.dtype,
+                           device=where, new_tokens=args.new_tokens)
+                rows.append(row)
+                print(f"{name}: batch {batch}, prompt {prompt}: {ms:.2f} ms/token, {row['tokens_per_s']:,.0f} "
+                      f"tokens/s, prefill {prefill:.1f} ms", flush=True)
+                if args.out is not None:
+                    with args.out.open("a") as file:
+                        file.write(json.dumps(row) + "\n")
+        del model, run
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{'model':<20} {'params':>13} {'batch':>6} {'prompt':>7} {'ms/token':>9} {'tokens/s':>10} "
+          f"{'prefill ms':>11}")
+    for r in rows:
+        print(f"{r['model']:<20} {r['params']:>13,} {r['batch']:>6} {r['prompt']:>7} {r['ms_per_token']:>9.2f} "
+              f"{r['tokens_per_s']:>10,.0f} {r['prefill_ms']:>11.1f}")
+    if failures:
+        raise SystemExit("failed measurements:\n" + "\n".join(failures))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
