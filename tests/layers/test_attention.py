@@ -85,9 +85,87 @@ def test_cached_steps_match_one_pass(mode):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
 
 
-def test_modes_have_the_same_parameters():
-    shapes = [{n: p.shape for n, p in EFLAttention(64, 4, mode=m).named_parameters()} for m in ("efla", "delta")]
+@pytest.mark.parametrize("gated", [False, True])
+def test_modes_have_the_same_parameters(gated):
+    shapes = [{n: p.shape for n, p in EFLAttention(64, 4, mode=m, use_decay_gate=gated).named_parameters()}
+              for m in ("efla", "delta")]
     assert shapes[0] == shapes[1]
+    if gated:
+        assert {"a_proj.weight", "A_log", "dt_bias"} <= shapes[0].keys() and shapes[0]["A_log"] == (4,)
+
+
+def _gated_layer_by_hand(layer: EFLAttention, x: torch.Tensor) -> torch.Tensor:
+    """The gated layer's output from its weights in float64, one token at a time: projections, causal depthwise
+    convolution + SiLU, L2 norms, beta, g = -exp(A_log) softplus(W_a x + dt_bias), the gated step with alpha and
+    eta written out (mode "delta": both beta), the per-head RMSNorm and o_proj."""
+    w = {n: p.detach().double() for n, p in layer.named_parameters()}
+    x = x.double()
+    B, T, _ = x.shape
+    H, D = layer.num_heads, layer.head_dim
+    W = w["q_conv1d.weight"].shape[-1]
+
+    def features(name: str) -> torch.Tensor:
+        p = torch.nn.functional.pad(x @ w[f"{name}_proj.weight"].T, (0, 0, W - 1, 0))  # zeros before the start
+        conv = sum(p[:, j:j + T] * w[f"{name}_conv1d.weight"][:, 0, j] for j in range(W))
+        return torch.nn.functional.silu(conv).view(B, T, H, D)
+
+    q, k, v = features("q"), features("k"), features("v")
+    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    if layer.mode == "delta":
+        k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    beta = torch.sigmoid(x @ w["b_proj.weight"].T)
+    g = -w["A_log"].exp() * torch.nn.functional.softplus(x @ w["a_proj.weight"].T + w["dt_bias"])
+    S = torch.zeros(B, H, D, D, dtype=torch.float64)
+    out = []
+    for t in range(T):
+        k_t, v_t, b_t, g_t = k[:, t], v[:, t], beta[:, t, :, None], g[:, t, :, None]
+        lam = k_t.square().sum(-1, keepdim=True)
+        if layer.mode == "delta":
+            alpha = eta = b_t
+        else:
+            alpha = -torch.expm1(-b_t * lam) / lam
+            eta = -b_t * torch.expm1(-(b_t * lam - g_t)) / (b_t * lam - g_t)
+        S = g_t.exp()[..., None] * S
+        update = eta * v_t - alpha * torch.einsum("bhkv,bhk->bhv", S, k_t)
+        S = S + k_t[..., :, None] * update[..., None, :]
+        out.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]) * D**-0.5)
+    o = torch.stack(out, 1)
+    normed = o / (o.square().mean(-1, keepdim=True) + layer.o_norm.eps).sqrt() * w["o_norm.weight"]
+    return o, normed.flatten(-2) @ w["o_proj.weight"].T
+
+
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+def test_gated_layer_equals_the_step_by_step_computation(mode):
+    """The decay-gated layer (gated EFLA / Gated DeltaNet) against a float64 computation from its weights, with
+    decays from weak to strong (A up to 16) and a cache continuing the sequence: the attention output (the norm's
+    input) to float64 round-off, the layer's output to the float32 RMSNorm's."""
+    torch.manual_seed(0)
+    layer = EFLAttention(32, 2, mode=mode, use_decay_gate=True, layer_idx=0, chunk_size=4).double()
+    with torch.no_grad():
+        layer.o_norm.weight.uniform_(0.5, 1.5)
+        layer.a_proj.weight.mul_(20)  # rates from far below to far above dt_bias: weak and strong decay
+    seen = []
+    layer.o_norm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    attended, expected = _gated_layer_by_hand(layer, x)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    out = layer(x)
+    assert rel(seen[-1], attended) < 1e-12 and rel(out, expected) < 1e-6
+    cache = _linear_cache(1)
+    steps = [layer(x[:, :6], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(6, 11)]
+    assert rel(torch.cat(seen[-6:], 1), attended) < 1e-12 and rel(torch.cat(steps, 1), expected) < 1e-6
+
+
+def test_decay_gate_initialisation():
+    """Gated DeltaNet's: A = exp(A_log) uniform in [1, 16], softplus(dt_bias) = dt in [1e-3, 1e-1]; so g < 0."""
+    layer = EFLAttention(64, 64, use_decay_gate=True)
+    A, dt = layer.A_log.exp(), torch.nn.functional.softplus(layer.dt_bias)
+    assert (A >= 1).all() and (A <= 16).all() and A.std() > 1
+    assert (dt >= 1e-3 * (1 - 1e-5)).all() and (dt <= 1e-1 * (1 + 1e-5)).all() and dt.max() / dt.min() > 5
+    assert layer.A_log._no_weight_decay and layer.dt_bias._no_weight_decay
 
 
 def test_bad_arguments_are_named():

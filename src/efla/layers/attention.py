@@ -3,7 +3,8 @@
     q, k, v = silu(conv_q(W_q x)), ...       short causal depthwise convolution over time, one per projection
     q = q / ||q||;  k = k / ||k|| only in mode "delta": in EFLA the key norm is the implicit gate (PAPER.md)
     beta = sigmoid(W_b x)                     one step duration per head and token
-    o = efla_attention(q, k, v, beta)         per head, state [K, V]
+    g = -exp(A_log) softplus(W_a x + dt_bias) optional decay gate (use_decay_gate; Gated DeltaNet's form)
+    o = efla_attention(q, k, v, beta[, g])    per head, state [K, V]
     y = W_o RMSNorm(o) [* silu(W_g x)]        per-head norm, optional output gate
 
 A 0/1 padding mask is removed up front (``efla.layers.padding.unpad``: each row becomes one of the packed sequences
@@ -16,13 +17,15 @@ recurrent state [B, H, K, V] (float32), updated in place by each forward; the th
 concatenated along the channels (q, k, v).
 
 The parameter names are fla DeltaNet's (``q_proj``, ``k_proj``, ``v_proj``, ``q_conv1d``, ``k_conv1d``, ``v_conv1d``,
-``b_proj``, ``g_proj``, ``o_norm``, ``o_proj``), so LoRA recipes that target q/k/v/o work unchanged. State dicts saved
+``b_proj``, ``g_proj``, ``o_norm``, ``o_proj``; with the decay gate Gated DeltaNet's ``a_proj``, ``A_log``,
+``dt_bias``), so LoRA recipes that target q/k/v/o work unchanged. State dicts saved
 before the split (one fused ``qkv_proj`` and one ``conv`` over 3 * hidden_size channels) still load: a load hook splits
 them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,9 +44,12 @@ FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d"
 
 
 class EFLAttention(nn.Module):
-    """EFLA (mode="efla") or DeltaNet (mode="delta") attention over [B, T, hidden_size] inputs.
+    """EFLA (mode="efla") or DeltaNet (mode="delta") attention over [B, T, hidden_size] inputs; with
+    use_decay_gate, gated EFLA or Gated DeltaNet.
 
-    Both modes have exactly the same parameters; they differ only in the key normalisation and the step size.
+    Both modes have exactly the same parameters; they differ only in the key normalisation and the step size. The
+    decay gate adds a_proj [num_heads, hidden_size] and, per head, A_log and dt_bias (both flagged
+    ``_no_weight_decay``, as fla does, for trainers that exclude them from weight decay).
     ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True keeps only the inputs of the
     element-wise work (convolution + SiLU + L2 norm, the beta sigmoid) for the backward and recomputes the rest there
     (``efla.layers.recompute``); the output norm always keeps only its inputs.
@@ -62,6 +68,7 @@ class EFLAttention(nn.Module):
         backend: str = "auto",
         chunk_size: int = 64,
         recompute: bool = False,
+        use_decay_gate: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -75,6 +82,12 @@ class EFLAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.use_decay_gate = use_decay_gate
+        if use_decay_gate:
+            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+            A_log, dt_bias = decay_gate_init(num_heads)
+            self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
+            self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
         self.use_short_conv = use_short_conv
         if use_short_conv:
             self.q_conv1d = ShortConvolution(hidden_size, conv_size)
@@ -108,9 +121,13 @@ class EFLAttention(nn.Module):
 
         q, k, v, conv_state = self._qkv(x, conv_state, cu_seqlens, keep_state=cache is not None)
         beta = recompute(_sigmoid32, self.b_proj(x), enabled=self.recompute)
+        g = None
+        if self.use_decay_gate:
+            g = recompute(log_decay, self.a_proj(x), self.A_log, self.dt_bias, enabled=self.recompute)
         o, recurrent_state = efla_attention(
             q, k, v, beta, initial_state=recurrent_state, output_final_state=cache is not None,
             cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
+            g=g,
         )
         if self.g_proj is None:
             o = self.o_norm(o)
@@ -155,8 +172,28 @@ class EFLAttention(nn.Module):
         return *features, (torch.cat(new_states, dim=1) if new_states else None)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _sigmoid32(x: torch.Tensor) -> torch.Tensor:
-    return x.float().sigmoid()
+    """sigmoid in float32 or better (a float64 layer keeps float64)."""
+    return _at_least_float32(x).sigmoid()
+
+
+def log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Gated DeltaNet's decay gate g = -exp(A_log) * softplus(a + dt_bias) (float32 or better, <= 0): a = W_a x
+    [..., H] is a per-token rate, exp(A_log) and dt_bias per head."""
+    return -_at_least_float32(A_log).exp() * F.softplus(_at_least_float32(a) + _at_least_float32(dt_bias))
+
+
+def decay_gate_init(num_heads: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's initial (A_log, dt_bias), float32 [num_heads]: A uniform in [1, 16], and dt log-uniform in
+    [1e-3, 1e-1] (floored at 1e-4) stored through the inverse of softplus, so that softplus(dt_bias) = dt."""
+    A = torch.empty(num_heads, device=device).uniform_(1, 16)
+    dt = torch.exp(torch.rand(num_heads, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt = dt.clamp(min=1e-4)
+    return A.log(), dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = dt + log(1 - e^-dt)
 
 
 def _split_fused_qkv(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:

@@ -23,6 +23,8 @@ class EFLAConfig(PretrainedConfig):
             parameters are the same.
         use_short_conv, conv_size: short causal depthwise convolution on q, k, v.
         use_output_gate: gate the normalised attention output with silu(W_g x) (fla's use_gate).
+        use_decay_gate: a per-token, per-head decay gate g = -exp(A_log) softplus(W_a x + dt_bias) as in Gated
+            DeltaNet: attn_mode "delta" is then Gated DeltaNet and "efla" gated EFLA (the same parameters).
         attn_layers: indices of layers that use softmax attention (SDPA) instead of EFLA (hybrid models).
         rms_norm_eps, initializer_range, tie_word_embeddings, use_cache, pad/bos/eos_token_id: the usual.
         max_position_embeddings: training context length, read by evaluation tools; the model itself has no
@@ -48,6 +50,7 @@ class EFLAConfig(PretrainedConfig):
         use_short_conv: bool = True,
         conv_size: int = 4,
         use_output_gate: bool = False,
+        use_decay_gate: bool = False,
         attn_layers: list[int] | None = None,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -84,6 +87,7 @@ class EFLAConfig(PretrainedConfig):
         self.use_short_conv = use_short_conv
         self.conv_size = conv_size
         self.use_output_gate = use_output_gate
+        self.use_decay_gate = use_decay_gate
         self.attn_layers = attn_layers
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
+from efla.layers.attention import decay_gate_init
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
 from efla.models.loss import causal_lm_loss
@@ -63,6 +65,7 @@ class EFLABlock(GradientCheckpointingLayer):
                 config.hidden_size, config.num_heads, mode=config.attn_mode, use_short_conv=config.use_short_conv,
                 conv_size=config.conv_size, use_output_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
                 layer_idx=layer_idx, backend=config.attn_backend, chunk_size=config.chunk_size, recompute=selective,
+                use_decay_gate=getattr(config, "use_decay_gate", False),
             )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = EFLAMLP(config.hidden_size, config.intermediate_size)
@@ -79,13 +82,21 @@ class EFLABlock(GradientCheckpointingLayer):
 
 
 class EFLAPreTrainedModel(PreTrainedModel):
-    """Weight init (transformers' default: normal(0, initializer_range) for linear/conv/embedding, ones for norms)
-    and the transformers plumbing shared by the EFLA models."""
+    """Weight init (transformers' default: normal(0, initializer_range) for linear/conv/embedding, ones for norms;
+    the decay gate's A_log and dt_bias as Gated DeltaNet initialises them) and the transformers plumbing shared by
+    the EFLA models."""
 
     config_class = EFLAConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["EFLABlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, EFLAttention) and module.use_decay_gate:
+            A_log, dt_bias = decay_gate_init(module.num_heads, module.A_log.device)
+            init.copy_(module.A_log, A_log)  # transformers' init: leaves weights loaded from a checkpoint alone
+            init.copy_(module.dt_bias, dt_bias)
 
 
 class EFLAModel(EFLAPreTrainedModel):
