@@ -14,6 +14,8 @@ VARIANTS = {  # small chunks so that prompts span several chunks
     "efla": dict(chunk_size=4),
     "delta": dict(chunk_size=4, attn_mode="delta"),
     "hybrid-gated": dict(chunk_size=4, num_hidden_layers=3, attn_layers=[1], use_output_gate=True),
+    "gated-efla": dict(chunk_size=4, use_decay_gate=True),
+    "gated-delta": dict(chunk_size=4, attn_mode="delta", use_decay_gate=True),
 }
 
 
@@ -68,14 +70,21 @@ def test_right_padded_training_batch_matches_each_sequence_alone():
     torch.testing.assert_close(logits[0, :6], alone[0], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_efla_and_delta_have_equal_parameter_counts(preset):
+def test_efla_and_delta_have_equal_parameter_counts(preset, gated):
+    """The four modes: DeltaNet = EFLA, and Gated DeltaNet = gated EFLA (the gate adds a_proj, A_log, dt_bias)."""
     counts = []
     for mode in ("efla", "delta"):
         with torch.device("meta"):
-            model = EFLAForCausalLM(preset_config(preset, attn_mode=mode))
+            model = EFLAForCausalLM(preset_config(preset, attn_mode=mode, use_decay_gate=gated))
         counts.append({name: p.shape for name, p in model.named_parameters()})
     assert counts[0] == counts[1]
+    config = preset_config(preset)
+    gate = config.num_hidden_layers * (config.hidden_size + 2) * config.num_heads
+    with torch.device("meta"):
+        ungated = EFLAForCausalLM(config).num_parameters()
+    assert sum(shape.numel() for shape in counts[0].values()) == ungated + gated * gate
 
 
 def test_preset_parameter_counts():
@@ -98,9 +107,11 @@ def test_every_parameter_gets_a_gradient(tie):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_save_load_round_trip_is_exact(tmp_path, tie):
-    model = _model(**VARIANTS["hybrid-gated"], tie_word_embeddings=tie)
+@pytest.mark.parametrize(("variant", "tie"), [("hybrid-gated", False), ("hybrid-gated", True),
+                                             ("gated-efla", False)])
+def test_save_load_round_trip_is_exact(tmp_path, variant, tie):
+    """Everything, the decay gate's A_log and dt_bias included (loading must not initialise them again)."""
+    model = _model(**VARIANTS[variant], tie_word_embeddings=tie)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -113,6 +124,34 @@ def test_save_load_round_trip_is_exact(tmp_path, tie):
     ids = torch.randint(1, 256, (1, 7))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_decay_gate_initialised_as_gated_deltanet():
+    """post_init gives every layer Gated DeltaNet's A in [1, 16] and dt in [1e-3, 1e-1], different per head."""
+    model = _model(**VARIANTS["gated-efla"], num_heads=8)
+    for layer in model.model.layers:
+        A, dt = layer.attn.A_log.exp(), torch.nn.functional.softplus(layer.attn.dt_bias)
+        assert (A >= 1).all() and (A <= 16).all() and len(A.unique()) == 8
+        assert (dt >= 1e-3 * (1 - 1e-5)).all() and (dt <= 1e-1 * (1 + 1e-5)).all() and len(dt.unique()) == 8
+
+
+@pytest.mark.parametrize("variant", ["gated-efla", "gated-delta"])
+def test_gated_modes_train(variant):
+    """A few AdamW steps on one batch lower the loss, and every parameter (the gate's too) gets a gradient."""
+    model = _model(**VARIANTS[variant]).train()
+    ids = torch.randint(1, 256, (4, 24))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        if not losses:
+            for name, p in model.named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0 and p.grad.isfinite().all(), name
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
 
 
 def test_auto_classes_build_from_config():
