@@ -17,6 +17,7 @@ VARIANTS = {  # small chunks so that prompts span several chunks
     "efla": dict(chunk_size=4),
     "delta": dict(chunk_size=4, attn_mode="delta"),
     "no-conv-gated": dict(chunk_size=4, use_short_conv=False, use_output_gate=True),
+    "gated-delta": dict(chunk_size=4, attn_mode="delta", use_decay_gate=True),
 }
 LENGTHS = [4, 9, 6]  # prompt lengths of one left-padded batch
 
@@ -161,9 +162,10 @@ def test_bad_input_is_named():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+@pytest.mark.parametrize("variant", ["efla", "gated-delta"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_matches_eager(dtype):
-    model = _model("cuda", **VARIANTS["efla"]).to(dtype)
+def test_cuda_graph_decoding_matches_eager(dtype, variant):
+    model = _model("cuda", **VARIANTS[variant]).to(dtype)
     ids, mask = _left_padded(LENGTHS, "cuda")
     eager = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, disable_compile=True)
     assert torch.equal(generate(model, ids, mask, max_new_tokens=20, use_cuda_graph=True), eager)
