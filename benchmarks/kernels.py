@@ -1,6 +1,6 @@
 """Kernel benchmark: EFLA's Triton kernels against fla's DeltaNet kernel, EFLA through fla, and PyTorch SDPA.
 
-    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile [INDEX ...]]
+    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile [INDEX ...]] [--gated]
 
 For bfloat16 inputs of each (B, T, H, D) shape (K = V = D) it times, with triton.testing.do_bench medians, the
 forward and forward+backward of: ours (backend="triton", modes efla and delta), fla's chunk_delta_rule (DeltaNet,
@@ -9,7 +9,9 @@ causal SDPA (flash). It measures the copy bandwidth and bf16 matmul rate of the 
 forward's achieved TB/s (bytes of q, k, v, beta, o once) and TFLOP/s (chunkwise model below) against them, plus peak
 memory of forward+backward above the inputs, and the relative error of ours against EFLA through fla. --profile
 also prints the per-kernel CUDA time of one forward+backward of ours and of fla at the first shape (or the shapes
-whose indices follow it).
+whose indices follow it). --gated times the decay-gated forms instead, with a log decay g = logsigmoid(x) / 16 (x
+normal, fla's test convention): ours (gated EFLA and Gated DeltaNet) against fla's chunk_gated_delta_rule (Gated
+DeltaNet, the baseline) and gated EFLA through fla.
 """
 
 from __future__ import annotations
@@ -45,29 +47,46 @@ def chunk_flops(B: int, T: int, H: int, D: int) -> float:
     return 2 * B * T * H * (5 * CHUNK * D + 3 * D * D)
 
 
-def inputs(B: int, T: int, H: int, D: int):
+def inputs(B: int, T: int, H: int, D: int, gated: bool = False):
+    """q, k, v, beta in bf16 (k L2-normalised) and, if gated, the float32 log decay g."""
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
     k = F.normalize(torch.randn(B, T, H, D, device="cuda", dtype=torch.float32), dim=-1).to(torch.bfloat16)
     v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
     beta = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).sigmoid()
-    return [x.requires_grad_() for x in (q, k, v, beta)]
+    g = [F.logsigmoid(torch.randn(B, T, H, device="cuda")) / 16] if gated else []
+    return [x.requires_grad_() for x in (q, k, v, beta, *g)]
 
 
-def implementations():
-    """name -> f(q, k, v, beta) returning o; each a bf16 operator with gradients."""
-    from fla.ops.delta_rule import chunk_delta_rule
-
+def implementations(gated: bool = False):
+    """name -> f(q, k, v, beta[, g]) returning o; each a bf16 operator with gradients. The first is the baseline,
+    the second ours in mode efla, the fourth EFLA through fla (the accuracy check)."""
     def ours(mode):
-        return lambda q, k, v, beta: efla_attention(q, k, v, beta, mode=mode, backend="triton", check_beta=False)[0]
+        return lambda *a: efla_attention(*a[:4], g=a[4] if gated else None, mode=mode, backend="triton",
+                                         check_beta=False)[0]
+
+    def via_fla(*a):
+        return efla_attention(*a[:4], g=a[4] if gated else None, backend="fla", check_beta=False)[0]
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # q, k, v given as [B, H, T, D], no beta
+
+    if gated:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        return {
+            "fla Gated DeltaNet": lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, g, beta)[0],
+            "ours gated efla": ours("efla"),
+            "ours gated delta": ours("delta"),
+            "gated EFLA via fla": via_fla,
+            "SDPA causal": sdpa,
+        }
+    from fla.ops.delta_rule import chunk_delta_rule
 
     return {
         "fla DeltaNet": lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta)[0],
         "ours efla": ours("efla"),
         "ours delta": ours("delta"),
-        "EFLA via fla": lambda q, k, v, beta: efla_attention(q, k, v, beta, backend="fla", check_beta=False)[0],
+        "EFLA via fla": via_fla,
         "SDPA causal": sdpa,
     }
 
@@ -90,12 +109,12 @@ def measure(f, args, do):
     return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def profile(B, T, H, D, impls):
+def profile(B, T, H, D, impls, gated):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    args = inputs(B, T, H, D)
-    for name in ("ours efla", "fla DeltaNet"):
+    args = inputs(B, T, H, D, gated)
+    for name in list(impls)[1::-1]:  # ours efla, then the baseline
         f = impls[name]
         do = torch.randn_like(args[2])
         for _ in range(3):
@@ -113,44 +132,47 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D for each shape (default: the issue's)")
     parser.add_argument("--profile", nargs="*", type=int, default=None, metavar="INDEX",
                         help="per-kernel times at these shapes (indices into --shapes; none given: the first)")
+    parser.add_argument("--gated", action="store_true", help="the decay-gated forms (against chunk_gated_delta_rule)")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     torch.manual_seed(0)
     bandwidth, matmul = ceilings()
-    impls = implementations()
+    impls = implementations(args.gated)
+    baseline, ours_efla, _, via_fla = list(impls)[:4]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.date.today()}; ceilings measured now: copy {bandwidth:.2f} TB/s, bf16 matmul {matmul:.0f} "
-          "TFLOP/s; medians of triton.testing.do_bench; ratios against fla DeltaNet of the same shape", flush=True)
+          f"TFLOP/s; medians of triton.testing.do_bench; ratios against {baseline} of the same shape", flush=True)
     head = ("B x T x H x D", "impl", "fwd ms", "fwd x", "fwd+bwd ms", "f+b x", "fwd TB/s", "%bw", "fwd TFLOP/s",
             "%mm", "peak MiB", "mem x", "rel err vs fla")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head), flush=True)
     for B, T, H, D in shapes:
-        q, k, v, beta = inputs(B, T, H, D)
+        operands = inputs(B, T, H, D, args.gated)
+        q, k, v = operands[:3]
         with torch.no_grad():
-            o_ours = impls["ours efla"](q, k, v, beta).float()
-            o_fla = impls["EFLA via fla"](q, k, v, beta).float()
+            o_ours = impls[ours_efla](*operands).float()
+            o_fla = impls[via_fla](*operands).float()
         agreement = ((o_ours - o_fla).norm() / o_fla.norm()).item()
         base = None
         for name, f in impls.items():
             sdpa = name.startswith("SDPA")
             call_args = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)] if sdpa \
-                else [q, k, v, beta]
+                else operands
             do = torch.randn_like(call_args[2])
             fwd, both, peak = measure(f, call_args, do)
             if base is None:
                 base = (fwd, both, peak)
-            tbs = (4 * D + 1) * B * T * H * 2 / fwd / 1e9  # q, k, v, o and beta once, bf16
+            tbs = ((4 * D + 1) * 2 + 4 * args.gated) * B * T * H / fwd / 1e9  # q, k, v, o, beta once (bf16), g
             tflops = (2 * B * H * T * T * D if sdpa else chunk_flops(B, T, H, D)) / fwd / 1e9  # causal: half of 4BHT^2D
-            err = f"{agreement:.1e}" if name == "ours efla" else ""
+            err = f"{agreement:.1e}" if name == ours_efla else ""
             print(f"| {B}x{T}x{H}x{D} | {name} | {fwd:.3f} | {fwd / base[0]:.2f} | {both:.3f} | {both / base[1]:.2f} "
                   f"| {tbs:.2f} | {100 * tbs / bandwidth:.0f} | {tflops:.0f} | {100 * tflops / matmul:.0f} "
                   f"| {peak:.0f} | {peak / base[2]:.2f} | {err} |", flush=True)
             del call_args
-        del q, k, v, beta
+        del q, k, v, operands
     if args.profile is not None:
         for index in args.profile or [0]:
-            profile(*shapes[index], impls)
+            profile(*shapes[index], impls, args.gated)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     dq_acc = tl.zeros([64, K], dtype=tl.float32)  # dO S^T
     dk_acc = tl.zeros([64, K], dtype=tl.float32)  # u dS'^T
     P = tl.zeros([64, 64], dtype=tl.float32)  # dO u^T
-    state_dot = 0.0  # <dS', S> (gated)
+    state_dot = tl.zeros([K], dtype=tl.float32)  # row sums of dS' * S (gated): <dS', S> once summed
     for i_v in range(tl.cdiv(V, BV)):
         ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
         u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
@@ -106,7 +106,7 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
         S = _load_state(h, i_c, i_h, H, K, V, ov, vmask)
         dS = _load_state(dh, i_c, i_h, H, K, V, ov, vmask)
         if GATED:
-            state_dot += tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1), axis=0)
+            state_dot += tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
         S = S.to(do_tile.dtype)
         dS = dS.to(u_tile.dtype)
         dq_acc += tl.dot(do_tile, tl.trans(S), input_precision=PREC)
@@ -123,7 +123,7 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
         to_end = tl.exp(g_end - gc) * tl.sum(k_tile.to(tl.float32) * dk_acc, axis=1)  # c rowsum(K * u dS'^T)
         dk_acc *= tl.exp(g_end - gc)[:, None]
         dgc = tl.sum(q_tile.to(tl.float32) * dq_acc, axis=1) + tl.sum(z, axis=1) - tl.sum(z, axis=0) - to_end
-        dg_end = tl.exp(g_end) * state_dot + tl.sum(to_end, axis=0)
+        dg_end = tl.exp(g_end) * tl.sum(state_dot, axis=0) + tl.sum(to_end, axis=0)
         tl.store(dg_part + tok + r * H, tl.cumsum(dgc, 0, reverse=True) + dg_end, mask=rmask)
     else:
         dq_acc = scale * dq_acc
