@@ -14,6 +14,7 @@ MODES = ("none", "selective", "full")
 VARIANTS = {
     "efla": dict(),
     "delta-gated-hybrid": dict(attn_mode="delta", use_output_gate=True, num_hidden_layers=3, attn_layers=[1]),
+    "decay-gated": dict(use_decay_gate=True),
 }
 
 
