@@ -193,14 +193,15 @@ def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, d
         dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
     gram = _gram(k_tile, PREC)  # G again: cheaper than keeping it live through the V loop
-    if GATED:
-        gram *= _decay_matrix(gc, r)
-    da += tl.sum(dL * gram, axis=1)
     dG = alpha[:, None] * dL
     if GATED:
-        z = dG * gram  # dL * A
+        decay = _decay_matrix(gc, r)
+        gram *= decay
+        dG *= decay
+    da += tl.sum(dL * gram, axis=1)
+    if GATED:
+        z = alpha[:, None] * dL * gram  # dL * A
         dgc += tl.sum(z, axis=1) - tl.sum(z, axis=0)
-        dG *= _decay_matrix(gc, r)
         dg_tile = _token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True)
         tl.store(dg + tok + r * H, dg_tile.to(dg.dtype.element_ty), mask=rmask)
         tl.store(deta + tok + r * H, de.to(deta.dtype.element_ty), mask=rmask)
