@@ -114,8 +114,8 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
         P += tl.dot(do_tile, tl.trans(u_tile.to(do_tile.dtype)), input_precision=PREC)
     P = scale * tl.where(r[:, None] >= r[None, :], P, 0.0)
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
     if GATED:
+        q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
         gc, g_end = _chunk_decay(g, tok, r, rmask, H)
         P *= _decay_matrix(gc, r)
         dq_acc *= scale * tl.exp(gc)[:, None]
@@ -129,6 +129,8 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
         dq_acc = scale * dq_acc
     dq_acc += tl.dot(P.to(k_tile.dtype), k_tile, input_precision=PREC)
     tl.store(dq + tok * K + kk, dq_acc.to(dq.dtype.element_ty), mask=rmask[:, None])
+    if not GATED:  # loaded only now: the tile is not live while dq is formed
+        q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
     dk_acc += tl.dot(tl.trans(P.to(q_tile.dtype)), q_tile, input_precision=PREC)
     tl.store(dk_part + tok * K + kk, dk_acc.to(dk_part.dtype.element_ty), mask=rmask[:, None])
 
