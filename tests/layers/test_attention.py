@@ -195,9 +195,10 @@ def test_softmax_attention_padding_and_cache():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast runs the L2 norm in float32 there)")
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("mode", ["efla", "delta"])
-def test_bf16_autocast_on_cuda(mode):
-    layer = EFLAttention(64, 2, mode=mode).cuda()
+def test_bf16_autocast_on_cuda(mode, gated):
+    layer = EFLAttention(64, 2, mode=mode, use_decay_gate=gated).cuda()
     x = torch.randn(2, 50, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
