@@ -1,6 +1,6 @@
 """``EFLAttention``: the EFLA token mixer (DeltaNet's layer with the exact step), for use inside a model.
 
-    q, k, v = silu(conv(W_qkv x))            short causal depthwise convolution over time
+    q, k, v = silu(conv_q(W_q x)), ...       short causal depthwise convolution over time, one per projection
     q = q / ||q||;  k = k / ||k|| only in mode "delta": in EFLA the key norm is the implicit gate (PAPER.md)
     beta = sigmoid(W_b x)                     one step duration per head and token
     o = efla_attention(q, k, v, beta)         per head, state [K, V]
@@ -11,7 +11,13 @@ convolution or the recurrent state and left- or right-padded batches give each s
 
 The cache is a transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built
 from a config whose ``layer_types`` says ``"linear_attention"``): it stores the convolution state [B, C, W - 1] and the
-recurrent state [B, H, K, V] (float32), updated in place by each forward.
+recurrent state [B, H, K, V] (float32), updated in place by each forward; the three convolutions' states are
+concatenated along the channels (q, k, v).
+
+The parameter names are fla DeltaNet's (``q_proj``, ``k_proj``, ``v_proj``, ``q_conv1d``, ``k_conv1d``, ``v_conv1d``,
+``b_proj``, ``g_proj``, ``o_norm``, ``o_proj``), so LoRA recipes that target q/k/v/o work unchanged. State dicts saved
+before the split (one fused ``qkv_proj`` and one ``conv`` over 3 * hidden_size channels) still load: a load hook splits
+them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from efla.layers.conv import ShortConvolution
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
+
+# the fused weights of state dicts saved before q, k and v were separated, and the names they split into (dim 0)
+FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d", "k_conv1d", "v_conv1d")}
 
 
 class EFLAttention(nn.Module):
@@ -55,12 +64,19 @@ class EFLAttention(nn.Module):
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
         self.mode, self.layer_idx, self.backend, self.chunk_size = mode, layer_idx, backend, chunk_size
-        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.conv = ShortConvolution(3 * hidden_size, conv_size) if use_short_conv else None
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(hidden_size, conv_size)
+            self.k_conv1d = ShortConvolution(hidden_size, conv_size)
+            self.v_conv1d = ShortConvolution(hidden_size, conv_size)
         self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_output_gate else None
         self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.register_load_state_dict_pre_hook(_split_fused_qkv)
 
     def forward(
         self,
@@ -85,12 +101,8 @@ class EFLAttention(nn.Module):
             mask = attention_mask[:, -T:].bool()
             x, lengths = _left_align(hidden_states, mask)
 
-        qkv = self.qkv_proj(x)
-        if self.conv is None:
-            qkv = F.silu(qkv)
-        else:
-            qkv, conv_state = self.conv(qkv, conv_state, lengths, cu_seqlens)
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        q, k, v, conv_state = self._short_conv(x, conv_state, lengths, cu_seqlens)
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k, v))
         # CUDA autocast runs the norm in float32: bring q (and k) back to v's dtype for efla_attention
         q = F.normalize(q, dim=-1, eps=1e-6).to(v.dtype)
         if self.mode == "delta":
@@ -119,6 +131,35 @@ class EFLAttention(nn.Module):
         out = o.new_zeros(B, T, self.hidden_size)
         out[mask] = o[0]
         return out
+
+    def _short_conv(
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k, v [B, T, hidden_size] = silu(conv(W x)) (or silu(W x) without the convolution), and the new
+        convolution state: q's, k's and v's [B, hidden_size, W - 1] concatenated along the channels."""
+        projections = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if not self.use_short_conv:
+            return *(F.silu(p) for p in projections), None
+        states = (None,) * 3 if conv_state is None else conv_state.chunk(3, dim=1)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        (q, q_state), (k, k_state), (v, v_state) = (
+            conv(p, state, lengths, cu_seqlens) for conv, p, state in zip(convs, projections, states, strict=True))
+        new_state = None if q_state is None else torch.cat([q_state, k_state, v_state], dim=1)
+        return q, k, v, new_state
+
+
+def _split_fused_qkv(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    """Load hook: state dicts saved before q, k and v were separated hold ``qkv_proj.weight`` [3 C, C] and
+    ``conv.weight`` [3 C, 1, W] (q's channels first, then k's, then v's); split them into the separate names."""
+    for fused, parts in FUSED_WEIGHTS.items():
+        weight = state_dict.pop(f"{prefix}{fused}.weight", None)
+        if weight is not None:
+            for name, piece in zip(parts, weight.chunk(3, dim=0), strict=True):
+                state_dict[f"{prefix}{name}.weight"] = piece
 
 
 def _cached_states(cache: Any | None, layer_idx: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
