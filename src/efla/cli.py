@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("efla.train.cli", "train an EFLA language model (one process, or DDP/FSDP2 under torchrun)"),
     "tokenizer": ("efla.train.tokenizer_cli", "efla tokenizer train: a byte-level BPE tokenizer from local text"),
     "eval": ("efla.eval.cli", "efla eval ppl | harness: perplexity on held-out text, lm-evaluation-harness tasks"),
+    "convert": ("efla.convert_cli", "fla DeltaNet checkpoint <-> EFLA checkpoint (same outputs in delta mode)"),
 }
 
 
