@@ -22,6 +22,7 @@ from efla.models.convert import (
     to_fla_deltanet,
 )
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fla's kernels need CUDA tensors where CUDA exists
 needs_fla = pytest.mark.skipif(importlib.util.find_spec("fla") is None,
                                reason="fla not installed (pip install fla-core flash-linear-attention)")
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2)
@@ -37,7 +38,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def fla_on_cpu(monkeypatch):
+def fla_models(monkeypatch):
     """fla's Triton kernels run in Triton's interpreter without CUDA (TRITON_INTERPRET=1, tests/conftest.py), which
     cannot time autotuning candidates: keep the first candidate of each."""
     if not torch.cuda.is_available():
@@ -50,12 +51,12 @@ def fla_on_cpu(monkeypatch):
     return DeltaNetConfig, DeltaNetForCausalLM
 
 
-def random_fla_model(fla_on_cpu, **overrides):
-    """A fla DeltaNetForCausalLM with random weights at trained-model scale: unit-variance projections and norm gains
-    away from 1. (At the default 0.02 init the tiny model's q and k have norms ~1e-3, where fla's L2 norm,
-    x / sqrt(|x|^2 + 1e-6), and ours, x / max(|x|, 1e-6), differ: see the README's conversion notes.)"""
-    DeltaNetConfig, DeltaNetForCausalLM = fla_on_cpu
-    model = DeltaNetForCausalLM(DeltaNetConfig(**{**TINY, **overrides})).eval()
+def random_fla_model(fla_models, **overrides):
+    """A fla DeltaNetForCausalLM on DEVICE with random weights at trained-model scale: unit-variance projections and
+    norm gains away from 1. (At fla's 0.02 init the tiny model's q and k have norms ~1e-3, where fla's L2 norm,
+    x / sqrt(|x|^2 + 1e-6), and ours, x / max(|x|, 1e-6), differ: test_default_init_... below.)"""
+    DeltaNetConfig, DeltaNetForCausalLM = fla_models
+    model = DeltaNetForCausalLM(DeltaNetConfig(**{**TINY, **overrides})).to(DEVICE).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -69,12 +70,12 @@ def random_fla_model(fla_on_cpu, **overrides):
 
 @needs_fla
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_converted_fla_model_gives_fla_logits(fla_on_cpu, variant):
+def test_converted_fla_model_gives_fla_logits(fla_models, variant):
     torch.manual_seed(0)
-    fla_model = random_fla_model(fla_on_cpu, **VARIANTS[variant])
+    fla_model = random_fla_model(fla_models, **VARIANTS[variant])
     ours = EFLAForCausalLM.from_fla_deltanet(fla_model)
     assert ours.config.attn_mode == "delta"
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding in the second row
     with torch.no_grad():
@@ -86,22 +87,22 @@ def test_converted_fla_model_gives_fla_logits(fla_on_cpu, variant):
 
 
 @needs_fla
-def test_converted_model_switches_to_efla(fla_on_cpu):
-    fla_model = random_fla_model(fla_on_cpu)
+def test_converted_model_switches_to_efla(fla_models):
+    fla_model = random_fla_model(fla_models)
     delta = from_fla_deltanet(fla_model)
     efla = from_fla_deltanet(fla_model, attn_mode="efla")
     assert efla.config.attn_mode == "efla" and all(layer.attn.mode == "efla" for layer in efla.model.layers)
     for (name, a), (_, b) in zip(delta.state_dict().items(), efla.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    ids = torch.randint(0, TINY["vocab_size"], (1, 12))
+    ids = torch.randint(0, TINY["vocab_size"], (1, 12), device=DEVICE)
     with torch.no_grad():  # the exact step with unnormalised keys is another model: its outputs move
         assert rel_err(efla(ids).logits, delta(ids).logits) > 1e-3
 
 
 @needs_fla
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fla_efla_fla_round_trip_is_exact(fla_on_cpu, variant):
-    fla_model = random_fla_model(fla_on_cpu, **VARIANTS[variant])
+def test_fla_efla_fla_round_trip_is_exact(fla_models, variant):
+    fla_model = random_fla_model(fla_models, **VARIANTS[variant])
     back = to_fla_deltanet(from_fla_deltanet(fla_model))
     assert back.config.to_dict() == fla_model.config.to_dict()
     original, returned = fla_model.state_dict(), back.state_dict()
@@ -136,14 +137,40 @@ def test_efla_fla_efla_round_trip_through_files_is_exact(tmp_path, overrides):
 
 
 @needs_fla
-def test_fla_loads_the_exported_checkpoint_with_the_same_logits(fla_on_cpu, tmp_path):
-    _, DeltaNetForCausalLM = fla_on_cpu
+def test_fla_loads_the_exported_checkpoint_with_the_same_logits(fla_models, tmp_path):
+    _, DeltaNetForCausalLM = fla_models
     model = random_efla_model(use_output_gate=True)
     save_fla_deltanet(model, tmp_path)
-    fla_model = DeltaNetForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, TINY["vocab_size"], (2, 20))
+    fla_model = DeltaNetForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
+    model.to(DEVICE)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 20), device=DEVICE)
     with torch.no_grad():
         assert rel_err(model(ids).logits, fla_model(ids).logits) < 1e-5
+
+
+@needs_fla
+@pytest.mark.xfail(strict=True, reason="known gap: our L2 norm is x / max(|x|, 1e-6), fla's x / sqrt(|x|^2 + 1e-6); "
+                   "they differ where |q| or |k| is near 1e-3, as in a tiny model at fla's 0.02 init (rel. 1e-2)")
+def test_default_init_fla_model_gives_fla_logits(fla_models):
+    DeltaNetConfig, DeltaNetForCausalLM = fla_models
+    torch.manual_seed(0)
+    fla_model = DeltaNetForCausalLM(DeltaNetConfig(**TINY)).to(DEVICE).eval()
+    ours = from_fla_deltanet(fla_model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), device=DEVICE)
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, fla_model(ids).logits) < 1e-5
+
+
+@needs_fla
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla's chunked kernels)")
+def test_converted_model_matches_fla_chunked_kernels_in_bfloat16(fla_models):
+    # past 64 tokens fla's layer runs its chunked kernels, which need bfloat16: compare with ours in float32
+    fla_model = random_fla_model(fla_models).to(torch.bfloat16)
+    ours = from_fla_deltanet(fla_model).float()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 200), device=DEVICE)
+    with torch.no_grad():
+        assert rel_err(fla_model(ids).logits.float(), ours(ids).logits) < 3e-2
 
 
 FLA_CONFIG = dict(model_type="delta_net", **TINY)
