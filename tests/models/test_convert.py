@@ -109,6 +109,7 @@ def test_fla_efla_fla_round_trip_is_exact(fla_models, variant):
     assert original.keys() == returned.keys()
     for name, tensor in original.items():
         assert returned[name].dtype == tensor.dtype and torch.equal(returned[name], tensor), name
+        assert returned[name].data_ptr() != tensor.data_ptr(), f"{name}: the two models share a parameter"
 
 
 def random_efla_model(**overrides) -> EFLAForCausalLM:

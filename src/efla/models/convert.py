@@ -122,8 +122,8 @@ def from_fla_deltanet(source: str | Path | nn.Module, attn_mode: str = "delta") 
     """An EFLAForCausalLM holding the weights of a fla DeltaNetForCausalLM: the model itself, or a checkpoint
     directory (config.json and safetensors). With attn_mode="delta" it gives fla's outputs; "efla" runs the same
     weights with the exact step."""
-    if isinstance(source, nn.Module):
-        fla_config, fla_state = source.config.to_dict(), source.state_dict()
+    if isinstance(source, nn.Module):  # copies: the two models must not share parameters
+        fla_config, fla_state = source.config.to_dict(), _copied(source.state_dict())
     else:
         fla_config, fla_state = _read_checkpoint(Path(source))
     config = config_from_fla(fla_config, attn_mode)
@@ -137,7 +137,7 @@ def to_fla_deltanet(model: EFLAForCausalLM) -> nn.Module:
     fla_config = config_to_fla(model.config)
     with torch.device("meta"):
         fla_model = DeltaNetForCausalLM(DeltaNetConfig(**fla_config))
-    _load_all(fla_model, state_dict_to_fla(model.state_dict()))
+    _load_all(fla_model, state_dict_to_fla(_copied(model.state_dict())))
     return fla_model
 
 
@@ -152,6 +152,10 @@ def save_fla_deltanet(model: EFLAForCausalLM, out_dir: str | Path) -> None:
     save_file({name: tensor.contiguous() for name, tensor in state.items()}, out_dir / "model.safetensors",
               metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(fla_config, indent=2, sort_keys=True) + "\n")
+
+
+def _copied(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in state_dict.items()}
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
