@@ -72,7 +72,9 @@ class _CountingLoader(importlib.abc.Loader):
             self.finder.executing -= 1
         self.finder.module_finished()
 
-    def __getattr__(self, name: str):  # get_source, get_filename, ...: what tracebacks and inspect ask the loader
+    def __getattr__(self, name: str) -> object:  # get_source, get_filename, ...: what inspect and tracebacks ask
+        if name == "loader":  # not set yet (a copy under construction): no delegation loop
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 
