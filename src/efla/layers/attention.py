@@ -145,14 +145,20 @@ class EFLAttention(nn.Module):
             def activate(p: torch.Tensor, *weight: torch.Tensor, conv=conv, state=state, l2=l2) -> torch.Tensor:
                 y = F.silu(p) if conv is None else short_conv(p, weight[0], state, cu_seqlens)
                 y = y.unflatten(-1, (self.num_heads, self.head_dim))
-                # CUDA autocast runs the norm in float32: back to the features' dtype for efla_attention
-                return F.normalize(y, dim=-1, eps=1e-6).to(y.dtype) if l2 else y
+                return _l2_normalize(y) if l2 else y
 
             weights = () if conv is None else (conv.weight,)
             features.append(recompute(activate, projected, *weights, enabled=self.recompute))
             if keep_state and conv is not None:
                 new_states.append(short_conv_state(projected, conv.kernel_size[0], state, cu_seqlens))
         return *features, (torch.cat(new_states, dim=1) if new_states else None)
+
+
+def _l2_normalize(y: torch.Tensor) -> torch.Tensor:
+    """y / sqrt(||y||^2 + 1e-6) over the last dim, in float32, back in y's dtype: fla's L2 norm, so that fla DeltaNet
+    checkpoints give fla's outputs (F.normalize's y / max(||y||, eps) differs where ||y|| is small)."""
+    y32 = y.float()
+    return (y32 * torch.rsqrt(y32.square().sum(-1, keepdim=True) + 1e-6)).to(y.dtype)
 
 
 def _sigmoid32(x: torch.Tensor) -> torch.Tensor:

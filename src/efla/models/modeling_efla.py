@@ -189,6 +189,14 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_fla_deltanet(cls, source: Any, attn_mode: str = "delta") -> EFLAForCausalLM:
+        """fla's DeltaNetForCausalLM (the model, or a checkpoint directory) as an EFLA model: with attn_mode="delta"
+        the same outputs; see ``efla.models.convert``."""
+        from efla.models.convert import from_fla_deltanet
+
+        return from_fla_deltanet(source, attn_mode)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
