@@ -4,7 +4,8 @@ Autograd keeps every intermediate an op needs for its gradient: an RMSNorm in fl
 inverse norm and the normalised product; SwiGLU keeps silu(gate) besides gate and up; the short convolution keeps its
 padded input and its pre-activation. ``recompute(fn, *tensors)`` keeps only ``tensors`` (which, for the regions used
 here, are small or kept anyway) and runs ``fn`` again in the backward to get the rest, costing one extra element-wise
-pass and no matrix product. It is the "selective" activation checkpointing of ``EFLAConfig``.
+pass and no matrix product. ``swiglu_linear`` does the same for SwiGLU and the linear layer after it, whose input it
+recomputes too. Together they are the "selective" activation checkpointing of ``EFLAConfig``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def recompute(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, enabled: bool = True) -> torch.Tensor:
@@ -45,3 +47,35 @@ class _Recomputed(torch.autograd.Function):
         wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
         grads = iter(torch.autograd.grad(output, wanted, grad_output, allow_unused=True))
         return None, *(next(grads) if need else None for need in needs)
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(silu(gate) * up, weight), keeping only gate and up for the backward.
+
+    A linear layer keeps its input for its weight's gradient; here that input, silu(gate) * up (one more tensor as
+    wide as the MLP), is recomputed element-wise in the backward instead, with no matrix product redone. Under
+    autocast the products run in the autocast dtype, as nn.Linear's would."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (gate, up, weight)):
+        return F.linear(F.silu(gate) * up, weight)
+    return _SwiGLULinear.apply(gate, up, weight)
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, weight):  # type: ignore[override]
+        hidden = F.silu(gate) * up
+        out = F.linear(hidden, weight)  # autocast, when on, casts both to its dtype here
+        ctx.save_for_backward(gate, up, weight)
+        ctx.out_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        gate, up, weight = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.out_dtype)
+        silu = F.silu(gate)
+        hidden = (silu * up).to(ctx.out_dtype)
+        grad_weight = (grad_out.flatten(0, -2).t() @ hidden.flatten(0, -2)).to(weight.dtype)
+        grad_hidden = (grad_out @ weight.to(ctx.out_dtype)).to(silu.dtype)
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)  # the ops autograd would run
+        return grad_gate, grad_hidden * silu, grad_weight

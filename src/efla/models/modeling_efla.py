@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
-from efla.layers.recompute import recompute
+from efla.layers.recompute import recompute, swiglu_linear
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
 from efla.models.loss import causal_lm_loss
@@ -33,7 +33,8 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalL
 
 class EFLAMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); recompute=True keeps only gate(x) and up(x) for the
-    backward, not silu(gate(x))."""
+    backward, not silu(gate(x)) nor the product down_proj reads (``swiglu_linear``; a down_proj replaced by an
+    adapter, e.g. PEFT's LoRA, keeps its own input)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, recompute: bool = False) -> None:
         super().__init__()
@@ -43,7 +44,12 @@ class EFLAMLP(nn.Module):
         self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(recompute(_swiglu, self.gate_proj(x), self.up_proj(x), enabled=self.recompute))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if not self.recompute:
+            return self.down_proj(F.silu(gate) * up)
+        if type(self.down_proj) is nn.Linear:
+            return swiglu_linear(gate, up, self.down_proj.weight)
+        return self.down_proj(recompute(_swiglu, gate, up))
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
