@@ -173,7 +173,6 @@ class EFLAModel(EFLAPreTrainedModel):
         )
         return outputs if _wants_dict(return_dict, self.config) else outputs.to_tuple()
 
-
     def _run_block(self, block: EFLABlock, hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
         """block(hidden_states, *args); with activation_checkpointing="full" (training, with gradients) only the
         block's input is kept and the whole block is recomputed in the backward. transformers'
