@@ -23,6 +23,7 @@ them.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -141,17 +142,26 @@ class EFLAttention(nn.Module):
         for proj, conv, state, l2 in zip((self.q_proj, self.k_proj, self.v_proj), convs, states, normalized,
                                          strict=True):
             projected = proj(x)
-
-            def activate(p: torch.Tensor, *weight: torch.Tensor, conv=conv, state=state, l2=l2) -> torch.Tensor:
-                y = F.silu(p) if conv is None else short_conv(p, weight[0], state, cu_seqlens)
-                y = y.unflatten(-1, (self.num_heads, self.head_dim))
-                return _l2_normalize(y) if l2 else y
-
+            activate = partial(self._activate, state=state, cu_seqlens=cu_seqlens, l2=l2)
             weights = () if conv is None else (conv.weight,)
             features.append(recompute(activate, projected, *weights, enabled=self.recompute))
             if keep_state and conv is not None:
                 new_states.append(short_conv_state(projected, conv.kernel_size[0], state, cu_seqlens))
         return *features, (torch.cat(new_states, dim=1) if new_states else None)
+
+    def _activate(
+        self,
+        projected: torch.Tensor,
+        *conv_weight: torch.Tensor,
+        state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        l2: bool,
+    ) -> torch.Tensor:
+        """[B, T, hidden_size] -> [B, T, H, head_dim]: silu(conv(projected)) (silu alone without a conv_weight),
+        L2-normalised per head when l2. Element-wise apart from the depthwise convolution: cheap to recompute."""
+        y = short_conv(projected, conv_weight[0], state, cu_seqlens) if conv_weight else F.silu(projected)
+        y = y.unflatten(-1, (self.num_heads, self.head_dim))
+        return _l2_normalize(y) if l2 else y
 
 
 def _l2_normalize(y: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,6 @@ class EFLAModel(EFLAPreTrainedModel):
         )
         return outputs if _wants_dict(return_dict, self.config) else outputs.to_tuple()
 
-
     def _run_block(self, block: EFLABlock, hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
         """block(hidden_states, *args); with activation_checkpointing="full" (training, with gradients) only the
         block's input is kept and the whole block is recomputed in the backward. transformers'
@@ -260,9 +259,13 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         if shift_labels is None and labels is not None:
             shift_labels = _next_token_targets(labels, cu_seqlens)
         loss = logits = None
-        if shift_labels is not None:
+        if shift_labels is not None and type(self.lm_head) is not nn.Linear:  # a wrapped head (e.g. LoRA): run it
+            all_logits = self.lm_head(hidden_states)
+            loss = causal_lm_loss(all_logits, None, shift_labels, num_items_in_batch)
+            logits = all_logits[:, -logits_to_keep:] if logits_to_keep else all_logits
+        elif shift_labels is not None:
             loss = causal_lm_loss(hidden_states, self.lm_head.weight, shift_labels, num_items_in_batch)
-        if shift_labels is None or not self.training:  # training with labels needs no logits: never form them
+        if logits is None and (shift_labels is None or not self.training):  # training with labels needs no logits
             logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
