@@ -11,6 +11,7 @@ def test_cuda_without_index_means_this_ranks_gpu(monkeypatch):
     chosen = []
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     for device in ("cuda", "auto"):
         world = init_world(device)

@@ -64,12 +64,17 @@ class TrainConfig:
     save_every: int = _setting(1000, "checkpoint every N steps (also on SIGTERM/SIGINT and at the end)")
     keep_checkpoints: int = _setting(2, "newest checkpoints kept on disk")
     resume: str | None = _setting(None, "continue from the newest checkpoint in out_dir, or from CHECKPOINT")
+    overwrite: bool = _setting(False, "start a new run in an out_dir that holds one, deleting its checkpoints, "
+                                      "model and metrics")
     log_every: int = _setting(1, "steps between metrics records")
     profile_steps: int = _setting(0, "profile this many steps (after 3 warm-up steps) with torch.profiler; rank 0 "
                                      "writes out_dir/profile.txt (operators by time) and profile_trace.json")
     def __post_init__(self) -> None:
         if isinstance(self.data, str):  # `data: corpus/` in a YAML file: one path, not a list of characters
             self.data = [self.data]
+        hints = typing.get_type_hints(TrainConfig)
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _checked(field.name, getattr(self, field.name), hints[field.name]))
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be 'ddp' or 'fsdp' (got {self.strategy!r})")
         if self.precision not in ("bf16", "fp32"):
@@ -81,6 +86,11 @@ class TrainConfig:
             raise ValueError(f"profile_steps must be >= 0 (got {self.profile_steps})")
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ValueError("give exactly one of max_steps and max_tokens (the training budget)")
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)}): a run must train")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("give at most one of resume (continue the run in out_dir) and overwrite (replace it)")
         if bool(self.data) == (self.dataset is not None):
             raise ValueError("give exactly one of data (local files) and dataset (a Hugging Face datasets name)")
         if self.tokenizer is None:
@@ -126,23 +136,109 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """The key/value pairs of a YAML (.yaml/.yml, needs pyyaml) or JSON file, checked against TrainConfig."""
+    """The key/value pairs of a YAML (.yaml/.yml, needs pyyaml) or JSON (.json) file, checked against TrainConfig's
+    fields; a file with another suffix may hold either."""
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(text) or {}
+    if path.suffix == ".json":
+        values = _parse_json(text, path)
+    elif path.suffix in (".yaml", ".yml"):
+        values = _parse_yaml(text, path)
     else:
-        values = json.loads(text)
+        try:
+            values = _parse_json(text, path)
+        except ValueError:
+            try:
+                values = _parse_yaml(text, path)
+            except ValueError:
+                raise ValueError(f"config file {path} is neither JSON nor YAML; give a .json or .yaml file of "
+                                 "TrainConfig fields") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+        raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields (got {type(values).__name__})")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
     return values
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config file {path} is not valid JSON: {error.msg} at line {error.lineno} column "
+                         f"{error.colno}") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError as error:
+        raise ImportError(f"config file {path}: YAML needs pyyaml (pip install pyyaml), or write it as JSON") from error
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML: {problem}{where}") from None
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type of the field ``name`` (annotation ``hint``), or a ValueError naming the key: booleans
+    from booleans or true/false/yes/no/on/off/1/0, integers from integral numbers or numeric strings, floats from
+    numbers or numeric strings."""
+    optional = type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be given (got null)")
+    kind = _base_type(hint)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        spelled = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if spelled in _TRUE or spelled in _FALSE:
+            return spelled in _TRUE
+        raise ValueError(f"{name} must be true or false (got {value!r})")
+    if kind is int:
+        number = _number(name, value, "an integer")
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(f"{name} must be an integer (got {value!r})")
+        return int(number)
+    if kind is float:
+        return float(_number(name, value, "a number"))
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string (got {value!r}); quote it in a YAML file")
+        return value
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"{name} must be a list of strings (got {value!r})")
+        return value
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping (got {value!r})")
+        return value
+    return value
+
+
+def _number(name: str, value: Any, what: str) -> int | float:
+    """An int or float from a number or a numeric string (YAML 1.1 reads ``1e-3`` as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be {what} (got {value!r})")
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".en") else int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be {what} (got {value!r})") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (got {value!r})")
+    return value
 
 
 def _base_type(hint: Any) -> type:

@@ -18,6 +18,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,26 @@ from efla.train.data import (
     file_sources,
     read_documents,
 )
-from efla.train.distributed import World, any_rank, barrier, close_world, init_world, parallelize, sum_over_ranks
+from efla.train.distributed import (
+    World,
+    any_rank,
+    barrier,
+    close_world,
+    from_main,
+    init_world,
+    parallelize,
+    sum_over_ranks,
+)
 from efla.train.packing import PackedRows, StepSampler, make_batch
 from efla.train.profiling import StepProfiler
+from efla.train.run_dir import (
+    check_out_dir,
+    clear_outputs,
+    describe_changes,
+    model_config_changes,
+    setting_changes,
+    truncate_metrics,
+)
 from efla.train.tokenizer import load_tokenizer
 
 
@@ -46,10 +64,27 @@ class BatchTooLargeError(RuntimeError):
     """The GPU ran out of memory at the configured micro-batch size (the message says which and what to change)."""
 
 
-def train(config: TrainConfig) -> Path | None:
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; the run stopped before the optimizer applied that step,
+    without saving it, so the checkpoints on disk hold only finite steps."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint of its last finished step (``signum``: the signal)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def train(config: TrainConfig) -> Path:
     """Run (or resume) training; returns the final model folder (``out_dir/model``, loadable with
-    AutoModelForCausalLM.from_pretrained after ``import efla``), or None when stopped early by SIGTERM/SIGINT, in
-    which case a checkpoint of the last finished step was written and ``--resume`` continues from it."""
+    AutoModelForCausalLM.from_pretrained after ``import efla``).
+
+    Raises TrainingStopped when SIGTERM/SIGINT ended the run early (a checkpoint of the last finished step is written
+    and ``resume="latest"`` continues from it), TrainingDiverged on a non-finite loss, BatchTooLargeError when the
+    GPU runs out of memory, and ValueError / FileNotFoundError for bad settings or input (before anything in
+    ``out_dir`` is changed)."""
     world = init_world(config.device)
     try:
         return _Run(config, world).run()
@@ -64,13 +99,14 @@ class _Run:
         self.config, self.world = config, world
         self.out_dir = Path(config.out_dir).expanduser()
         self.ckpt_dir = self.out_dir / "checkpoints"
-        if world.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        self._on_main(lambda: check_out_dir(self.out_dir, config.resume is not None, config.overwrite))
         self.tokenizer = load_tokenizer(config.tokenizer)
         # settings checked before the (possibly long) tokenisation
         model_cfg = model_config(config, self.tokenizer)
-        resume_from = None if config.resume is None else find_checkpoint(config.resume, self.ckpt_dir)
+        resume_from = None
+        if config.resume is not None:
+            resume_from = Path(self._on_main(lambda: str(find_checkpoint(config.resume, self.ckpt_dir, self._log))))
+            self._check_same_model(model_cfg, resume_from)
         self.corpus_key, corpus = self._corpus()
         self.rows = PackedRows(corpus, config.seq_len)
         self.global_batch = config.micro_batch_size * config.grad_accum * world.size
@@ -96,11 +132,30 @@ class _Run:
             self._check_same_data(state["data"], resume_from)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = self.last_saved = state["step"]
+            self._apply_changed_settings(state.get("settings"))
             self._log(f"resumed from {resume_from} at step {self.step}")
-        self.stop_requested = False
+        self.stop_signal: int | None = None
 
-    def run(self) -> Path | None:
+    def _start(self) -> None:
+        """Rank 0 prepares the run folder once every setting and input has been checked: deletes a previous run's
+        outputs (--overwrite), cuts metrics.jsonl back to the resumed step, writes train_config.json."""
+        if not self.world.is_main:
+            return
+        if self.config.overwrite:
+            deleted = clear_outputs(self.out_dir)
+            if deleted:
+                self._log(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {self.out_dir}")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.resume is not None:
+            dropped = truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            if dropped:
+                self._log(f"metrics.jsonl: dropped {dropped} record(s) after step {self.step}, which are trained again")
+        (self.out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+
+    def run(self) -> Path:
         config, world = self.config, self.world
+        self._start()
+        barrier(world)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         logger = _MetricsLogger(self.out_dir, world, self.total_steps, self.step)
         profiler = StepProfiler(self.out_dir, config.profile_steps, world.device, enabled=world.is_main)
@@ -112,11 +167,9 @@ class _Run:
                 self.step += 1
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     logger.log({"step": self.step, **record})
-                if any_rank(self.stop_requested, world):
+                if any_rank(self.stop_signal is not None, world):
                     self._save()
-                    self._log(f"stopped by signal after step {self.step}; checkpoint saved in {self.ckpt_dir}; "
-                              "continue with --resume")
-                    return None
+                    self._stopped()
                 if self.step % config.save_every == 0:
                     self._save()
             self._save()
@@ -146,13 +199,15 @@ class _Run:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
+        loss, grad_norm = sum_over_ranks(total_loss, world).item() / num_targets, grad_norm.item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank (summed / global)
+            self._diverged(loss, grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum_over_ranks(total_loss, world).item() / num_targets
         tokens = self.global_batch * config.seq_len
-        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": (self.step + 1) * tokens,
+        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": (self.step + 1) * tokens,
                   "tokens_per_s": tokens / (time.perf_counter() - start)}
         if world.device.type == "cuda":  # this rank's peak since the start, for memory per GPU
             record["peak_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
@@ -191,10 +246,26 @@ class _Run:
             f"(seq_len {self.config.seq_len}) at step {self.step + 1}. Lower --micro-batch-size and raise "
             f"--grad-accum to keep the global batch.{saved}") from None
 
+    def _diverged(self, loss: float, grad_norm: float) -> None:
+        """Stop before the optimizer applies a non-finite step: the model and checkpoints keep the last good state."""
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = (f"the last good checkpoint, step {self.last_saved}, is kept in {self.ckpt_dir}" if self.last_saved > 0
+                else "no checkpoint was saved yet")
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1}: loss {loss}, grad norm {grad_norm} (not applied); {kept}. "
+            f"Lower --lr (now {self.config.lr}) or raise --warmup-steps, then start again or --resume")
+
+    def _stopped(self) -> None:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "signal"
+        raise TrainingStopped(
+            f"stopped by {name} after step {self.step} of {self.total_steps}; the checkpoint is saved in "
+            f"{self.ckpt_dir}; continue with the same command and --resume", self.stop_signal or signal.SIGTERM)
+
     def _save(self) -> None:
         if self.step == self.last_saved:
             return
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self._data_identity()}
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self._data_identity(),
+                 "settings": dataclasses.asdict(self.config)}
         save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.world,
                         self.config.keep_checkpoints)
         self.last_saved = self.step
@@ -208,6 +279,8 @@ class _Run:
         if self.world.is_main:
             save_model(folder, self.plain_model, state)
             self.tokenizer.save_pretrained(str(folder))
+            # the settings it was trained with (efla eval ppl reads its seq_len as the default context)
+            (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
             self._log(f"model saved in {folder}")
         barrier(self.world)
         return folder
@@ -255,8 +328,49 @@ class _Run:
             raise ValueError(f"cannot resume from {path}: the data differs from the checkpoint's "
                              f"(field: (checkpoint, now)) {changed}")
 
+    def _check_same_model(self, model_cfg: Any, path: Path) -> None:
+        from transformers import AutoConfig
+
+        changes = model_config_changes(AutoConfig.from_pretrained(str(path)).to_dict(), model_cfg.to_dict())
+        if changes:
+            raise ValueError(f"cannot resume from {path}: the model config differs from the checkpoint's "
+                             f"({describe_changes(changes)}); resume with the checkpoint's --model and "
+                             "--model-overrides, or start a new run (--overwrite or another --out-dir)")
+
+    def _apply_changed_settings(self, saved: dict[str, Any] | None) -> None:
+        """Settings changed since the checkpoint take effect from here on, and are reported: the optimiser's
+        hyperparameters and the learning-rate schedule (which loading the checkpoint set back to the saved ones)."""
+        changes = {} if saved is None else setting_changes(saved, dataclasses.asdict(self.config))
+        if not changes:
+            return
+        config = self.config
+        matrices, others = self.optimizer.param_groups
+        matrices["weight_decay"] = config.weight_decay
+        for group in (matrices, others):
+            group.update(betas=(config.beta1, config.beta2), eps=config.adam_eps, initial_lr=config.lr)
+        self.scheduler.base_lrs = [config.lr] * 2
+        step = self.scheduler.last_epoch
+        for group, factor in zip((matrices, others), self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = config.lr * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in (matrices, others)]
+        self._log(f"note: settings changed since the checkpoint apply from step {self.step + 1}: "
+                  f"{describe_changes(changes)}")
+
     def _request_stop(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
+        self.stop_signal = signum
+
+    def _on_main(self, work: Callable[[], Any]) -> Any:
+        """Rank 0's ``work()`` (a check, or a choice only rank 0 makes), its result or error shared with all ranks."""
+        result: tuple[Any, Exception | None] = (None, None)
+        if self.world.is_main:
+            try:
+                result = (work(), None)
+            except (ValueError, FileNotFoundError) as error:
+                result = (None, error)
+        value, error = from_main(result, self.world)
+        if error is not None:
+            raise error
+        return value
 
     def _log(self, message: str) -> None:
         if self.world.is_main:
@@ -270,20 +384,23 @@ def model_config(config: TrainConfig, tokenizer: Any) -> Any:
     and special tokens. Raises when seq_len is longer than the model's max_position_embeddings."""
     from transformers import AutoConfig
 
-    from efla.models import PRESETS, preset_config
+    from efla.models import PRESETS, EFLAConfig, preset_config
 
     overrides = dict(config.model_overrides)
     overrides.setdefault("vocab_size", len(tokenizer))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         overrides.setdefault(name, getattr(tokenizer, name))
     if config.model in PRESETS:
+        _check_override_keys(config.model_overrides, EFLAConfig)
         model_cfg = preset_config(config.model, **overrides)
     else:
         path = Path(config.model).expanduser()
         if not path.exists():
             raise ValueError(f"model must be a preset {sorted(PRESETS)} or a config.json / model folder "
                              f"(got {config.model!r}, which does not exist)")
-        values = {**AutoConfig.from_pretrained(str(path)).to_dict(), **overrides}
+        base = AutoConfig.from_pretrained(str(path))
+        _check_override_keys(config.model_overrides, type(base))
+        values = {**base.to_dict(), **overrides}
         # a saved bf16 model's dtype would make from_config build bf16 weights (and AdamW state): train in float32
         values.pop("dtype", None)
         values.pop("torch_dtype", None)
@@ -294,6 +411,16 @@ def model_config(config: TrainConfig, tokenizer: Any) -> Any:
                          f"lower --seq-len or pass --model-overrides '{{\"max_position_embeddings\": "
                          f"{config.seq_len}}}'")
     return model_cfg
+
+
+def _check_override_keys(overrides: dict[str, Any], config_class: type) -> None:
+    """Reject model_overrides keys that ``config_class`` does not know (a typo would be stored and ignored)."""
+    known = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    known |= set(config_class().to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"model_overrides has unknown key(s) {unknown} for {config_class.__name__}; known keys: "
+                         f"{sorted(k for k in known if not k.startswith('_'))}")
 
 
 def _adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
