@@ -1,7 +1,7 @@
 """The run folder (``--out-dir``) and what a resume may change: no run's finished work is replaced by accident.
 
 A run folder holds ``checkpoints/``, ``model/``, ``metrics.jsonl``, ``train_config.json`` and optional logs. A new
-run starts only in an empty (or missing) folder, unless ``--overwrite`` deletes those outputs first; ``--resume``
+run starts only in a folder without these outputs, unless ``--overwrite`` deletes them first; ``--resume``
 continues the run in it, cutting ``metrics.jsonl`` back to the checkpoint's step so that redone steps are not
 recorded twice.
 """
@@ -27,16 +27,21 @@ _RUN_ONLY_SETTINGS = frozenset({"resume", "overwrite", "out_dir", "device", "cac
 
 
 def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder that already holds files, unless resuming or overwriting."""
+    """Refuse to start a new run in a folder that holds a run's outputs, unless resuming or overwriting (other files,
+    such as a log or the run's own config, do not count)."""
     if resume or overwrite or not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; pass a folder for --out-dir")
-    held = sorted(p.name for p in out_dir.iterdir())
+    held = [name for name in RUN_OUTPUTS if _holds(out_dir / name)]
     if held:
-        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
-        raise ValueError(f"out_dir {out_dir} is not empty (it holds {shown}); continue that run with --resume, "
+        raise ValueError(f"out_dir {out_dir} already holds a run ({', '.join(held)}); continue it with --resume, "
                          "replace it with --overwrite, or choose another --out-dir")
+
+
+def _holds(path: Path) -> bool:
+    """A file, or a folder with anything in it."""
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
 def clear_outputs(out_dir: Path) -> list[str]:
