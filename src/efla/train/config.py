@@ -15,6 +15,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+DEFAULT_SEQ_LEN = 2048  # when the model config names no max_position_embeddings
+
 
 def _setting(default: Any, help: str) -> Any:
     """A TrainConfig field with an immutable default and its --help text."""
@@ -39,7 +42,8 @@ class TrainConfig:
     dataset_split: str = _setting("train", "the dataset split")
     text_field: str = _setting("text", "the jsonl / parquet / dataset field holding the document text")
     cache_dir: str = _setting("~/.cache/efla/tokens", "where tokenised corpora are cached (memory-mapped)")
-    seq_len: int = _setting(2048, "tokens per row")
+    seq_len: int | None = _setting(None, "tokens per row (default: the model's max_position_embeddings, e.g. 2048 "
+                                         "for 340M, 512 for tiny)")
     pack_boundaries: bool = _setting(True, "restart the recurrent state at each document (when the model can)")
     # optimisation
     micro_batch_size: int = _setting(8, "rows per forward pass on each rank")
@@ -57,7 +61,9 @@ class TrainConfig:
     # system
     strategy: str = _setting("ddp", "ddp | fsdp (FSDP2 fully_shard per block, then the root) under torchrun")
     precision: str = _setting("bf16", "bf16 (autocast on GPU) | fp32; CPU always runs float32")
-    compile: bool = _setting(False, "torch.compile each block")
+    compile: bool | None = _setting(None, "torch.compile each block (default: on CUDA, not on CPU)")
+    activation_checkpointing: str = _setting("none", "none | selective (recompute the cheap element-wise work in "
+                                                     "the backward) | full (recompute each block)")
     device: str = _setting("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
     seed: int = _setting(0, "seed of the initial weights and of the data order")
     out_dir: str = _setting("runs/efla", "checkpoints/, model/, metrics.jsonl, train_config.json")
@@ -79,8 +85,11 @@ class TrainConfig:
             raise ValueError(f"strategy must be 'ddp' or 'fsdp' (got {self.strategy!r})")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32' (got {self.precision!r})")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING} "
+                             f"(got {self.activation_checkpointing!r})")
         for name in ("seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0 (got {self.profile_steps})")
@@ -98,9 +107,12 @@ class TrainConfig:
                              "(build one with `efla tokenizer train`)")
 
     def total_steps(self, world_size: int) -> int:
-        """Optimiser steps of the run: max_steps, or the token budget divided by the tokens per step."""
+        """Optimiser steps of the run: max_steps, or the token budget divided by the tokens per step (seq_len must
+        be known)."""
         if self.max_steps is not None:
             return self.max_steps
+        if self.seq_len is None:
+            raise ValueError("seq_len is needed to turn max_tokens into steps")
         return math.ceil(self.max_tokens / (self.seq_len * self.micro_batch_size * self.grad_accum * world_size))
 
 
