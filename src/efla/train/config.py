@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+SCHEDULES = ("cosine", "wsd", "linear")
 DEFAULT_SEQ_LEN = 2048  # when the model config names no max_position_embeddings
 
 
@@ -51,7 +52,10 @@ class TrainConfig:
     max_steps: int | None = _setting(None, "optimiser steps (or give --max-tokens)")
     max_tokens: int | None = _setting(None, "token budget: steps = max_tokens / tokens per step, rounded up")
     lr: float = _setting(1e-3, "peak learning rate")
-    min_lr_ratio: float = _setting(0.1, "the cosine schedule ends at lr * min_lr_ratio")
+    schedule: str = _setting("cosine", "learning-rate schedule after the warmup: cosine (to lr * min_lr_ratio), "
+                                       "wsd (warmup-stable-decay) or linear (to 0); transformers' schedules")
+    min_lr_ratio: float = _setting(0.1, "the cosine and wsd schedules end at lr * min_lr_ratio")
+    decay_ratio: float = _setting(0.1, "wsd: the fraction of the steps, at the end, over which the lr decays")
     warmup_steps: int = _setting(100, "steps of linear warmup")
     weight_decay: float = _setting(0.1, "AdamW weight decay of matrices (not norms or biases)")
     beta1: float = _setting(0.9, "AdamW beta1")
@@ -73,6 +77,12 @@ class TrainConfig:
     overwrite: bool = _setting(False, "start a new run in an out_dir that holds one, deleting its checkpoints, "
                                       "model and metrics")
     log_every: int = _setting(1, "steps between metrics records")
+    val_every: int = _setting(0, "steps between validation losses (0: none); rows held out from the corpus")
+    val_rows: int = _setting(32, "rows of seq_len tokens held out at the end of the corpus for validation (with "
+                                 "val_every; they are never trained on)")
+    wandb: bool = _setting(False, "also log to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no "
+                                  "network)")
+    wandb_project: str = _setting("efla", "the Weights & Biases project")
     profile_steps: int = _setting(0, "profile this many steps (after 3 warm-up steps) with torch.profiler; rank 0 "
                                      "writes out_dir/profile.txt (operators by time) and profile_trace.json")
     def __post_init__(self) -> None:
@@ -85,10 +95,17 @@ class TrainConfig:
             raise ValueError(f"strategy must be 'ddp' or 'fsdp' (got {self.strategy!r})")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32' (got {self.precision!r})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} (got {self.schedule!r})")
+        if not 0 < self.decay_ratio <= 1:
+            raise ValueError(f"decay_ratio must be in (0, 1] (got {self.decay_ratio})")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (got {self.val_every}); 0: no validation")
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING} "
                              f"(got {self.activation_checkpointing!r})")
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every",
+                     "val_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.profile_steps < 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import inspect
 import json
 import math
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +47,7 @@ from efla.train.distributed import (
     parallelize,
     sum_over_ranks,
 )
+from efla.train.metrics import MetricsLogger
 from efla.train.packing import PackedRows, StepSampler, make_batch
 from efla.train.profiling import StepProfiler
 from efla.train.run_dir import (
@@ -113,7 +114,8 @@ class _Run:
         self.corpus_key, corpus = self._corpus()
         self.rows = PackedRows(corpus, config.seq_len)
         self.global_batch = config.micro_batch_size * config.grad_accum * world.size
-        self.sampler = StepSampler(len(self.rows), self.global_batch, config.seed)
+        self.val_rows = self._held_out_rows()
+        self.sampler = StepSampler(len(self.rows) - len(self.val_rows), self.global_batch, config.seed)
         self.total_steps = config.total_steps(world.size)
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank (FSDP shards each rank's copy)
@@ -129,8 +131,7 @@ class _Run:
         compile_blocks = config.compile if config.compile is not None else world.device.type == "cuda"
         self.model = parallelize(self.plain_model, config.strategy, world, compile_blocks)
         self.optimizer = _adamw(self.model, config, world.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(config,
-                                                                                                self.total_steps))
+        self.scheduler = _schedule(self.optimizer, config, self.total_steps)
         self.step = 0
         self.last_saved = -1
         if resume_from is not None:
@@ -163,7 +164,8 @@ class _Run:
         self._start()
         barrier(world)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        logger = _MetricsLogger(self.out_dir, world, self.total_steps, self.step)
+        logger = MetricsLogger(self.out_dir, world.is_main, self.total_steps, self.step,
+                               config.wandb_project if config.wandb else None, dataclasses.asdict(config))
         profiler = StepProfiler(self.out_dir, config.profile_steps, world.device, enabled=world.is_main)
         try:
             while self.step < self.total_steps:
@@ -171,7 +173,11 @@ class _Run:
                 record = self._train_step()
                 profiler.after_step()
                 self.step += 1
-                if self.step % config.log_every == 0 or self.step == self.total_steps:
+                validate = config.val_every > 0 and (self.step % config.val_every == 0 or
+                                                     self.step == self.total_steps)
+                if validate:
+                    record["val_loss"] = self._validation_loss()
+                if validate or self.step % config.log_every == 0 or self.step == self.total_steps:
                     logger.log({"step": self.step, **record})
                 if any_rank(self.stop_signal is not None, world):
                     self._save()
@@ -218,6 +224,29 @@ class _Run:
         if world.device.type == "cuda":  # this rank's peak since the start, for memory per GPU
             record["peak_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
         return record
+
+    def _held_out_rows(self) -> np.ndarray:
+        """The validation rows (the corpus's last val_rows rows, never trained on), none without val_every."""
+        if self.config.val_every == 0:
+            return np.empty(0, dtype=np.int64)
+        count = self.config.val_rows
+        if count < self.world.size or count + self.global_batch > len(self.rows):
+            raise ValueError(f"val_rows {count} must be at least the world size ({self.world.size}) and leave "
+                             f"{self.global_batch} rows (one step) of the corpus's {len(self.rows)} for training")
+        return np.arange(len(self.rows) - count, len(self.rows))
+
+    def _validation_loss(self) -> float:
+        """Mean next-token loss over the held-out rows; every rank scores an equal share (FSDP needs the same
+        number of forward passes on each rank)."""
+        world, size = self.world, self.config.micro_batch_size
+        share = len(self.val_rows) // world.size
+        mine = self.val_rows[world.rank * share:(world.rank + 1) * share]
+        total = torch.zeros((), device=world.device, dtype=torch.float64)
+        with torch.no_grad():
+            for start in range(0, len(mine), size):
+                total += self._loss_sum(make_batch(self.rows, mine[start:start + size], self.flatten)).double()
+        scored = self.rows.num_targets(self.val_rows[:share * world.size], self.flatten)
+        return sum_over_ranks(total, world).item() / scored
 
     def _loss_sum(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """The summed cross-entropy of a micro-batch's targets (-100: not counted)."""
@@ -324,8 +353,11 @@ class _Run:
     def _data_identity(self) -> dict[str, Any]:
         """What the data position (the step) means: resuming with a different corpus or batch would not continue
         the same run."""
-        return {"corpus": self.corpus_key, "seq_len": self.config.seq_len, "global_batch": self.global_batch,
-                "seed": self.config.seed}
+        identity = {"corpus": self.corpus_key, "seq_len": self.config.seq_len, "global_batch": self.global_batch,
+                    "seed": self.config.seed}
+        if len(self.val_rows):  # the rows held out change which rows the steps draw
+            identity["held_out_rows"] = len(self.val_rows)
+        return identity
 
     def _check_same_data(self, saved: dict[str, Any], path: Path) -> None:
         current = self._data_identity()
@@ -450,52 +482,18 @@ def _adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch
                              fused=device.type == "cuda")
 
 
-def _cosine_with_warmup(config: TrainConfig, total_steps: int):
-    """lr multiplier at a step: linear warmup from 1/warmup to 1, then cosine down to min_lr_ratio."""
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    """The learning-rate schedule, one of transformers' (a LambdaLR whose state resumes exactly): linear warmup over
+    warmup_steps, then cosine down to lr * min_lr_ratio, or warmup-stable-decay (the last decay_ratio of the steps
+    decay, by a cosine, to lr * min_lr_ratio), or linear down to 0."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class _MetricsLogger:
-    """Rank 0's outputs: a tqdm bar, metrics.jsonl (one JSON record per logged step) and TensorBoard if installed."""
-
-    def __init__(self, out_dir: Path, world: World, total_steps: int, start_step: int) -> None:
-        self.enabled = world.is_main
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        self.file = (out_dir / "metrics.jsonl").open("a")
-        self.writer = None
-        if importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def log(self, record: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        step = int(record["step"])
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             gnorm=f"{record['grad_norm']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if self.writer is not None:
-            for name, value in record.items():
-                if name != "step":
-                    self.writer.add_scalar(f"train/{name}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.close()
-            self.file.close()
-            if self.writer is not None:
-                self.writer.close()
+    kinds = {
+        "cosine": ("cosine_with_min_lr", {"min_lr_rate": config.min_lr_ratio}),
+        "wsd": ("warmup_stable_decay", {"num_decay_steps": max(1, round(config.decay_ratio * total_steps)),
+                                        "min_lr_ratio": config.min_lr_ratio}),
+        "linear": ("linear", {}),
+    }
+    name, extra = kinds[config.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=extra)
