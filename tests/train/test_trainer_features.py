@@ -83,3 +83,22 @@ def test_wandb_offline(run_args, tmp_path, monkeypatch):
     run_id = (tmp_path / "wandb" / "run_id").read_text()
     (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
     assert (run_dir / f"run-{run_id}.wandb").stat().st_size > 0
+
+
+def test_the_first_step_loss_is_the_plain_cross_entropy(reference_run, run_args, tokenizer_dir):
+    """The loss the trainer records (the model's own, issue 13's one place) is the mean next-token cross-entropy of
+    the initial weights on step 1's rows, computed here with full logits."""
+    from efla.train.loop import model_config
+    from efla.train.tokenizer import load_tokenizer
+
+    config = TrainConfig(**run_args, out_dir="unused")
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_config(model_config(config, load_tokenizer(tokenizer_dir)))
+    (cache,) = Path(run_args["cache_dir"]).iterdir()
+    rows = PackedRows(TokenCorpus.open(cache), seq_len=run_args["seq_len"])
+    step_rows = StepSampler(len(rows), run_args["micro_batch_size"], run_args["seed"]).step_rows(0)
+    batch = make_batch(rows, step_rows, flatten=True)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], cu_seqlens=batch["cu_seqlens"], use_cache=False).logits
+    expected = F.cross_entropy(logits.flatten(0, 1).double(), batch["targets"].flatten()).item()
+    assert _metrics(reference_run)[1]["loss"] == pytest.approx(expected, rel=1e-6)
