@@ -135,8 +135,43 @@ def test_packed_documents_stay_packed():
 
     layer = EFLAttention(32, 2, chunk_size=4)
     seen = []
-    layer.qkv_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    layer.q_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
     layer(torch.randn(1, 15, 32), cu_seqlens=cu_seqlens)
     assert seen == [torch.Size([1, 15, 32])]
     with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at T=15"):
         layer(torch.randn(1, 15, 32), cu_seqlens=torch.tensor([0, 3, 14], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("use_short_conv", [False, True])
+def test_state_dict_with_fused_qkv_loads_into_the_separate_projections(use_short_conv):
+    """A state dict saved before q, k, v were separated (fused qkv_proj [3C, C] and conv [3C, 1, W], q's channels
+    first) loads with load_state_dict and gives the outputs of the fused computation."""
+    torch.manual_seed(0)
+    C, H, W = 32, 2, 4
+    qkv = torch.randn(3 * C, C) / C**0.5
+    conv = torch.randn(3 * C, 1, W)
+    layer = EFLAttention(C, H, use_short_conv=use_short_conv, use_output_gate=True, chunk_size=4)
+    old = {k: v for k, v in layer.state_dict().items() if not k.startswith(("q_", "k_", "v_"))}
+    old["qkv_proj.weight"] = qkv
+    if use_short_conv:
+        old["conv.weight"] = conv
+    layer.load_state_dict(old)  # strict: every new name is filled, no fused name is left over
+    for i, name in enumerate("qkv"):
+        assert torch.equal(getattr(layer, f"{name}_proj").weight, qkv[i * C:(i + 1) * C])
+        if use_short_conv:
+            assert torch.equal(getattr(layer, f"{name}_conv1d").weight, conv[i * C:(i + 1) * C])
+
+    # the fused computation the old layer ran: one projection, one convolution over 3C channels, then split
+    x = torch.randn(2, 9, C)
+    fused = x @ qkv.t()
+    if use_short_conv:
+        fused_conv = ShortConvolution(3 * C, W)
+        fused_conv.weight.data.copy_(conv)
+        fused = fused_conv(fused)[0]
+    else:
+        fused = torch.nn.functional.silu(fused)
+    q, k, v = (t.flatten(-2) for t in layer._qkv(x, None, None, None, keep_state=False)[:3])
+    q_fused, k_fused, v_fused = fused.chunk(3, dim=-1)
+    torch.testing.assert_close(q, torch.nn.functional.normalize(q_fused.unflatten(-1, (H, -1)), dim=-1).flatten(-2),
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat([k, v], -1), torch.cat([k_fused, v_fused], -1), atol=ATOL, rtol=0)

@@ -148,3 +148,42 @@ def test_packed_documents_match_each_document_alone(variant):
     # the loss averages the within-document predictions only: 4 + 10 + 0 + 6 of them
     expected = sum(a.loss * (len(d) - 1) for a, d in zip(alone, documents, strict=True) if len(d) > 1) / 20
     torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
+
+
+
+def _fused_qkv_state(model: EFLAForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's state dict in the layout saved before q, k, v were separated: per EFLA layer one qkv_proj and one
+    conv over 3 * hidden_size channels (q's, then k's, then v's)."""
+    state = dict(model.state_dict())
+    for i in range(model.config.num_hidden_layers):
+        if i in model.config.attn_layers:
+            continue
+        for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                             ("conv", ("q_conv1d", "k_conv1d", "v_conv1d"))):
+            prefix = f"model.layers.{i}.attn."
+            state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(f"{prefix}{p}.weight") for p in parts])
+    return state
+
+
+def test_checkpoint_with_fused_qkv_loads_with_from_pretrained(tmp_path):
+    """Checkpoints saved before q, k, v were separated (attn.qkv_proj, attn.conv) load with from_pretrained into the
+    same model, and saving it again writes the separate names."""
+    from safetensors.torch import load_file, save_file
+
+    model = _model(**VARIANTS["hybrid-gated"])
+    old = _fused_qkv_state(model)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert loaded_state.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, loaded_state[name]), name
+    loaded.save_pretrained(tmp_path / "again")
+    assert load_file(tmp_path / "again" / "model.safetensors").keys() == state.keys()
+
+    torch.manual_seed(1)
+    fresh = EFLAForCausalLM(model.config)
+    fresh.load_state_dict(old)  # the layer's own load hook, used by the trainer's checkpoints
+    for name, tensor in state.items():
+        assert torch.equal(tensor, fresh.state_dict()[name]), name

@@ -1,6 +1,6 @@
 """``EFLAttention``: the EFLA token mixer (DeltaNet's layer with the exact step), for use inside a model.
 
-    q, k, v = silu(conv(W_qkv x))            short causal depthwise convolution over time
+    q, k, v = silu(conv_q(W_q x)), ...       short causal depthwise convolution over time, one per projection
     q = q / ||q||;  k = k / ||k|| only in mode "delta": in EFLA the key norm is the implicit gate (PAPER.md)
     beta = sigmoid(W_b x)                     one step duration per head and token
     o = efla_attention(q, k, v, beta)         per head, state [K, V]
@@ -11,7 +11,13 @@ convolution or the recurrent state and left- or right-padded batches give each s
 
 The cache is a transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built
 from a config whose ``layer_types`` says ``"linear_attention"``): it stores the convolution state [B, C, W - 1] and the
-recurrent state [B, H, K, V] (float32), updated in place by each forward.
+recurrent state [B, H, K, V] (float32), updated in place by each forward; the three convolutions' states are
+concatenated along the channels (q, k, v).
+
+The parameter names are fla DeltaNet's (``q_proj``, ``k_proj``, ``v_proj``, ``q_conv1d``, ``k_conv1d``, ``v_conv1d``,
+``b_proj``, ``g_proj``, ``o_norm``, ``o_proj``), so LoRA recipes that target q/k/v/o work unchanged. State dicts saved
+before the split (one fused ``qkv_proj`` and one ``conv`` over 3 * hidden_size channels) still load: a load hook splits
+them.
 """
 
 from __future__ import annotations
@@ -22,17 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efla.layers.conv import ShortConvolution
+from efla.layers.conv import ShortConvolution, short_conv, short_conv_state
 from efla.layers.norm import GatedRMSNorm, RMSNorm
+from efla.layers.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
+
+# the fused weights of state dicts saved before q, k and v were separated, and the names they split into (dim 0)
+FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d", "k_conv1d", "v_conv1d")}
 
 
 class EFLAttention(nn.Module):
     """EFLA (mode="efla") or DeltaNet (mode="delta") attention over [B, T, hidden_size] inputs.
 
     Both modes have exactly the same parameters; they differ only in the key normalisation and the step size.
-    ``backend`` and ``chunk_size`` are passed to ``efla_attention``.
+    ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True keeps only the inputs of the
+    element-wise work (convolution + SiLU + L2 norm, the beta sigmoid, the output norm) for the backward and
+    recomputes the rest there (``efla.layers.recompute``).
     """
 
     def __init__(
@@ -47,6 +59,7 @@ class EFLAttention(nn.Module):
         layer_idx: int | None = None,
         backend: str = "auto",
         chunk_size: int = 64,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -55,12 +68,20 @@ class EFLAttention(nn.Module):
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
         self.mode, self.layer_idx, self.backend, self.chunk_size = mode, layer_idx, backend, chunk_size
-        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.recompute = recompute
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.conv = ShortConvolution(3 * hidden_size, conv_size) if use_short_conv else None
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(hidden_size, conv_size)
+            self.k_conv1d = ShortConvolution(hidden_size, conv_size)
+            self.v_conv1d = ShortConvolution(hidden_size, conv_size)
         self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_output_gate else None
-        self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_dim, eps=norm_eps)
+        self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_dim, eps=norm_eps, recompute=recompute)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.register_load_state_dict_pre_hook(_split_fused_qkv)
 
     def forward(
         self,
@@ -85,17 +106,8 @@ class EFLAttention(nn.Module):
             mask = attention_mask[:, -T:].bool()
             x, lengths = _left_align(hidden_states, mask)
 
-        qkv = self.qkv_proj(x)
-        if self.conv is None:
-            qkv = F.silu(qkv)
-        else:
-            qkv, conv_state = self.conv(qkv, conv_state, lengths, cu_seqlens)
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        # CUDA autocast runs the norm in float32: bring q (and k) back to v's dtype for efla_attention
-        q = F.normalize(q, dim=-1, eps=1e-6).to(v.dtype)
-        if self.mode == "delta":
-            k = F.normalize(k, dim=-1, eps=1e-6).to(v.dtype)
-        beta = self.b_proj(x).float().sigmoid()
+        q, k, v, conv_state = self._qkv(x, conv_state, lengths, cu_seqlens, keep_state=cache is not None)
+        beta = recompute(_sigmoid32, self.b_proj(x), enabled=self.recompute)
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
 
         if lengths is not None:  # rows -> one packed sequence per row
@@ -119,6 +131,51 @@ class EFLAttention(nn.Module):
         out = o.new_zeros(B, T, self.hidden_size)
         out[mask] = o[0]
         return out
+
+    def _qkv(
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        keep_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k, v [B, T, H, head_dim] = silu(conv(W x)) (silu(W x) without the convolution), q (and k in mode
+        "delta") L2-normalised; and, with keep_state, the new convolution state: q's, k's and v's [B, hidden_size,
+        W - 1] concatenated along the channels."""
+        states = (None,) * 3 if conv_state is None else conv_state.chunk(3, dim=1)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else (None,) * 3
+        normalized = (True, self.mode == "delta", False)
+        features, new_states = [], []
+        for proj, conv, state, l2 in zip((self.q_proj, self.k_proj, self.v_proj), convs, states, normalized,
+                                         strict=True):
+            projected = proj(x)
+
+            def activate(p: torch.Tensor, *weight: torch.Tensor, conv=conv, state=state, l2=l2) -> torch.Tensor:
+                y = F.silu(p) if conv is None else short_conv(p, weight[0], state, lengths, cu_seqlens)[0]
+                y = y.unflatten(-1, (self.num_heads, self.head_dim))
+                # CUDA autocast runs the norm in float32: back to the features' dtype for efla_attention
+                return F.normalize(y, dim=-1, eps=1e-6).to(y.dtype) if l2 else y
+
+            weights = () if conv is None else (conv.weight,)
+            features.append(recompute(activate, projected, *weights, enabled=self.recompute))
+            if keep_state and conv is not None:
+                new_states.append(short_conv_state(projected, conv.kernel_size[0], state, lengths))
+        return *features, (torch.cat(new_states, dim=1) if new_states else None)
+
+
+def _sigmoid32(x: torch.Tensor) -> torch.Tensor:
+    return x.float().sigmoid()
+
+
+def _split_fused_qkv(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    """Load hook: state dicts saved before q, k and v were separated hold ``qkv_proj.weight`` [3 C, C] and
+    ``conv.weight`` [3 C, 1, W] (q's channels first, then k's, then v's); split them into the separate names."""
+    for fused, parts in FUSED_WEIGHTS.items():
+        weight = state_dict.pop(f"{prefix}{fused}.weight", None)
+        if weight is not None:
+            for name, piece in zip(parts, weight.chunk(3, dim=0), strict=True):
+                state_dict[f"{prefix}{name}.weight"] = piece
 
 
 def _cached_states(cache: Any | None, layer_idx: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -9,6 +9,8 @@ from transformers import PretrainedConfig
 
 from efla.ops.checks import MODES
 
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+
 
 class EFLAConfig(PretrainedConfig):
     """Configuration of ``EFLAModel`` / ``EFLAForCausalLM``.
@@ -26,6 +28,10 @@ class EFLAConfig(PretrainedConfig):
         max_position_embeddings: training context length, read by evaluation tools; the model itself has no
             position embeddings and no length limit.
         attn_backend, chunk_size: passed to ``efla_attention`` ("auto": Triton on CUDA, torch otherwise).
+        activation_checkpointing: what training keeps for the backward. "none": every intermediate autograd
+            needs; "selective": the element-wise work (RMSNorms, the gated output norm, SwiGLU, the convolution's
+            SiLU, q/k L2 normalisation, the beta sigmoid) keeps only its inputs and is recomputed in the backward;
+            "full": each block keeps only its input and is recomputed whole. Same loss and gradients in all three.
     """
 
     model_type = "efla"
@@ -47,6 +53,7 @@ class EFLAConfig(PretrainedConfig):
         max_position_embeddings: int = 2048,
         attn_backend: str = "auto",
         chunk_size: int = 64,
+        activation_checkpointing: str = "none",
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
         pad_token_id: int | None = None,
@@ -56,6 +63,9 @@ class EFLAConfig(PretrainedConfig):
     ) -> None:
         if attn_mode not in MODES:
             raise ValueError(f"attn_mode must be one of {MODES} (got {attn_mode!r})")
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING} "
+                             f"(got {activation_checkpointing!r})")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         attn_layers = sorted(attn_layers or [])
@@ -79,6 +89,7 @@ class EFLAConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.attn_backend = attn_backend
         self.chunk_size = chunk_size
+        self.activation_checkpointing = activation_checkpointing
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)

@@ -9,34 +9,45 @@ recurrent state, softmax layers keep keys and values.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
+from efla.layers.recompute import recompute
 from efla.models.configuration_efla import EFLAConfig
+from efla.models.documents import cu_seqlens_from_collator
+from efla.models.loss import causal_lm_loss
 
 # transformers renamed the `past_key_values` argument and output field to `cache` (5.2x); speak whichever it uses
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class EFLAMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); recompute=True keeps only gate(x) and up(x) for the
+    backward, not silu(gate(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, recompute: bool = False) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(recompute(_swiglu, self.gate_proj(x), self.up_proj(x), enabled=self.recompute))
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class EFLABlock(GradientCheckpointingLayer):
@@ -44,17 +55,18 @@ class EFLABlock(GradientCheckpointingLayer):
 
     def __init__(self, config: EFLAConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        selective = config.activation_checkpointing == "selective"
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, recompute=selective)
         if layer_idx in config.attn_layers:
             self.attn: nn.Module = SoftmaxAttention(config.hidden_size, config.num_heads, layer_idx=layer_idx)
         else:
             self.attn = EFLAttention(
                 config.hidden_size, config.num_heads, mode=config.attn_mode, use_short_conv=config.use_short_conv,
                 conv_size=config.conv_size, use_output_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
-                layer_idx=layer_idx, backend=config.attn_backend, chunk_size=config.chunk_size,
+                layer_idx=layer_idx, backend=config.attn_backend, chunk_size=config.chunk_size, recompute=selective,
             )
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = EFLAMLP(config.hidden_size, config.intermediate_size)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, recompute=selective)
+        self.mlp = EFLAMLP(config.hidden_size, config.intermediate_size, recompute=selective)
 
     def forward(
         self,
@@ -103,33 +115,38 @@ class EFLAModel(EFLAPreTrainedModel):
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         """input_ids [B, T] (or inputs_embeds [B, T, hidden_size]); attention_mask [B, past + T] 0/1 (0 = padding,
         any position); cache: the Cache of earlier calls (``past_key_values`` in transformers before the rename);
-        cu_seqlens: [N + 1] int cumulative lengths of documents packed into one row (B = 1; training on packed
-        data: no state or attention crosses a document boundary; not with attention_mask or a cache).
-        Other keywords that generate() passes (position_ids, cache_position, ...) are ignored: the model has no
-        positions."""
+        cu_seqlens: [N + 1] int cumulative lengths of documents packed along the B * T tokens read row after row
+        (training on packed data: no state or attention crosses a document boundary; not with a padding mask or a
+        cache). Without cu_seqlens, transformers' padding-free collators (``DataCollatorWithFlattening``) mark the
+        documents with ``position_ids`` restarting per document or ``cu_seq_lens_q`` / ``cu_seq_lens_k``; they
+        become cu_seqlens when no cache is passed and nothing is padded (``efla.models.documents``). Otherwise
+        position_ids and what generate() passes (cache_position, ...) are ignored: the model has no positions.
+        return_dict=False returns a tuple of the non-None fields; output_attentions=True warns (there are no
+        attention maps) and returns none."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        _warn_no_attentions(output_attentions)
         cache = cache if cache is not None else past_key_values
+        attention_mask, cu_seqlens = _padding_or_documents(attention_mask, cache, cu_seqlens, position_ids, kwargs)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        B, T, _ = inputs_embeds.shape
         if cu_seqlens is not None:
-            if inputs_embeds.shape[0] != 1 or attention_mask is not None:
-                raise ValueError("cu_seqlens packs documents into one row: pass input_ids of shape [1, T] and no "
-                                 f"attention_mask (got batch {inputs_embeds.shape[0]})")
+            if attention_mask is not None or cache is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a padding attention_mask or a "
+                                 "cache")
+            inputs_embeds = inputs_embeds.reshape(1, B * T, -1)  # the documents run along the rows, one after another
             use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(f"attention_mask must be a [batch, length] 0/1 padding mask "
-                                 f"(got shape {tuple(attention_mask.shape)})")
-            if bool(attention_mask.all()):  # no padding: take the dense path everywhere
-                attention_mask = None
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
 
@@ -137,16 +154,28 @@ class EFLAModel(EFLAPreTrainedModel):
         all_hidden_states: tuple[torch.Tensor, ...] = ()
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = layer(hidden_states, attention_mask, cache if use_cache else None, cu_seqlens)
-        hidden_states = self.norm(hidden_states)
+                all_hidden_states += (hidden_states.view(B, T, -1),)
+            hidden_states = self._run_block(layer, hidden_states, attention_mask, cache if use_cache else None,
+                                            cu_seqlens)
+        hidden_states = self.norm(hidden_states).view(B, T, -1)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(
+        outputs = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states if output_hidden_states else None,
             **{_CACHE_FIELD: cache if use_cache else None},
         )
+        return outputs if _wants_dict(return_dict, self.config) else outputs.to_tuple()
+
+
+    def _run_block(self, block: EFLABlock, hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
+        """block(hidden_states, *args); with activation_checkpointing="full" (training, with gradients) only the
+        block's input is kept and the whole block is recomputed in the backward. transformers'
+        gradient_checkpointing_enable() does the same through the block itself, so it is not done twice."""
+        full = self.config.activation_checkpointing == "full" and self.training and torch.is_grad_enabled()
+        if full and not block.gradient_checkpointing:
+            return checkpoint(block, hidden_states, *args, use_reentrant=False)
+        return block(hidden_states, *args)
 
 
 class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
@@ -185,26 +214,82 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """As EFLAModel.forward, plus labels [B, T] (the input ids themselves: shifted here, -100 ignored) for the
-        mean next-token cross-entropy, and logits_to_keep (0: all positions; n: the last n). With cu_seqlens the
-        first token of each document is not predicted from the previous document's last token."""
+    ) -> CausalLMOutputWithPast | tuple:
+        """As EFLAModel.forward, plus the language-modelling loss and logits_to_keep (0: all positions; n: the last n).
+
+        In training mode with labels the logits are not computed (logits=None): the loss comes from
+        ``efla.models.loss.causal_lm_loss``, chunk by chunk, without float32 logits for every token.
+
+        labels [B, T]: the input ids themselves (shifted here, -100 ignored); the first token of each packed document
+        is not predicted from the previous document's last token. shift_labels [B, T]: targets already aligned with
+        the positions (-100 ignored), used instead of labels. The loss is the sum of the token cross-entropies over
+        num_items_in_batch (what transformers' Trainer passes under gradient accumulation), or over the number of
+        counted targets when it is None."""
+        cache = cache if cache is not None else past_key_values
+        attention_mask, cu_seqlens = _padding_or_documents(attention_mask, cache, cu_seqlens, position_ids, kwargs)
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            cache=cache if cache is not None else past_key_values, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
-        loss = None
-        if labels is not None:
-            if cu_seqlens is not None:  # a document's first token has no context to be predicted from
-                labels = labels.clone()
-                labels[:, cu_seqlens[1:-1].long()] = -100
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(
+        if shift_labels is None and labels is not None:
+            shift_labels = _next_token_targets(labels, cu_seqlens)
+        loss = logits = None
+        if shift_labels is not None:
+            loss = causal_lm_loss(hidden_states, self.lm_head.weight, shift_labels, num_items_in_batch)
+        if shift_labels is None or not self.training:  # training with labels needs no logits: never form them
+            logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
+        output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
+        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
+
+
+def _next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """labels [B, T] -> targets [B, T]: position t predicts label t + 1; a row's last position, and with cu_seqlens
+    (over the B * T tokens read row after row) the position before each document's start, predict nothing (-100)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if cu_seqlens is not None:
+        targets = targets.flatten().index_fill(0, cu_seqlens[1:-1].long() - 1, -100).view_as(labels)
+    return targets
+
+
+def _padding_or_documents(
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    cu_seqlens: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    collator_kwargs: dict[str, Any],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(padding mask, cu_seqlens): the 0/1 [B, T] mask only when it pads something (None when absent or all ones:
+    the dense path); without padding and without a cache, the documents that cu_seqlens or a padding-free collator's
+    position_ids / cu_seq_lens_q mark. An already resolved pair comes back unchanged."""
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be a [batch, length] 0/1 padding mask "
+                             f"(got shape {tuple(attention_mask.shape)})")
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if cu_seqlens is None and cache is None and attention_mask is None:
+        cu_seqlens = cu_seqlens_from_collator(position_ids, collator_kwargs.get("cu_seq_lens_q"),
+                                              collator_kwargs.get("cu_seq_lens_k"))
+    return attention_mask, cu_seqlens
+
+
+def _wants_dict(return_dict: bool | None, config: EFLAConfig) -> bool:
+    return return_dict if return_dict is not None else config.return_dict
+
+
+def _warn_no_attentions(output_attentions: bool | None) -> None:
+    if output_attentions:
+        warnings.warn("output_attentions=True: EFLA layers have no attention maps, so `attentions` stays None",
+                      stacklevel=3)

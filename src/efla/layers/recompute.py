@@ -1,0 +1,47 @@
+"""Recomputing cheap element-wise work in the backward instead of keeping its intermediate tensors.
+
+Autograd keeps every intermediate an op needs for its gradient: an RMSNorm in float32 keeps its float32 input, the
+inverse norm and the normalised product; SwiGLU keeps silu(gate) besides gate and up; the short convolution keeps its
+padded input and its pre-activation. ``recompute(fn, *tensors)`` keeps only ``tensors`` (which, for the regions used
+here, are small or kept anyway) and runs ``fn`` again in the backward to get the rest, costing one extra element-wise
+pass and no matrix product. It is the "selective" activation checkpointing of ``EFLAConfig``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def recompute(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """fn(*tensors), saving only ``tensors`` for the backward and recomputing fn there.
+
+    fn must be a deterministic function of ``tensors`` alone: pass the parameters it uses among them (their
+    gradients flow through), anything else it closes over is not differentiated. Without gradients, or with
+    enabled=False, it is a plain call.
+    """
+    if not enabled or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return fn(*tensors)
+    return _Recomputed.apply(fn, *tensors)
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, *tensors):  # type: ignore[override]
+        device = tensors[0].device.type
+        ctx.fn, ctx.device = fn, device
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        needs = ctx.needs_input_grad[1:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
+            output = ctx.fn(*inputs)
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        grads = iter(torch.autograd.grad(output, wanted, grad_output, allow_unused=True))
+        return None, *(next(grads) if need else None for need in needs)
