@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from efla.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_model
@@ -249,15 +248,17 @@ class _Run:
         return sum_over_ranks(total, world).item() / scored
 
     def _loss_sum(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """The summed cross-entropy of a micro-batch's targets (-100: not counted)."""
+        """The summed cross-entropy of a micro-batch's targets (-100: not counted), computed by the model itself
+        (its chunked loss, without float32 logits for every token); num_items_in_batch=1 keeps it a sum, which the
+        caller divides by the step's target count."""
         device = self.world.device
-        inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+        inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "use_cache": False,
+                                  "shift_labels": batch["targets"].to(device), "num_items_in_batch": 1}
         if batch["cu_seqlens"] is not None:
             inputs["cu_seqlens"] = batch["cu_seqlens"].to(device)
         autocast = device.type == "cuda" and self.config.precision == "bf16"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = self.model(**inputs).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].to(device).flatten(), reduction="sum")
+            return self.model(**inputs).loss
 
     def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
