@@ -328,3 +328,17 @@ def test_cuda_without_a_gpu_is_a_one_line_error(run_args, tmp_path, capsys):
     assert "device 'cuda' needs a CUDA GPU" in line and "use device cpu or auto" in line
     code, err = _cli(["train", *_flags({**run_args, "device": "gpu0", "out_dir": tmp_path / "run"})], capsys)
     assert code == 2 and "device must be auto, cpu, cuda or cuda:N (got 'gpu0')" in err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"text": "fine"}\n{"text": "cut off\n', ":2: not valid JSON"),
+    ('{"text": "fine"}\n\n{"text": 42}\n', ":3: field 'text' holds int 42, not text"),
+])
+def test_a_malformed_corpus_line_is_named(content, message, run_args, tmp_path, capsys):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text(content)
+    settings = {**run_args, "data": [corpus], "cache_dir": tmp_path / "cache", "out_dir": tmp_path / "run"}
+    code, err = _cli(["train", *_flags(settings)], capsys)
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if "error" in line]
+    assert f"{corpus}{message}" in line
