@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _ppl(args: argparse.Namespace) -> None:
-    from efla.eval.loading import dataset_texts, load_checkpoint, read_texts, trained_context
+    from efla.eval.loading import check_checkpoint, dataset_texts, load_checkpoint, read_texts, trained_context
     from efla.eval.perplexity import perplexity
+
+    check_checkpoint(args.model)  # before reading the text
 
     if args.files:
         texts, source = read_texts(args.files, args.text_field), {"files": args.files}

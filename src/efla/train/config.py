@@ -141,7 +141,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind = _base_type(hints[field.name])
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        help_text = f"{field.metadata['help']} (default {default!r})"
+        help_text = field.metadata["help"]
+        if not (default is None and "default" in help_text):  # the help itself says what None means
+            help_text += f" (default {default!r})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
