@@ -1,25 +1,57 @@
 #!/bin/bash
 # The GPU checks of a release, in one command (run it alone on the machine: the timings need the CPUs too).
-#   bash benchmarks/gpu_checks.sh [OUT_DIR]        (default runs/gpu_checks)
-# 1. the GPU tests (pytest -m gpu; 8 workers with pytest-xdist, which spreads the kernels' compilation)
-# 2. benchmarks/kernels.py --profile: kernels vs fla's DeltaNet, per-kernel times; --gated: vs fla's Gated DeltaNet
-# 3. benchmarks/model_throughput.py --packed-docs 2000 --profile: model throughput on dense rows and packed documents
-# Each step has a time limit (seconds: TESTS_S, KERNELS_S, GATED_S, MODEL_S); logs go to OUT_DIR, the summary to stdout.
+#   bash benchmarks/gpu_checks.sh [OUT_DIR [STAGE ...]]      (default runs/gpu_checks, every stage)
+# Stages:
+#   tests       the operator, layer and model tests on the GPU (every test, not only the `gpu`-marked ones: on a CUDA
+#               machine the kernels run for real; 8 workers with pytest-xdist, which spreads the compilation)
+#   throughput  benchmarks/model_throughput.py: our model (eager, compiled) beside fla's DeltaNet model at the issue's
+#               shapes in bf16, float32 + autocast at 8x2048, activation_checkpointing=selective, the batch-1 sweep
+#   generation  benchmarks/generation.py: ms per generated token, batch 1 and 64, prompts of 128 tokens
+#   kernels     benchmarks/kernels.py at the three low-parallelism shapes, per-kernel profile of the first
+#   gated       benchmarks/kernels.py --gated: gated EFLA / Gated DeltaNet vs fla's chunk_gated_delta_rule (not a
+#               default stage: name it)
+# Each step has a time limit (seconds: TESTS_S, THROUGHPUT_S, GENERATION_S, KERNELS_S, GATED_S); logs and JSON lines
+# go to OUT_DIR, a summary to stdout. A stage that fails or runs out of time says so and the next one still runs.
 set -u
 out=${1:-runs/gpu_checks}
+shift $(( $# > 0 ? 1 : 0 ))
+stages=${*:-tests throughput generation kernels}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 
-timeout "${TESTS_S:-420}" python -m pytest -m gpu $workers -p no:cacheprovider -rf tests > "$out/tests.log" 2>&1
-echo "tests: exit $? ($(tail -n 1 "$out/tests.log"))"
-timeout "${KERNELS_S:-240}" python benchmarks/kernels.py --profile > "$out/kernels.log" 2>&1
-echo "kernels benchmark: exit $?"
-grep "^|" "$out/kernels.log"
-timeout "${GATED_S:-180}" python benchmarks/kernels.py --gated --shapes 8,4096,16,128 2,16384,16,128 1,32768,8,128 \
-  > "$out/kernels_gated.log" 2>&1
-echo "gated kernels benchmark: exit $?"
-grep "^|" "$out/kernels_gated.log"
-timeout "${MODEL_S:-240}" python benchmarks/model_throughput.py --packed-docs 2000 --profile > "$out/throughput.log" 2>&1
-echo "model throughput: exit $?"
-tail -n 6 "$out/throughput.log"
+for stage in $stages; do
+  case $stage in
+    tests)
+      timeout "${TESTS_S:-240}" python -m pytest $workers -p no:cacheprovider -q -rf tests/ops tests/layers \
+        tests/models/test_generation_static.py tests/models/test_convert.py tests/models/test_modeling.py \
+        > "$out/tests.log" 2>&1
+      echo "tests: exit $? ($(tail -n 1 "$out/tests.log"))"
+      grep -E "^FAILED" "$out/tests.log" | head -n 20 ;;
+    throughput)
+      mt="python benchmarks/model_throughput.py --out $out/throughput.jsonl"
+      timeout "${THROUGHPUT_S:-420}" bash -c "
+        $mt --variants efla fla --context-sweep --sweep-variants efla fla --sweep-max 262144 &&
+        $mt --shapes 8x2048 --variants efla+compile --precisions bf16 amp &&
+        $mt --shapes 8x2048 --variants efla fla --precisions amp &&
+        $mt --shapes 8x2048 1x32768 --variants efla --activation-checkpointing selective" > "$out/throughput.log" 2>&1
+      echo "model throughput: exit $?"
+      grep -E "tokens/s|out of memory|longest" "$out/throughput.log" ;;
+    generation)
+      timeout "${GENERATION_S:-240}" python benchmarks/generation.py --batch-sizes 1 64 --prompt-lens 128 \
+        --out "$out/generation.jsonl" > "$out/generation.log" 2>&1
+      echo "generation: exit $?"
+      tail -n 12 "$out/generation.log" ;;
+    kernels)
+      timeout "${KERNELS_S:-200}" python benchmarks/kernels.py --shapes 1,32768,8,128 1,65536,16,128 2,16384,8,128 \
+        --profile 0 > "$out/kernels.log" 2>&1
+      echo "kernels benchmark: exit $?"
+      grep "^|" "$out/kernels.log" ;;
+    gated)
+      timeout "${GATED_S:-200}" python benchmarks/kernels.py --gated --shapes 8,4096,16,128 1,32768,8,128 \
+        2,16384,8,128 > "$out/kernels_gated.log" 2>&1
+      echo "gated kernels benchmark: exit $?"
+      grep "^|" "$out/kernels_gated.log" ;;
+    *) echo "unknown stage $stage (tests, throughput, generation, kernels, gated)"; exit 2 ;;
+  esac
+done

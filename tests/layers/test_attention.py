@@ -110,9 +110,9 @@ def _gated_layer_by_hand(layer: EFLAttention, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.silu(conv).view(B, T, H, D)
 
     q, k, v = features("q"), features("k"), features("v")
-    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    q = q / (q.square().sum(-1, keepdim=True) + 1e-6).sqrt()  # fla's L2 norm
     if layer.mode == "delta":
-        k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        k = k / (k.square().sum(-1, keepdim=True) + 1e-6).sqrt()
     beta = torch.sigmoid(x @ w["b_proj.weight"].T)
     g = -w["A_log"].exp() * torch.nn.functional.softplus(x @ w["a_proj.weight"].T + w["dt_bias"])
     S = torch.zeros(B, H, D, D, dtype=torch.float64)

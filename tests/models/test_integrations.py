@@ -122,3 +122,19 @@ def test_return_dict_false_gives_a_tuple_and_output_attentions_warns():
     with pytest.warns(UserWarning, match="output_attentions"):
         out = model(ids, output_attentions=True)
     assert out.attentions is None
+
+
+def test_lora_on_the_head_trains_through_its_adapter():
+    """A head wrapped by an adapter is run as a module (its weight alone would skip the adapter): the loss equals
+    the cross-entropy of the wrapped head's logits, and the adapter gets a gradient."""
+    peft = pytest.importorskip("peft")
+    model = _model()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    lora.train()
+    ids = torch.randint(1, 256, (2, 9))
+    out = lora(input_ids=ids, labels=ids)
+    plain = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, plain, atol=0, rtol=1e-6)
+    out.loss.backward()
+    adapters = [p for n, p in lora.named_parameters() if "lora_" in n]
+    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)

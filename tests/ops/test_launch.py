@@ -32,3 +32,17 @@ def test_overrides_replace_the_default_and_are_capped_at_V(monkeypatch):
 def test_unknown_kernel_is_an_error():
     with pytest.raises(ValueError, match="unknown kernel 'stat_fwd'"):
         launch.launch("stat_fwd", 64, 64, 2)
+
+
+@pytest.mark.parametrize(("K", "V", "dtype_bytes"), list(itertools.product(HEAD_DIMS, HEAD_DIMS, (2, 4))))
+def test_low_parallelism_splits_v_only_where_it_stays_safe(K, V, dtype_bytes, monkeypatch):
+    """Few (sequence, head) pairs on a 132-multiprocessor GPU: state passes at K <= 128 take V-block 32 instead of
+    64, with the warps and stages that compiled correctly; a full GPU keeps the default."""
+    monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)
+    for kernel in ("state_fwd", "state_bwd"):
+        default = launch.launch(kernel, K, V, dtype_bytes)
+        few = launch.launch(kernel, K, V, dtype_bytes, sequences_x_heads=8)
+        assert launch.launch(kernel, K, V, dtype_bytes, sequences_x_heads=512) == default
+        assert not (few.warps == 4 and few.stages == 1 and few.bv <= 32), (kernel, K, V, few)
+        expected = 32 if K <= 128 and default.bv == 64 and default.stages >= 2 else default.bv
+        assert few == launch.Launch(expected, default.warps, default.stages), (kernel, K, V, few)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -48,7 +49,10 @@ def test_yaml_file(tmp_path):
     ({"tokenizer": "t", "data": ["x"], "max_steps": 1, "seq_len": 0}, r"seq_len must be >= 1 \(got 0\)"),
     ({"tokenizer": "t", "data": ["x"], "max_steps": 1, "bacth_size": 8}, r"unknown keys \['bacth_size'\]"),
 ])
-def test_bad_settings_exit_with_a_message(settings, message, tmp_path):
+def test_bad_settings_exit_with_a_message(settings, message, tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps(settings))
-    with pytest.raises(SystemExit, match=f"efla train: error: .*{message}"):
+    with pytest.raises(SystemExit) as exit_:
         main(["train", "--config", str(tmp_path / "run.json")])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.match(f"efla train: error: .*{message}", line), line

@@ -24,12 +24,13 @@ def test_cli_trains_a_loadable_byte_level_bpe(corpus, tmp_path, capsys):
     assert len(tokenizer("the software license")["input_ids"]) < len("the software license")
 
 
-def test_tokenizer_errors_are_clear(tmp_path):
+def test_tokenizer_errors_are_clear(tmp_path, capsys):
     with pytest.raises(ValueError, match="vocab_size must be >= 259"):
         train_tokenizer(iter(["some text"]), tmp_path, vocab_size=100)
     with pytest.raises(ValueError, match="empty or too short"):
         train_tokenizer(iter([]), tmp_path, vocab_size=300)
     with pytest.raises(FileNotFoundError, match=r"does not exist.*efla tokenizer train"):
         load_tokenizer(tmp_path / "missing")
-    with pytest.raises(SystemExit, match="matches no file"):
+    with pytest.raises(SystemExit) as exit_:
         main(["tokenizer", "train", "--data", str(tmp_path / "nothing*.txt"), "--out", str(tmp_path / "t")])
+    assert exit_.value.code == 2 and "matches no file" in capsys.readouterr().err

@@ -117,8 +117,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(run_args, tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr[-3000:]
-    assert "stopped by signal" in stderr
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]  # unfinished: `efla train && next` stops
+    assert "stopped by SIGTERM after step" in stderr and "continue with the same command and --resume" in stderr
     last = max(_metrics(tmp_path))
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "latest").read_text() == f"step_{last:08d}"

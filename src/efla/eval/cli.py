@@ -11,26 +11,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+from efla.cli import CommandError, missing_extra
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ppl = actions.add_parser("ppl", help="perplexity and bits per byte on local files or a datasets split")
+    ppl = actions.add_parser("ppl", help="perplexity and bits per byte on local files or a datasets split",
+                             allow_abbrev=False)
     ppl.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     source = ppl.add_mutually_exclusive_group(required=True)
-    source.add_argument("--files", nargs="+", help=".jsonl (one document a line) or text files (one document each)")
+    source.add_argument("--files", nargs="+",
+                        help=".jsonl (one document a line) or text files (one document each), optionally .gz")
     source.add_argument("--dataset", help="a Hugging Face datasets name or local folder")
     ppl.add_argument("--dataset-config", help="the dataset's configuration, e.g. wikitext-2-raw-v1")
     ppl.add_argument("--split", default="test", help="dataset split (default test)")
     ppl.add_argument("--text-field", default="text", help="jsonl key / dataset column holding the text")
     ppl.add_argument("--tokenizer", help="tokenizer folder, when the checkpoint folder has none")
-    ppl.add_argument("--context", type=int, help="tokens per window (default: the model's max_position_embeddings)")
+    ppl.add_argument("--context", type=int, help="tokens per window (default: the seq_len the model was trained at, "
+                                                 "from the run's train_config.json; else max_position_embeddings)")
     ppl.add_argument("--stride", type=int, help="tokens between windows (default: context, i.e. disjoint chunks)")
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     ppl.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ppl.add_argument("--fp32", action="store_true", help="on CUDA, float32 instead of bfloat16 autocast")
     ppl.add_argument("--output", type=Path, help="also write the numbers to this JSON file")
 
-    harness = actions.add_parser("harness", help="lm-evaluation-harness tasks (pip install efla[eval])")
+    harness = actions.add_parser("harness", help="lm-evaluation-harness tasks (pip install efla[eval])",
+                                 allow_abbrev=False)
     harness.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     harness.add_argument("--tasks", required=True, nargs="+", help="task names, comma or space separated")
     harness.add_argument("--tokenizer", help="tokenizer folder, when the checkpoint folder has none")
@@ -45,15 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.action == "ppl":
-        _ppl(args)
-    else:
-        _harness(args)
+    """Run the action; bad input (a missing folder or file, malformed text, an unusable device) is a one-line usage
+    error, a missing optional package names the extra to install."""
+    try:
+        if args.action == "ppl":
+            _ppl(args)
+        else:
+            _harness(args)
+    except ModuleNotFoundError as error:
+        raise missing_extra(error, "eval" if args.action == "harness" else "hf") from error
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error).splitlines()[0] if str(error) else repr(error)) from error
 
 
 def _ppl(args: argparse.Namespace) -> None:
-    from efla.eval.loading import dataset_texts, load_checkpoint, read_texts
+    from efla.eval.loading import check_checkpoint, dataset_texts, load_checkpoint, read_texts, trained_context
     from efla.eval.perplexity import perplexity
+
+    check_checkpoint(args.model)  # before reading the text
 
     if args.files:
         texts, source = read_texts(args.files, args.text_field), {"files": args.files}
@@ -61,7 +76,8 @@ def _ppl(args: argparse.Namespace) -> None:
         texts = dataset_texts(args.dataset, args.split, args.dataset_config, args.text_field)
         source = {"dataset": args.dataset, "config": args.dataset_config, "split": args.split}
     model, tokenizer = load_checkpoint(args.model, args.tokenizer, args.device)
-    result = perplexity(model, tokenizer, texts, context=args.context, stride=args.stride,
+    context = args.context if args.context is not None else trained_context(args.model)
+    result = perplexity(model, tokenizer, texts, context=context, stride=args.stride,
                         batch_size=args.batch_size, bf16_autocast=not args.fp32, progress=True)
     print(f"perplexity {result.perplexity:.4f}  bits/byte {result.bits_per_byte:.4f}  ({result.tokens} tokens, "
           f"{result.bytes} bytes, {result.documents} documents, context {result.context}, stride {result.stride})")

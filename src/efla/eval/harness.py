@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from efla.device import resolve_device
 from efla.eval.loading import check_checkpoint, tokenizer_folder
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -50,6 +49,7 @@ def evaluate_tasks(
 
     import efla.models  # noqa: F401  (registers model_type "efla" with the Auto classes)
 
+    device = str(resolve_device(device))  # a clear error before the harness starts
     folder = check_checkpoint(model)
     tokenizer_path = tokenizer_folder(folder, tokenizer)
     if prefix_token_id is None:
@@ -61,7 +61,6 @@ def evaluate_tasks(
         hint = "" if builtin_tasks else " (the harness's own tasks are switched off)"
         raise ValueError(f"unknown task(s) {', '.join(missing)}{hint}; list them with `lm-eval ls tasks`, or add a "
                          "folder of task YAMLs with include_path")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_args: dict[str, Any] = {
         "pretrained": str(folder), "tokenizer": str(tokenizer_path), "backend": "causal",
         "dtype": "float32" if device == "cpu" else "bfloat16",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from efla.device import resolve_device
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -41,31 +45,63 @@ def load_checkpoint(
 
     import efla.models  # noqa: F401  (registers model_type "efla" with the Auto classes)
 
+    device = resolve_device(device)
     folder = check_checkpoint(model)
     tokenizer_obj = AutoTokenizer.from_pretrained(str(tokenizer_folder(folder, tokenizer)))
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model_obj = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
     return model_obj, tokenizer_obj
 
 
+def trained_context(model: str | Path) -> int | None:
+    """The sequence length the checkpoint folder ``model`` was trained at, from the train_config.json that
+    ``efla train`` writes beside it (in ``model/``, its run folder, or the run folder of a ``checkpoints/step_*``);
+    None when there is none."""
+    folder = Path(model)
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        path = candidate / "train_config.json"
+        if path.is_file():
+            try:
+                seq_len = json.loads(path.read_text()).get("seq_len")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
+    return None
+
+
 def read_texts(paths: list[str | Path], text_field: str = "text") -> list[str]:
     """The documents of local files, in order: a .jsonl file holds one per line (its ``text_field``), any other file
-    is one document of UTF-8 text."""
+    is one document of UTF-8 text; a ``.gz`` suffix on either is read through gzip. Raises ValueError naming the file
+    (and line) for unreadable or malformed input."""
     texts = []
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"text file {path} does not exist")
-        if path.suffix != ".jsonl":
-            texts.append(path.read_text(encoding="utf-8"))
+        try:
+            text = _read_text(path)
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read text file {path}: {error}") from None
+        if path.suffixes[-2:] not in ([".jsonl"], [".jsonl", ".gz"]):
+            texts.append(text)
             continue
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be a JSON object "
+                                 "like {\"text\": \"...\"}") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise ValueError(f"{path}:{number}: no string field {text_field!r} (set the text field)")
             texts.append(record[text_field])
     return texts
+
+
+def _read_text(path: Path) -> str:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            return file.read()
+    return path.read_text(encoding="utf-8")
 
 
 def dataset_texts(name: str, split: str = "test", config: str | None = None, text_field: str = "text") -> list[str]:

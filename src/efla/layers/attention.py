@@ -26,6 +26,7 @@ them.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -158,18 +159,33 @@ class EFLAttention(nn.Module):
         for proj, conv, state, l2 in zip((self.q_proj, self.k_proj, self.v_proj), convs, states, normalized,
                                          strict=True):
             projected = proj(x)
-
-            def activate(p: torch.Tensor, *weight: torch.Tensor, conv=conv, state=state, l2=l2) -> torch.Tensor:
-                y = F.silu(p) if conv is None else short_conv(p, weight[0], state, cu_seqlens)
-                y = y.unflatten(-1, (self.num_heads, self.head_dim))
-                # CUDA autocast runs the norm in float32: back to the features' dtype for efla_attention
-                return F.normalize(y, dim=-1, eps=1e-6).to(y.dtype) if l2 else y
-
+            activate = partial(self._activate, state=state, cu_seqlens=cu_seqlens, l2=l2)
             weights = () if conv is None else (conv.weight,)
             features.append(recompute(activate, projected, *weights, enabled=self.recompute))
             if keep_state and conv is not None:
                 new_states.append(short_conv_state(projected, conv.kernel_size[0], state, cu_seqlens))
         return *features, (torch.cat(new_states, dim=1) if new_states else None)
+
+    def _activate(
+        self,
+        projected: torch.Tensor,
+        *conv_weight: torch.Tensor,
+        state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        l2: bool,
+    ) -> torch.Tensor:
+        """[B, T, hidden_size] -> [B, T, H, head_dim]: silu(conv(projected)) (silu alone without a conv_weight),
+        L2-normalised per head when l2. Element-wise apart from the depthwise convolution: cheap to recompute."""
+        y = short_conv(projected, conv_weight[0], state, cu_seqlens) if conv_weight else F.silu(projected)
+        y = y.unflatten(-1, (self.num_heads, self.head_dim))
+        return _l2_normalize(y) if l2 else y
+
+
+def _l2_normalize(y: torch.Tensor) -> torch.Tensor:
+    """y / sqrt(||y||^2 + 1e-6) over the last dim, in float32 (or better), back in y's dtype: fla's L2 norm, so that
+    fla DeltaNet checkpoints give fla's outputs (F.normalize's y / max(||y||, eps) differs where ||y|| is small)."""
+    y32 = _at_least_float32(y)
+    return (y32 * torch.rsqrt(y32.square().sum(-1, keepdim=True) + 1e-6)).to(y.dtype)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,13 @@ processed in one call (zeros when there is no past).
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
 class ShortConvolution(nn.Conv1d):
@@ -41,6 +45,10 @@ def short_conv(
     """y = silu(causal depthwise conv(x)), x's shape. x: [B, T, C]; weight: [C, 1, W]; initial_state: [B, C, W - 1]
     (one per sequence: [N, C, W - 1] with cu_seqlens) or None for zeros; cu_seqlens: [N + 1] cumulative lengths of
     sequences packed along T (B = 1), each convolved on its own."""
+    if initial_state is None and x.is_cuda and _TRITON:  # training and prefill: the fused token-major kernel
+        from efla.ops.triton.short_conv import short_conv_silu
+
+        return short_conv_silu(x, weight, cu_seqlens)
     if cu_seqlens is not None:
         return _packed(x, weight, cu_seqlens, initial_state)
     seq = _with_past(x, initial_state, weight.shape[-1] - 1)

@@ -25,7 +25,7 @@ _CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in float32): 1,048 tokens a
 
 def causal_lm_loss(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     targets: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -34,10 +34,15 @@ def causal_lm_loss(
     ``num_items_in_batch`` (transformers' Trainer passes the count over all accumulated micro-batches) or, when None,
     over the number of targets that count.
 
-    hidden: [..., D]; weight: [V, D] (the lm_head); targets: [...] int, aligned with hidden's positions, -100 ignored.
+    hidden: [..., D]; weight: [V, D] (the lm_head), or None when hidden already holds the logits [..., V] (a head
+    that is not a plain linear layer); targets: [...] int, aligned with hidden's positions, -100 ignored.
     Returns a float32 scalar (NaN when no target counts and num_items_in_batch is None, as F.cross_entropy).
     """
-    loss_sum = linear_cross_entropy(hidden, weight, targets, chunk_size)
+    if weight is None:
+        loss_sum = F.cross_entropy(hidden.flatten(0, -2).float(), targets.flatten().to(hidden.device),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        loss_sum = linear_cross_entropy(hidden, weight, targets, chunk_size)
     count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
     return loss_sum / (count.to(loss_sum.device) if torch.is_tensor(count) else count)
 

@@ -177,7 +177,6 @@ class EFLAModel(EFLAPreTrainedModel):
         )
         return outputs if _wants_dict(return_dict, self.config) else outputs.to_tuple()
 
-
     def _run_block(self, block: EFLABlock, hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
         """block(hidden_states, *args); with activation_checkpointing="full" (training, with gradients) only the
         block's input is kept and the whole block is recomputed in the backward. transformers'
@@ -199,6 +198,14 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         self.model = EFLAModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_fla_deltanet(cls, source: Any, attn_mode: str = "delta") -> EFLAForCausalLM:
+        """fla's DeltaNetForCausalLM (the model, or a checkpoint directory) as an EFLA model: with attn_mode="delta"
+        the same outputs; see ``efla.models.convert``."""
+        from efla.models.convert import from_fla_deltanet
+
+        return from_fla_deltanet(source, attn_mode)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -263,9 +270,13 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         if shift_labels is None and labels is not None:
             shift_labels = _next_token_targets(labels, cu_seqlens)
         loss = logits = None
-        if shift_labels is not None:
+        if shift_labels is not None and type(self.lm_head) is not nn.Linear:  # a wrapped head (e.g. LoRA): run it
+            all_logits = self.lm_head(hidden_states)
+            loss = causal_lm_loss(all_logits, None, shift_labels, num_items_in_batch)
+            logits = all_logits[:, -logits_to_keep:] if logits_to_keep else all_logits
+        elif shift_labels is not None:
             loss = causal_lm_loss(hidden_states, self.lm_head.weight, shift_labels, num_items_in_batch)
-        if shift_labels is None or not self.training:  # training with labels needs no logits: never form them
+        if logits is None and (shift_labels is None or not self.training):  # training with labels needs no logits
             logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,

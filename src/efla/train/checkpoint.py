@@ -6,12 +6,19 @@ per rank. Model and optimizer state are full state dicts gathered to rank 0 thro
 ``get_state_dict`` (the same call for a plain, DDP or FSDP model) and loaded back with ``set_state_dict``, which
 re-shards them for FSDP. Everything is written into ``step_00000100.tmp``, fsynced, and renamed; ``latest`` (a text
 file, replaced atomically) then names the new folder, so a reader never sees a partial checkpoint.
+
+``checksums.json`` holds the SHA-256 of every other file of the folder. ``find_checkpoint`` verifies it, so a
+checkpoint damaged later (truncated, overwritten) is never resumed from: the newest intact one is used instead, and
+the damaged folder is renamed ``step_00000100.damaged`` (kept for inspection, out of the rotation).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from efla.train.distributed import World, barrier
 
 LATEST = "latest"
+CHECKSUMS = "checksums.json"
+_HASH_BLOCK = 1 << 24  # bytes read at a time when hashing
 
 
 def save_checkpoint(
@@ -46,6 +55,7 @@ def save_checkpoint(
         _save(trainer_state, tmp / "trainer_state.pt")
     barrier(world)
     if world.is_main:
+        _write_checksums(tmp)
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -59,18 +69,68 @@ def save_checkpoint(
     return final
 
 
-def find_checkpoint(resume: str, root: Path) -> Path:
-    """The checkpoint folder that ``--resume`` names: "latest" (the newest under ``root``) or a path."""
-    if resume == LATEST:
-        pointer = root / LATEST
-        if not pointer.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {root} (no {LATEST} file); drop --resume to start "
-                                    "a new run, or pass a checkpoint folder")
-        return root / pointer.read_text().strip()
-    path = Path(resume).expanduser()
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"--resume: {path} is not a checkpoint folder (no trainer_state.pt)")
-    return path
+def find_checkpoint(resume: str, root: Path, warn: Callable[[str], None] = print) -> Path:
+    """The checkpoint folder that ``--resume`` names, verified against its checksums.
+
+    "latest": the checkpoint ``root/latest`` names, or when that one is damaged (or the pointer is missing) the
+    newest intact ``step_*`` folder under ``root``; every damaged folder passed over is renamed ``*.damaged`` and
+    reported through ``warn``. A path: that folder, which must be intact. Raises FileNotFoundError when there is no
+    intact checkpoint to resume from."""
+    if resume != LATEST:
+        path = Path(resume).expanduser()
+        if not (path / "trainer_state.pt").is_file():
+            raise FileNotFoundError(f"--resume: {path} is not a checkpoint folder (no trainer_state.pt)")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ValueError(f"--resume: checkpoint {path} is damaged ({problem}); resume from another checkpoint "
+                             "or with --resume alone (the newest intact one)")
+        return path
+    pointer = root / LATEST
+    named = [root / pointer.read_text().strip()] if pointer.is_file() else []
+    steps = sorted((p for p in root.glob("step_*[0-9]") if p.is_dir()), reverse=True)
+    candidates = list(dict.fromkeys(named + steps))
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no checkpoint in {root}; drop --resume to start a new run, or pass a "
+                                "checkpoint folder")
+    damaged = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                warn(f"resuming from {path.name}, the newest intact checkpoint")
+            return path
+        damaged.append(f"{path.name}: {problem}")
+        if path.is_dir():
+            aside = path.with_name(path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            warn(f"checkpoint {path} is damaged ({problem}); moved it to {aside.name}")
+    raise FileNotFoundError(f"--resume: no intact checkpoint in {root} ({'; '.join(damaged)}); start a new run "
+                            "with --overwrite or another --out-dir")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder ``path`` (a missing folder or file, a checksum that differs), or
+    None when it is intact. A folder without checksums.json (written before checksums existed) is taken as intact
+    when its files are present."""
+    if not path.is_dir():
+        return "missing"
+    required = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.pt")
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if not (path / CHECKSUMS).is_file():
+        return None
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, digest in expected.items():
+        if not (path / name).is_file():
+            return f"no {name}"
+        if _sha256(path / name) != digest:
+            return f"{name} differs from its checksum"
+    return None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict[str, Any]:
@@ -134,6 +194,22 @@ def _save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_checksums(folder: Path) -> None:
+    digests = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    with (folder / CHECKSUMS).open("w") as f:
+        json.dump(digests, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _replace_text(path: Path, text: str) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from efla.cli import CommandError, missing_extra
 from efla.train.config import add_config_arguments, config_from_args
-from efla.train.loop import BatchTooLargeError, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Build the TrainConfig and train; exits with a one-line message (no traceback) on bad settings or input."""
+    """Build the TrainConfig and train. Bad settings or input are one-line usage errors (exit 2); a run that did not
+    finish (diverged, out of memory: exit 1; stopped by a signal: 128 + the signal) says so and how to go on."""
     try:
         config = config_from_args(args)
+        from efla.train.loop import BatchTooLargeError, TrainingDiverged, TrainingStopped, train
+    except ModuleNotFoundError as error:
+        raise missing_extra(error, "hf") from error
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error)) from error
+    try:
         train(config)
-    except (ValueError, FileNotFoundError, ImportError, BatchTooLargeError) as error:
-        raise SystemExit(f"efla train: error: {error}") from error
+    except TrainingStopped as error:
+        raise CommandError(str(error), code=128 + error.signum) from error
+    except (TrainingDiverged, BatchTooLargeError) as error:
+        raise CommandError(str(error), code=1) from error
+    except ModuleNotFoundError as error:
+        raise missing_extra(error, "hf") from error
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as error:
+        raise CommandError(str(error)) from error

@@ -68,7 +68,7 @@ def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
                 with path.open(encoding="utf-8") as lines:
                     for number, line in enumerate(lines, 1):
                         if line.strip():
-                            yield _field(json.loads(line), text_field, f"{path}:{number}")
+                            yield _field(_json_line(line, f"{path}:{number}"), text_field, f"{path}:{number}")
             elif path.suffix == ".parquet":
                 import pyarrow.parquet as pq
 
@@ -76,7 +76,7 @@ def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
                     yield from (text for text in batch.column(0).to_pylist() if text)
             else:
                 yield path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError) as error:
+        except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"cannot read corpus file {path}: {error}") from error
 
 
@@ -153,7 +153,19 @@ def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _field(record: dict, text_field: str, where: str) -> str:
+def _json_line(line: str, where: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg}); each line must be a JSON object like "
+                         '{"text": "..."}') from None
+
+
+def _field(record: object, text_field: str, where: str) -> str:
+    """The text of one record: a string or null (an empty document); anything else names the record."""
     if not isinstance(record, dict) or text_field not in record:
-        raise KeyError(f"{where}: no field {text_field!r} (set --text-field)")
-    return record[text_field] or ""
+        raise ValueError(f"{where}: no field {text_field!r} (set --text-field)")
+    text = record[text_field]
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{where}: field {text_field!r} holds {type(text).__name__} {text!r:.40}, not text")
+    return text or ""

@@ -2,7 +2,7 @@
 
 Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) the process group uses NCCL on CUDA and gloo on CPU; a plain
 ``python`` run is world size 1 and never initialises a group. ``ddp`` replicates the model with DDP; ``fsdp`` shards
-it with FSDP2: ``fully_shard`` on every block (the classes in the model's ``_no_split_modules``), then on the root.
+it with FSDP2: ``fully_shard`` on every block (``model.model.layers``), then on the root.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from efla.device import resolve_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +33,10 @@ class World:
 
 
 def init_world(device: str = "auto") -> World:
-    """Join the torchrun process group if there is one and pick this rank's device ("auto": cuda:LOCAL_RANK when
-    CUDA is available, else cpu; "cuda": cuda:LOCAL_RANK)."""
+    """Join the torchrun process group if there is one and pick this rank's device (efla.device.resolve_device:
+    "auto" is cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" is cuda:LOCAL_RANK)."""
     rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and chosen.index is None:  # "cuda": this rank's GPU (set_device and DDP need an index)
-        chosen = torch.device("cuda", local_rank)
+    chosen = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     if size > 1 and not dist.is_initialized():
@@ -75,13 +73,22 @@ def any_rank(flag: bool, world: World) -> bool:
     return bool(value.item())
 
 
+def from_main(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object, e.g. a decision only rank 0 could make)."""
+    if world.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def parallelize(model: nn.Module, strategy: str, world: World, compile_blocks: bool) -> nn.Module:
     """Optionally compile each block, then wrap for data parallelism (nothing to wrap on one process).
 
-    The returned module's state dict keeps the plain model's names (DDP's ``module.`` prefix is handled by the
+    The blocks are the entries of ``model.model.layers`` (the decoder layers of a transformers causal LM). The
+    returned module's state dict keeps the plain model's names (DDP's ``module.`` prefix is handled by the
     torch.distributed.checkpoint state-dict helpers)."""
-    block_names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    blocks = list(_blocks(model))
     if compile_blocks:
         for block in blocks:
             block.compile()
@@ -96,3 +103,11 @@ def parallelize(model: nn.Module, strategy: str, world: World, compile_blocks: b
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (``model.model.layers``, the layout of efla's and transformers' models)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no model.layers: cannot compile or shard it block by block")
+    return layers

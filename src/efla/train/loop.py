@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import inspect
 import json
 import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from efla.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_model
-from efla.train.config import TrainConfig
+from efla.train.config import DEFAULT_SEQ_LEN, TrainConfig
 from efla.train.data import (
     TokenCorpus,
     build_token_cache,
@@ -36,9 +36,27 @@ from efla.train.data import (
     file_sources,
     read_documents,
 )
-from efla.train.distributed import World, any_rank, barrier, close_world, init_world, parallelize, sum_over_ranks
+from efla.train.distributed import (
+    World,
+    any_rank,
+    barrier,
+    close_world,
+    from_main,
+    init_world,
+    parallelize,
+    sum_over_ranks,
+)
+from efla.train.metrics import MetricsLogger
 from efla.train.packing import PackedRows, StepSampler, make_batch
 from efla.train.profiling import StepProfiler
+from efla.train.run_dir import (
+    check_out_dir,
+    clear_outputs,
+    describe_changes,
+    model_config_changes,
+    setting_changes,
+    truncate_metrics,
+)
 from efla.train.tokenizer import load_tokenizer
 
 
@@ -46,10 +64,27 @@ class BatchTooLargeError(RuntimeError):
     """The GPU ran out of memory at the configured micro-batch size (the message says which and what to change)."""
 
 
-def train(config: TrainConfig) -> Path | None:
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; the run stopped before the optimizer applied that step,
+    without saving it, so the checkpoints on disk hold only finite steps."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint of its last finished step (``signum``: the signal)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def train(config: TrainConfig) -> Path:
     """Run (or resume) training; returns the final model folder (``out_dir/model``, loadable with
-    AutoModelForCausalLM.from_pretrained after ``import efla``), or None when stopped early by SIGTERM/SIGINT, in
-    which case a checkpoint of the last finished step was written and ``--resume`` continues from it."""
+    AutoModelForCausalLM.from_pretrained after ``import efla``).
+
+    Raises TrainingStopped when SIGTERM/SIGINT ended the run early (a checkpoint of the last finished step is written
+    and ``resume="latest"`` continues from it), TrainingDiverged on a non-finite loss, BatchTooLargeError when the
+    GPU runs out of memory, and ValueError / FileNotFoundError for bad settings or input (before anything in
+    ``out_dir`` is changed)."""
     world = init_world(config.device)
     try:
         return _Run(config, world).run()
@@ -64,31 +99,38 @@ class _Run:
         self.config, self.world = config, world
         self.out_dir = Path(config.out_dir).expanduser()
         self.ckpt_dir = self.out_dir / "checkpoints"
-        if world.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        self._on_main(lambda: check_out_dir(self.out_dir, config.resume is not None, config.overwrite))
         self.tokenizer = load_tokenizer(config.tokenizer)
         # settings checked before the (possibly long) tokenisation
         model_cfg = model_config(config, self.tokenizer)
-        resume_from = None if config.resume is None else find_checkpoint(config.resume, self.ckpt_dir)
+        if config.seq_len is None:  # the model's own context length
+            config = self.config = dataclasses.replace(
+                config, seq_len=getattr(model_cfg, "max_position_embeddings", None) or DEFAULT_SEQ_LEN)
+        resume_from = None
+        if config.resume is not None:
+            resume_from = Path(self._on_main(lambda: str(find_checkpoint(config.resume, self.ckpt_dir, self._log))))
+            self._check_same_model(model_cfg, resume_from)
         self.corpus_key, corpus = self._corpus()
         self.rows = PackedRows(corpus, config.seq_len)
         self.global_batch = config.micro_batch_size * config.grad_accum * world.size
-        self.sampler = StepSampler(len(self.rows), self.global_batch, config.seed)
+        self.val_rows = self._held_out_rows()
+        self.sampler = StepSampler(len(self.rows) - len(self.val_rows), self.global_batch, config.seed)
         self.total_steps = config.total_steps(world.size)
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank (FSDP shards each rank's copy)
         from transformers import AutoModelForCausalLM
 
         self.plain_model = AutoModelForCausalLM.from_config(model_cfg).to(world.device)
+        if config.activation_checkpointing == "full" and getattr(model_cfg, "activation_checkpointing", None) != "full":
+            self.plain_model.activation_checkpointing_enable()  # a model without the config field: transformers' own
         self.flatten = config.pack_boundaries and "cu_seqlens" in inspect.signature(self.plain_model.forward).parameters
         if config.pack_boundaries and not self.flatten:
             self._log("note: the model's forward takes no cu_seqlens, so rows are trained without document "
                       "boundaries (documents still end with eos)")
-        self.model = parallelize(self.plain_model, config.strategy, world, config.compile)
+        compile_blocks = config.compile if config.compile is not None else world.device.type == "cuda"
+        self.model = parallelize(self.plain_model, config.strategy, world, compile_blocks)
         self.optimizer = _adamw(self.model, config, world.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(config,
-                                                                                                self.total_steps))
+        self.scheduler = _schedule(self.optimizer, config, self.total_steps)
         self.step = 0
         self.last_saved = -1
         if resume_from is not None:
@@ -96,13 +138,33 @@ class _Run:
             self._check_same_data(state["data"], resume_from)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = self.last_saved = state["step"]
+            self._apply_changed_settings(state.get("settings"))
             self._log(f"resumed from {resume_from} at step {self.step}")
-        self.stop_requested = False
+        self.stop_signal: int | None = None
 
-    def run(self) -> Path | None:
+    def _start(self) -> None:
+        """Rank 0 prepares the run folder once every setting and input has been checked: deletes a previous run's
+        outputs (--overwrite), cuts metrics.jsonl back to the resumed step, writes train_config.json."""
+        if not self.world.is_main:
+            return
+        if self.config.overwrite:
+            deleted = clear_outputs(self.out_dir)
+            if deleted:
+                self._log(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {self.out_dir}")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.resume is not None:
+            dropped = truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            if dropped:
+                self._log(f"metrics.jsonl: dropped {dropped} record(s) after step {self.step}, which are trained again")
+        (self.out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+
+    def run(self) -> Path:
         config, world = self.config, self.world
+        self._start()
+        barrier(world)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        logger = _MetricsLogger(self.out_dir, world, self.total_steps, self.step)
+        logger = MetricsLogger(self.out_dir, world.is_main, self.total_steps, self.step,
+                               config.wandb_project if config.wandb else None, dataclasses.asdict(config))
         profiler = StepProfiler(self.out_dir, config.profile_steps, world.device, enabled=world.is_main)
         try:
             while self.step < self.total_steps:
@@ -110,13 +172,15 @@ class _Run:
                 record = self._train_step()
                 profiler.after_step()
                 self.step += 1
-                if self.step % config.log_every == 0 or self.step == self.total_steps:
+                validate = config.val_every > 0 and (self.step % config.val_every == 0 or
+                                                     self.step == self.total_steps)
+                if validate:
+                    record["val_loss"] = self._validation_loss()
+                if validate or self.step % config.log_every == 0 or self.step == self.total_steps:
                     logger.log({"step": self.step, **record})
-                if any_rank(self.stop_requested, world):
+                if any_rank(self.stop_signal is not None, world):
                     self._save()
-                    self._log(f"stopped by signal after step {self.step}; checkpoint saved in {self.ckpt_dir}; "
-                              "continue with --resume")
-                    return None
+                    self._stopped()
                 if self.step % config.save_every == 0:
                     self._save()
             self._save()
@@ -146,28 +210,55 @@ class _Run:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
+        loss, grad_norm = sum_over_ranks(total_loss, world).item() / num_targets, grad_norm.item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank (summed / global)
+            self._diverged(loss, grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum_over_ranks(total_loss, world).item() / num_targets
         tokens = self.global_batch * config.seq_len
-        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": (self.step + 1) * tokens,
+        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": (self.step + 1) * tokens,
                   "tokens_per_s": tokens / (time.perf_counter() - start)}
         if world.device.type == "cuda":  # this rank's peak since the start, for memory per GPU
             record["peak_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
         return record
 
+    def _held_out_rows(self) -> np.ndarray:
+        """The validation rows (the corpus's last val_rows rows, never trained on), none without val_every."""
+        if self.config.val_every == 0:
+            return np.empty(0, dtype=np.int64)
+        count = self.config.val_rows
+        if count < self.world.size or count + self.global_batch > len(self.rows):
+            raise ValueError(f"val_rows {count} must be at least the world size ({self.world.size}) and leave "
+                             f"{self.global_batch} rows (one step) of the corpus's {len(self.rows)} for training")
+        return np.arange(len(self.rows) - count, len(self.rows))
+
+    def _validation_loss(self) -> float:
+        """Mean next-token loss over the held-out rows; every rank scores an equal share (FSDP needs the same
+        number of forward passes on each rank)."""
+        world, size = self.world, self.config.micro_batch_size
+        share = len(self.val_rows) // world.size
+        mine = self.val_rows[world.rank * share:(world.rank + 1) * share]
+        total = torch.zeros((), device=world.device, dtype=torch.float64)
+        with torch.no_grad():
+            for start in range(0, len(mine), size):
+                total += self._loss_sum(make_batch(self.rows, mine[start:start + size], self.flatten)).double()
+        scored = self.rows.num_targets(self.val_rows[:share * world.size], self.flatten)
+        return sum_over_ranks(total, world).item() / scored
+
     def _loss_sum(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """The summed cross-entropy of a micro-batch's targets (-100: not counted)."""
+        """The summed cross-entropy of a micro-batch's targets (-100: not counted), computed by the model itself
+        (its chunked loss, without float32 logits for every token); num_items_in_batch=1 keeps it a sum, which the
+        caller divides by the step's target count."""
         device = self.world.device
-        inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+        inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "use_cache": False,
+                                  "shift_labels": batch["targets"].to(device), "num_items_in_batch": 1}
         if batch["cu_seqlens"] is not None:
             inputs["cu_seqlens"] = batch["cu_seqlens"].to(device)
         autocast = device.type == "cuda" and self.config.precision == "bf16"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = self.model(**inputs).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].to(device).flatten(), reduction="sum")
+            return self.model(**inputs).loss
 
     def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -191,10 +282,26 @@ class _Run:
             f"(seq_len {self.config.seq_len}) at step {self.step + 1}. Lower --micro-batch-size and raise "
             f"--grad-accum to keep the global batch.{saved}") from None
 
+    def _diverged(self, loss: float, grad_norm: float) -> None:
+        """Stop before the optimizer applies a non-finite step: the model and checkpoints keep the last good state."""
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = (f"the last good checkpoint, step {self.last_saved}, is kept in {self.ckpt_dir}" if self.last_saved > 0
+                else "no checkpoint was saved yet")
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1}: loss {loss}, grad norm {grad_norm} (not applied); {kept}. "
+            f"Lower --lr (now {self.config.lr}) or raise --warmup-steps, then start again or --resume")
+
+    def _stopped(self) -> None:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "signal"
+        raise TrainingStopped(
+            f"stopped by {name} after step {self.step} of {self.total_steps}; the checkpoint is saved in "
+            f"{self.ckpt_dir}; continue with the same command and --resume", self.stop_signal or signal.SIGTERM)
+
     def _save(self) -> None:
         if self.step == self.last_saved:
             return
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self._data_identity()}
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self._data_identity(),
+                 "settings": dataclasses.asdict(self.config)}
         save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.world,
                         self.config.keep_checkpoints)
         self.last_saved = self.step
@@ -208,6 +315,8 @@ class _Run:
         if self.world.is_main:
             save_model(folder, self.plain_model, state)
             self.tokenizer.save_pretrained(str(folder))
+            # the settings it was trained with (efla eval ppl reads its seq_len as the default context)
+            (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
             self._log(f"model saved in {folder}")
         barrier(self.world)
         return folder
@@ -245,8 +354,11 @@ class _Run:
     def _data_identity(self) -> dict[str, Any]:
         """What the data position (the step) means: resuming with a different corpus or batch would not continue
         the same run."""
-        return {"corpus": self.corpus_key, "seq_len": self.config.seq_len, "global_batch": self.global_batch,
-                "seed": self.config.seed}
+        identity = {"corpus": self.corpus_key, "seq_len": self.config.seq_len, "global_batch": self.global_batch,
+                    "seed": self.config.seed}
+        if len(self.val_rows):  # the rows held out change which rows the steps draw
+            identity["held_out_rows"] = len(self.val_rows)
+        return identity
 
     def _check_same_data(self, saved: dict[str, Any], path: Path) -> None:
         current = self._data_identity()
@@ -255,8 +367,49 @@ class _Run:
             raise ValueError(f"cannot resume from {path}: the data differs from the checkpoint's "
                              f"(field: (checkpoint, now)) {changed}")
 
+    def _check_same_model(self, model_cfg: Any, path: Path) -> None:
+        from transformers import AutoConfig
+
+        changes = model_config_changes(AutoConfig.from_pretrained(str(path)).to_dict(), model_cfg.to_dict())
+        if changes:
+            raise ValueError(f"cannot resume from {path}: the model config differs from the checkpoint's "
+                             f"({describe_changes(changes)}); resume with the checkpoint's --model and "
+                             "--model-overrides, or start a new run (--overwrite or another --out-dir)")
+
+    def _apply_changed_settings(self, saved: dict[str, Any] | None) -> None:
+        """Settings changed since the checkpoint take effect from here on, and are reported: the optimiser's
+        hyperparameters and the learning-rate schedule (which loading the checkpoint set back to the saved ones)."""
+        changes = {} if saved is None else setting_changes(saved, dataclasses.asdict(self.config))
+        if not changes:
+            return
+        config = self.config
+        matrices, others = self.optimizer.param_groups
+        matrices["weight_decay"] = config.weight_decay
+        for group in (matrices, others):
+            group.update(betas=(config.beta1, config.beta2), eps=config.adam_eps, initial_lr=config.lr)
+        self.scheduler.base_lrs = [config.lr] * 2
+        step = self.scheduler.last_epoch
+        for group, factor in zip((matrices, others), self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = config.lr * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in (matrices, others)]
+        self._log(f"note: settings changed since the checkpoint apply from step {self.step + 1}: "
+                  f"{describe_changes(changes)}")
+
     def _request_stop(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
+        self.stop_signal = signum
+
+    def _on_main(self, work: Callable[[], Any]) -> Any:
+        """Rank 0's ``work()`` (a check, or a choice only rank 0 makes), its result or error shared with all ranks."""
+        result: tuple[Any, Exception | None] = (None, None)
+        if self.world.is_main:
+            try:
+                result = (work(), None)
+            except (ValueError, FileNotFoundError) as error:
+                result = (None, error)
+        value, error = from_main(result, self.world)
+        if error is not None:
+            raise error
+        return value
 
     def _log(self, message: str) -> None:
         if self.world.is_main:
@@ -270,30 +423,55 @@ def model_config(config: TrainConfig, tokenizer: Any) -> Any:
     and special tokens. Raises when seq_len is longer than the model's max_position_embeddings."""
     from transformers import AutoConfig
 
-    from efla.models import PRESETS, preset_config
+    from efla.models import PRESETS, EFLAConfig, preset_config
 
     overrides = dict(config.model_overrides)
     overrides.setdefault("vocab_size", len(tokenizer))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         overrides.setdefault(name, getattr(tokenizer, name))
     if config.model in PRESETS:
+        _check_override_keys(config.model_overrides, EFLAConfig)
         model_cfg = preset_config(config.model, **overrides)
     else:
         path = Path(config.model).expanduser()
         if not path.exists():
             raise ValueError(f"model must be a preset {sorted(PRESETS)} or a config.json / model folder "
                              f"(got {config.model!r}, which does not exist)")
-        values = {**AutoConfig.from_pretrained(str(path)).to_dict(), **overrides}
+        base = AutoConfig.from_pretrained(str(path))
+        _check_override_keys(config.model_overrides, type(base))
+        values = {**base.to_dict(), **overrides}
         # a saved bf16 model's dtype would make from_config build bf16 weights (and AdamW state): train in float32
         values.pop("dtype", None)
         values.pop("torch_dtype", None)
         model_cfg = AutoConfig.for_model(values.pop("model_type"), **values)
+    _set_activation_checkpointing(model_cfg, config.activation_checkpointing)
     limit = getattr(model_cfg, "max_position_embeddings", None)
-    if limit is not None and config.seq_len > limit:
+    if limit is not None and config.seq_len is not None and config.seq_len > limit:
         raise ValueError(f"seq_len {config.seq_len} is longer than the model's max_position_embeddings {limit}; "
                          f"lower --seq-len or pass --model-overrides '{{\"max_position_embeddings\": "
                          f"{config.seq_len}}}'")
     return model_cfg
+
+
+def _set_activation_checkpointing(model_cfg: Any, mode: str) -> None:
+    """Tell the model what to recompute in the backward, through its config field ``activation_checkpointing``
+    (none | selective | full). A model config without that field supports only "none", and "full" through
+    transformers' gradient checkpointing (enabled once the model is built)."""
+    if "activation_checkpointing" in inspect.signature(type(model_cfg).__init__).parameters:
+        model_cfg.activation_checkpointing = mode
+    elif mode == "selective":
+        raise ValueError(f"activation_checkpointing 'selective' needs a model that supports it; "
+                         f"{type(model_cfg).__name__} supports none or full")
+
+
+def _check_override_keys(overrides: dict[str, Any], config_class: type) -> None:
+    """Reject model_overrides keys that ``config_class`` does not know (a typo would be stored and ignored)."""
+    known = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    known |= set(config_class().to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"model_overrides has unknown key(s) {unknown} for {config_class.__name__}; known keys: "
+                         f"{sorted(k for k in known if not k.startswith('_'))}")
 
 
 def _adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -305,52 +483,18 @@ def _adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch
                              fused=device.type == "cuda")
 
 
-def _cosine_with_warmup(config: TrainConfig, total_steps: int):
-    """lr multiplier at a step: linear warmup from 1/warmup to 1, then cosine down to min_lr_ratio."""
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    """The learning-rate schedule, one of transformers' (a LambdaLR whose state resumes exactly): linear warmup over
+    warmup_steps, then cosine down to lr * min_lr_ratio, or warmup-stable-decay (the last decay_ratio of the steps
+    decay, by a cosine, to lr * min_lr_ratio), or linear down to 0."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class _MetricsLogger:
-    """Rank 0's outputs: a tqdm bar, metrics.jsonl (one JSON record per logged step) and TensorBoard if installed."""
-
-    def __init__(self, out_dir: Path, world: World, total_steps: int, start_step: int) -> None:
-        self.enabled = world.is_main
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        self.file = (out_dir / "metrics.jsonl").open("a")
-        self.writer = None
-        if importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def log(self, record: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        step = int(record["step"])
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             gnorm=f"{record['grad_norm']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if self.writer is not None:
-            for name, value in record.items():
-                if name != "step":
-                    self.writer.add_scalar(f"train/{name}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.close()
-            self.file.close()
-            if self.writer is not None:
-                self.writer.close()
+    kinds = {
+        "cosine": ("cosine_with_min_lr", {"min_lr_rate": config.min_lr_ratio}),
+        "wsd": ("warmup_stable_decay", {"num_decay_steps": max(1, round(config.decay_ratio * total_steps)),
+                                        "min_lr_ratio": config.min_lr_ratio}),
+        "linear": ("linear", {}),
+    }
+    name, extra = kinds[config.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=extra)

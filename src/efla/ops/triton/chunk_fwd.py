@@ -95,7 +95,7 @@ def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, g=None):
     h = k.new_empty(chunks.total, H, K, V, dtype=torch.float32 if k.dtype == torch.float32 else k.dtype)
     u = torch.empty_like(u0)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
-    cfg = launch("state_fwd", K, V, k.element_size())
+    cfg = launch("state_fwd", K, V, k.element_size(), N * H)
     _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, g, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K,
                                                       V=V, BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
                                                       GATED=g is not None, PREC=prec, num_warps=cfg.warps,

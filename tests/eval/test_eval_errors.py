@@ -1,0 +1,103 @@
+"""Issue 15 for ``efla eval``: every user error is one line naming the argument or file and what to change (exit code
+2), as ``efla train``'s; gzip input and the trained context as the default window."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from efla.cli import main
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``efla ARGV`` in this process (0 when it returns)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    code, _, err = _cli(argv, capsys)
+    assert code == 2, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"efla eval {argv[1]}: error: "), line
+    return line
+
+
+@pytest.fixture
+def jsonl(texts, tmp_path) -> Path:
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_missing_model_folder(jsonl, tmp_path, capsys):
+    for action in (["ppl", "--files", str(jsonl)], ["harness", "--tasks", "efla_smoke_ppl"]):
+        line = _one_line_error(["eval", action[0], "--model", str(tmp_path / "nope"), *action[1:]], capsys)
+        assert f"model folder {tmp_path / 'nope'} does not exist" in line
+
+
+def test_missing_tokenizer(model, jsonl, tmp_path, capsys):
+    folder = tmp_path / "weights_only"
+    model.save_pretrained(folder)
+    capsys.readouterr()  # transformers' own progress output
+    line = _one_line_error(["eval", "ppl", "--model", str(folder), "--files", str(jsonl)], capsys)
+    assert f"no tokenizer in {folder}" in line and "--tokenizer" in line
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"text": "fine"}\n{"text": "cut off\n', r":2: not valid JSON"),
+    ('{"text": "fine"}\n\n{"text": 42}\n', r":3: no string field 'text'"),
+])
+def test_malformed_jsonl_names_file_and_line(content, message, checkpoint, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    line = _one_line_error(["eval", "ppl", "--model", str(checkpoint), "--files", str(path)], capsys)
+    assert f"{path}{message}" in line
+
+
+def test_gzip_input_and_a_broken_gzip_file(checkpoint, jsonl, tmp_path, capsys):
+    packed = tmp_path / "held_out.jsonl.gz"
+    packed.write_bytes(gzip.compress(jsonl.read_bytes()))
+    plain = _cli(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu"], capsys)
+    zipped = _cli(["eval", "ppl", "--model", str(checkpoint), "--files", str(packed), "--device", "cpu"], capsys)
+    assert plain[0] == zipped[0] == 0 and plain[1].splitlines()[0] == zipped[1].splitlines()[0]
+    broken = tmp_path / "broken.jsonl.gz"
+    data = bytearray(gzip.compress(jsonl.read_bytes()))
+    data[20:40] = bytes(20)  # an invalid deflate stream behind a valid header
+    broken.write_bytes(bytes(data))
+    line = _one_line_error(["eval", "ppl", "--model", str(checkpoint), "--files", str(broken)], capsys)
+    assert f"cannot read text file {broken}" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu(checkpoint, jsonl, capsys):
+    line = _one_line_error(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cuda"],
+                           capsys)
+    assert "device 'cuda' needs a CUDA GPU" in line
+    line = _one_line_error(["eval", "harness", "--model", str(checkpoint), "--tasks", "efla_smoke_ppl", "--device",
+                            "cuda"], capsys)
+    assert "device 'cuda' needs a CUDA GPU" in line
+
+
+def test_default_context_is_the_trained_seq_len(checkpoint, jsonl, tmp_path, capsys):
+    """A model/ folder of a run (train_config.json beside it, seq_len 8) is scored in windows of 8 tokens, not of its
+    max_position_embeddings (16)."""
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "model")
+    (run / "train_config.json").write_text(json.dumps({"seq_len": 8}))
+    code, out, err = _cli(["eval", "ppl", "--model", str(run / "model"), "--files", str(jsonl), "--device", "cpu"],
+                          capsys)
+    assert code == 0, err
+    assert "context 8," in out
+    code, out, _ = _cli(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu"], capsys)
+    assert code == 0 and "context 16," in out

@@ -1,0 +1,43 @@
+"""The fused short-convolution kernels (``ops/triton/short_conv.py``) against the layer's PyTorch convolution in
+float64: outputs and gradients, dense rows and packed sequences (one shorter than the kernel, one empty)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from efla.layers.conv import short_conv
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None
+    or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="the Triton kernels need triton and a GPU or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("cu", [None, [0, 2, 2, 50, 131]])
+def test_kernels_match_the_float64_convolution(cu):
+    from efla.ops.triton.short_conv import short_conv_silu
+
+    g = torch.Generator().manual_seed(3)
+    B, T, C, W = (2, 67, 70, 4) if cu is None else (1, 131, 70, 4)
+    x, dy = (torch.randn(B, T, C, generator=g) for _ in range(2))
+    weight = torch.randn(C, 1, W, generator=g) / 2
+    cu_seqlens = None if cu is None else torch.tensor(cu)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, weight)]
+    y = short_conv_silu(*leaves, None if cu_seqlens is None else cu_seqlens.to(DEVICE))
+    grads = torch.autograd.grad(y, leaves, dy.to(DEVICE))
+    ref_leaves = [t.double().requires_grad_() for t in (x, weight)]
+    y_ref = short_conv(*ref_leaves, None, cu_seqlens)  # on the CPU: the layer's PyTorch path
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    assert _rel(y, y_ref) < 1e-5
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert _rel(a, b) < 1e-5
