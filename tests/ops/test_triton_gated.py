@@ -91,6 +91,16 @@ def test_gated_chunk_matches_float64(mode, decay, save_t, monkeypatch):
     _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=21, decay=decay), mode, tol=1e-5)
 
 
+def test_gated_reset_tokens_keep_float32_accuracy():
+    """Tokens that all but erase the state (g = -300, as a gate near its reset) among weak decays: a chunk's running
+    sum of g reaches thousands, so decays taken as differences of running sums would be off by its float32 ulp
+    (5e-5 to 2e-4 measured); the kernels sum g over each span directly."""
+    inputs = _inputs(1, 130, 2, 16, 16, "efla", 1, seed=35, decay=0.05)
+    reset = torch.rand(inputs[4].shape, generator=torch.Generator().manual_seed(36)) < 0.3
+    inputs[4] = torch.where(reset.to(DEVICE), -300.0, inputs[4])
+    _check(torch.float32, inputs, "efla", tol=1e-5)
+
+
 def test_gated_wide_keys_float32_matches_float64():
     """float32 K = 256 forms dX_K X_K^T per V block in the gradient kernel (the gated scales on both sides)."""
     _check(torch.float32, _inputs(1, 70, 1, 256, 16, "efla", 1, seed=22, decay=1.0), "efla", tol=1e-5)

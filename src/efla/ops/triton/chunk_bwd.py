@@ -72,9 +72,9 @@ def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first,
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
         kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
         if GATED:
-            gc, g_end = _chunk_decay(g, tok, r, rmask, H)
-            kq *= tl.trans(_decay_matrix(gc, r))
-            k_tile = (tl.exp(g_end - gc)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
+            gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
+            kq *= tl.trans(_decay_matrix(gv, r, PREC))
+            k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
             q_tile = (tl.exp(gc)[:, None] * q_tile.to(tl.float32)).to(w_tile.dtype)
         du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
         du_tile += tl.dot(k_tile, dS.to(k_tile.dtype), input_precision=PREC)
@@ -116,14 +116,15 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     if GATED:
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
-        gc, g_end = _chunk_decay(g, tok, r, rmask, H)
-        P *= _decay_matrix(gc, r)
+        gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
+        P *= _decay_matrix(gv, r, PREC)
         dq_acc *= scale * tl.exp(gc)[:, None]
         z = P * tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
-        to_end = tl.exp(g_end - gc) * tl.sum(k_tile.to(tl.float32) * dk_acc, axis=1)  # c rowsum(K * u dS'^T)
-        dk_acc *= tl.exp(g_end - gc)[:, None]
-        dgc = tl.sum(q_tile.to(tl.float32) * dq_acc, axis=1) + tl.sum(z, axis=1) - tl.sum(z, axis=0) - to_end
-        dg_end = tl.exp(g_end) * tl.sum(state_dot, axis=0) + tl.sum(to_end, axis=0)
+        c = tl.exp(to_end)
+        to_end_part = c * tl.sum(k_tile.to(tl.float32) * dk_acc, axis=1)  # c rowsum(K * u dS'^T)
+        dk_acc *= c[:, None]
+        dgc = tl.sum(q_tile.to(tl.float32) * dq_acc, axis=1) + tl.sum(z, axis=1) - tl.sum(z, axis=0) - to_end_part
+        dg_end = tl.exp(g_end) * tl.sum(state_dot, axis=0) + tl.sum(to_end_part, axis=0)
         tl.store(dg_part + tok + r * H, tl.cumsum(dgc, 0, reverse=True) + dg_end, mask=rmask)
     else:
         dq_acc = scale * dq_acc
@@ -147,8 +148,8 @@ def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, d
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, lam, Td, gc = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
-    erase, write = _erase_write(alpha, gc, eta, tok, r, rmask, H, GATED)
+    k_tile, b, alpha, lam, Td, gv = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
+    erase, write = _erase_write(alpha, gv, eta, tok, r, rmask, H, GATED)
     Tt = tl.trans(Td)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
@@ -187,7 +188,7 @@ def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, d
     dk_acc = dk_part_tile + erase[:, None] * dxk
     if GATED:
         d_erase = tl.sum(dxk * kf, axis=1)
-        da += d_erase * tl.exp(gc)
+        da += d_erase * tl.exp(tl.cumsum(gv, 0))
         dgc = d_erase * erase
         dL = -tl.dot(M.to(dt), Tt, input_precision=PREC)
     else:
@@ -197,7 +198,7 @@ def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, d
     gram = _gram(k_tile, PREC)  # G again: cheaper than keeping it live through the V loop
     dG = alpha[:, None] * dL
     if GATED:
-        decay = _decay_matrix(gc, r)
+        decay = _decay_matrix(gv, r, PREC)
         gram *= decay
         dG *= decay
     da += tl.sum(dL * gram, axis=1)

@@ -55,8 +55,8 @@ def _state_fwd_kernel(k, g, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
         u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
         tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
         if GATED:
-            gc, g_end = _chunk_decay(g, tok, r, rmask, H)
-            k_tile = (tl.exp(g_end - gc)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
+            _gv, _gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
+            k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
             S *= tl.exp(g_end)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)
     if STORE_HT:
@@ -78,8 +78,8 @@ def _out_kernel(q, k, g, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
     qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
     out = tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)
     if GATED:
-        gc, _g_end = _chunk_decay(g, tok, r, rmask, H)
-        qk *= _decay_matrix(gc, r)
+        gv, gc, _to_end, _g_end = _chunk_decay(g, tok, r, rmask, H)
+        qk *= _decay_matrix(gv, r, PREC)
         out *= tl.exp(gc)[:, None]
     out += tl.dot(qk.to(u_tile.dtype), u_tile, input_precision=PREC)
     tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)

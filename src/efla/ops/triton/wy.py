@@ -11,7 +11,8 @@ substitution, X <- (I - a_j e_j^T) X for j = 0..15, then two doubling steps
 [[X1, 0], [A21, X2]]^-1 = [[X1, 0], [-X2 A21 X1, X2]] done as 64 x 64 matrix products on the tensor cores.
 The alpha series and phi' follow ``efla/ops/alpha.py``.
 
-Gated (GATED, log decay g): with G the chunk's cumulative log decay and D[t, i] = exp(G_t - G_i) (t >= i), the system
+Gated (GATED, log decay g): with G the chunk's cumulative log decay and D[t, i] = exp(G_t - G_i) (t >= i; formed as
+the sum of g over tokens i+1..t, not as a difference, see ``_decay_matrix``), the system
 is A = tril(diag(alpha) (K K^T * D), -1), W = T diag(alpha exp(G)) K and U0 = T diag(eta) V. alpha and eta arrive
 precomputed (``efla/ops/alpha.py`` in PyTorch, whose autograd takes their gradients on to beta, ||k||^2 and g), so the
 gated kernels run with EFLA off and read them as beta and eta.
@@ -69,16 +70,27 @@ def _step_size(beta, lam, EFLA: tl.constexpr):
 
 @triton.jit
 def _chunk_decay(g, tok, r, rmask, H):
-    """The chunk's cumulative log decay G_t = g_0 + ... + g_t [64] (float32; padding rows add 0) and G at its end."""
-    gc = tl.cumsum(_token_values(g, tok, r, rmask, H), 0)
-    return gc, tl.sum(tl.where(r == 63, gc, 0.0), 0)
+    """The chunk's log decays g [64] (float32; 0 on padding rows) and, each a direct sum of them: G_t = g_0 + ... +
+    g_t (from the chunk's start), G_C - G_t = the sum over the tokens after t (to its end) and G_C (the total). Never
+    a difference of running sums, which loses float32 accuracy once the chunk's total decay is large."""
+    gv = _token_values(g, tok, r, rmask, H)
+    to_end = tl.sum(tl.where(r[:, None] > r[None, :], gv[:, None], 0.0), axis=0)
+    return gv, tl.cumsum(gv, 0), to_end, tl.sum(gv, 0)
 
 
 @triton.jit
-def _decay_matrix(gc, r):
-    """D[t, i] = exp(G_t - G_i) for t >= i (every exponent <= 0), 0 above the diagonal."""
+def _decay_matrix(gv, r, PREC: tl.constexpr):
+    """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal. The sums are one
+    64 x 64 product of the causal ones and the g's after each column, float32-accurate ("tf32x3", or "ieee" when
+    PREC is) whatever the inputs' dtype."""
     causal = r[:, None] >= r[None, :]
-    return tl.where(causal, tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
+    later = tl.where(r[:, None] > r[None, :], gv[:, None], 0.0)  # [j, i]: g_j for tokens j after i
+    ones = tl.where(causal, 1.0, 0.0)
+    if PREC == "ieee":
+        log_decay = tl.dot(ones, later, input_precision="ieee")
+    else:
+        log_decay = tl.dot(ones, later, input_precision="tf32x3")
+    return tl.where(causal, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
 
 
 @triton.jit
@@ -130,7 +142,7 @@ def _gram(k_tile, PREC: tl.constexpr):
 def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
              LOAD_T: tl.constexpr, PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha, lambda = ||k||^2, T (input dtype) and G (the cumulative log decay if GATED, else zeros): T is read from t
+    alpha, lambda = ||k||^2, T (input dtype) and the log decays g [64] (if GATED, else zeros): T is read from t
     if LOAD_T (stored by the training forward), else inverted from A = tril(diag(alpha) K K^T (* D if GATED), -1) as
     T = (I + A)^-1."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
@@ -138,26 +150,24 @@ def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.cons
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
     alpha = _step_size(b, lam, EFLA)
-    if GATED:
-        gc, _g_end = _chunk_decay(g, tok, r, rmask, H)
-    else:
-        gc = tl.zeros([64], dtype=tl.float32)
+    gv = _token_values(g, tok, r, rmask, H) if GATED else tl.zeros([64], dtype=tl.float32)
     if LOAD_T:
         Td = tl.load(t + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0)
     else:
         A = alpha[:, None] * _gram(k_tile, PREC)
         if GATED:
-            A = A * _decay_matrix(gc, r)
+            A = A * _decay_matrix(gv, r, PREC)
         A = tl.where(r[:, None] > r[None, :], A, 0.0)
         Td = _unit_lower_inverse(A, PREC).to(k_tile.dtype)
-    return k_tile, b, alpha, lam, Td, gc
+    return k_tile, b, alpha, lam, Td, gv
 
 
 @triton.jit
-def _erase_write(alpha, gc, eta, tok, r, rmask, H, GATED: tl.constexpr):
-    """The row scales of K and V in the WY system: (alpha, alpha), or (alpha exp(G), eta) if GATED."""
+def _erase_write(alpha, gv, eta, tok, r, rmask, H, GATED: tl.constexpr):
+    """The row scales of K and V in the WY system: (alpha, alpha), or (alpha exp(G), eta) if GATED (G_t = g_0 + ...
+    + g_t from the log decays gv)."""
     if GATED:
-        return alpha * tl.exp(gc), _token_values(eta, tok, r, rmask, H)
+        return alpha * tl.exp(tl.cumsum(gv, 0)), _token_values(eta, tok, r, rmask, H)
     else:
         return alpha, alpha
 
@@ -172,8 +182,8 @@ def _wy_fwd_kernel(k, v, beta, g, eta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, _b, alpha, _lam, Td, gc = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
-    erase, write = _erase_write(alpha, gc, eta, tok, r, rmask, H, GATED)
+    k_tile, _b, alpha, _lam, Td, gv = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
+    erase, write = _erase_write(alpha, gv, eta, tok, r, rmask, H, GATED)
     if STORE_T:
         tl.store(t + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
