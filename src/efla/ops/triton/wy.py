@@ -81,15 +81,12 @@ def _chunk_decay(g, tok, r, rmask, H):
 @triton.jit
 def _decay_matrix(gv, r, PREC: tl.constexpr):
     """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal. The sums are one
-    64 x 64 product of the causal ones and the g's after each column, float32-accurate ("tf32x3", or "ieee" when
-    PREC is) whatever the inputs' dtype."""
+    64 x 64 product of the causal ones and the g's after each column in the run's dot precision: float32-accurate for
+    float32 inputs ("tf32x3" or "ieee"), tf32 for 16-bit inputs (g rounded to 2^-11 relative, below their rounding;
+    one tensor-core product instead of three)."""
     causal = r[:, None] >= r[None, :]
     later = tl.where(r[:, None] > r[None, :], gv[:, None], 0.0)  # [j, i]: g_j for tokens j after i
-    ones = tl.where(causal, 1.0, 0.0)
-    if PREC == "ieee":
-        log_decay = tl.dot(ones, later, input_precision="ieee")
-    else:
-        log_decay = tl.dot(ones, later, input_precision="tf32x3")
+    log_decay = tl.dot(tl.where(causal, 1.0, 0.0), later, input_precision=PREC)
     return tl.where(causal, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
 
 
