@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("efla.train.tokenizer_cli", "efla tokenizer train: a byte-level BPE tokenizer from local text"),
     "eval": ("efla.eval.cli", "efla eval ppl | harness: perplexity on held-out text, lm-evaluation-harness tasks"),
     "generate": ("efla.generate_cli", "continue a prompt with a saved model and report tokens/s"),
-    "convert": ("efla.convert_cli", "fla DeltaNet checkpoint <-> EFLA checkpoint (same outputs in delta mode)"),
+    "convert": ("efla.convert_cli", "fla (Gated) DeltaNet checkpoint <-> EFLA checkpoint (same outputs in delta mode)"),
 }
 
 

@@ -1,4 +1,5 @@
-"""efla convert: a fla DeltaNet checkpoint to an EFLA one (delta mode, same outputs), or an EFLA one to fla's."""
+"""efla convert: a fla DeltaNet (or Gated DeltaNet) checkpoint to an EFLA one (delta mode, same outputs), or an EFLA
+one to fla's."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-fla", type=Path, metavar="DIR",
-                           help="fla DeltaNetForCausalLM checkpoint (config.json + safetensors) to convert to EFLA")
+                           help="fla DeltaNetForCausalLM or GatedDeltaNetForCausalLM checkpoint (config.json + "
+                                "safetensors) to convert to EFLA")
     direction.add_argument("--to-fla", type=Path, metavar="DIR",
-                           help="EFLA checkpoint (attn_mode 'delta') to convert to fla's DeltaNet layout")
+                           help="EFLA checkpoint (attn_mode 'delta') to convert to fla's DeltaNet layout (Gated "
+                                "DeltaNet's with use_decay_gate)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="new or empty directory for the converted checkpoint")
     parser.add_argument("--attn-mode", choices=("delta", "efla"), default="delta",

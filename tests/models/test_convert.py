@@ -178,7 +178,7 @@ FLA_CONFIG = dict(model_type="delta_net", **TINY)
 @pytest.mark.parametrize(("field", "value"), [
     ("qk_activation", "relu"), ("qk_norm", "sum"), ("use_beta", False), ("allow_neg_eigval", True),
     ("expand_k", 0.5), ("expand_v", 2), ("hidden_act", "powlu"), ("attnres_block_size", 2),
-    ("attn", {"layers": [1], "num_heads": 2}), ("model_type", "gated_deltanet"),
+    ("attn", {"layers": [1], "num_heads": 2}), ("model_type", "mamba2"),
 ])
 def test_unrepresentable_fla_configs_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -236,3 +236,79 @@ def test_convert_command_refuses_bad_input_without_touching_files(tmp_path, caps
         assert error.startswith("efla convert: error: ") and named in error, error
     assert (tmp_path / "taken" / "keep.txt").read_text() == "finished work"
     assert not (tmp_path / "new").exists()
+
+
+# ---- fla Gated DeltaNet <-> EFLA with the decay gate ------------------------------------------------------------
+
+GATED_TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=1)
+
+
+def random_fla_gated_model(**overrides):
+    """A fla GatedDeltaNetForCausalLM on DEVICE at trained-model scale (as random_fla_model); A_log and dt_bias keep
+    fla's Gated DeltaNet initialisation."""
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**{**GATED_TINY, **overrides})).to(DEVICE).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif "conv1d" in name:
+                param.uniform_(-0.5, 0.5)
+            elif not name.endswith(("A_log", "dt_bias")):
+                param.normal_(0, 1 / math.sqrt(param.shape[-1]))
+    return model
+
+
+@needs_fla
+@pytest.mark.parametrize("use_gate", [True, False])
+def test_converted_fla_gated_deltanet_gives_fla_logits(fla_models, use_gate):
+    """fla's Gated DeltaNet becomes EFLA's delta mode with the decay gate, with fla's logits (also left-padded);
+    the way back gives fla's config and tensors exactly."""
+    fla_model = random_fla_gated_model(use_gate=use_gate)
+    ours = from_fla_deltanet(fla_model)
+    assert (ours.config.attn_mode, ours.config.use_decay_gate, ours.config.use_output_gate) == ("delta", True, use_gate)
+    ids = torch.randint(0, GATED_TINY["vocab_size"], (2, 24), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            ref = fla_model(ids, attention_mask=attention_mask).logits.double()
+            out = ours(ids, attention_mask=attention_mask).logits.double()
+            keep = slice(None) if attention_mask is None else mask.bool()
+            assert rel_err(out[keep], ref[keep]) < 1e-5
+    back = to_fla_deltanet(ours)
+    assert back.config.to_dict() == fla_model.config.to_dict()
+    for name, tensor in fla_model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_gated_efla_fla_efla_round_trip_through_files_is_exact(tmp_path):
+    model = random_efla_model(use_decay_gate=True, use_output_gate=True)
+    save_fla_deltanet(model, tmp_path)
+    fla_config = json.loads((tmp_path / "config.json").read_text())
+    assert (fla_config["model_type"], fla_config["architectures"], fla_config["head_dim"], fla_config["expand_v"]) \
+        == ("gated_deltanet", ["GatedDeltaNetForCausalLM"], 16, 1)
+    back = from_fla_deltanet(tmp_path)
+    assert back.config.to_dict() == model.config.to_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("head_dim", 8), ("expand_v", 2), ("num_v_heads", 4), ("output_gate_activation", "sigmoid"),
+    ("allow_neg_eigval", True),
+])
+def test_unrepresentable_fla_gated_configs_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        config_from_fla({"model_type": "gated_deltanet", **GATED_TINY, field: value})
+
+
+def test_fla_gated_defaults_apply_where_the_file_leaves_them_out():
+    """A config.json without expand_v means fla's default 2 (refused); fla's other Gated DeltaNet defaults are its."""
+    with pytest.raises(ValueError, match="expand_v"):
+        config_from_fla({"model_type": "gated_deltanet"})
+    config = config_from_fla({"model_type": "gated_deltanet", "expand_v": 1, "hidden_size": 1536})
+    assert (config.num_heads, config.num_hidden_layers, config.use_output_gate, config.use_decay_gate) == \
+        (6, 21, True, True)

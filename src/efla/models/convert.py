@@ -1,4 +1,5 @@
-"""Conversion between fla's DeltaNet language model (``DeltaNetForCausalLM``, model_type "delta_net") and EFLA's.
+"""Conversion between fla's DeltaNet language model (``DeltaNetForCausalLM``, model_type "delta_net") and EFLA's, and
+between fla's Gated DeltaNet (``GatedDeltaNetForCausalLM``, model_type "gated_deltanet") and EFLA with the decay gate.
 
 EFLA's delta mode is DeltaNet's architecture: a fla DeltaNet checkpoint becomes an ``EFLAForCausalLM`` with
 ``attn_mode="delta"`` and the same outputs, which can then run (or be fine-tuned) as EFLA with ``attn_mode="efla"``;
@@ -11,6 +12,11 @@ differs (fla ``model.embeddings``, efla ``model.embed_tokens``). Config fields:
     intermediate_size or hidden_ratio      intermediate_size (fla: 2/3 * ratio * hidden_size up to a multiple of 256)
     vocab_size, hidden_size, num_hidden_layers, num_heads, use_short_conv, conv_size, max_position_embeddings,
     initializer_range, use_cache, tie_word_embeddings, pad/bos/eos_token_id: the same
+
+Gated DeltaNet is EFLA's delta mode with ``use_decay_gate`` (the same names: ``a_proj``, ``A_log``, ``dt_bias``), for
+fla models whose heads EFLA can hold: head_dim * num_heads = hidden_size, expand_v = 1, as many value heads as key
+heads, silu output gate. Its config.json defaults that differ from ours (hidden_size 2048, num_heads 6, head_dim 256,
+expand_v 2, use_gate on, 21 layers) apply where a file leaves them out.
 
 fla settings that choose kernels or training-time fusions (attn_mode, fuse_norm, fuse_swiglu, fuse_cross_entropy,
 fuse_linear_cross_entropy, use_l2warp) do not change the model's outputs and are not carried; exports write fla's
@@ -35,6 +41,8 @@ from efla.models.modeling_efla import EFLAForCausalLM
 
 FLA_MODEL_TYPE = "delta_net"
 FLA_ARCHITECTURE = "DeltaNetForCausalLM"
+FLA_GATED_MODEL_TYPE = "gated_deltanet"
+FLA_GATED_ARCHITECTURE = "GatedDeltaNetForCausalLM"
 EMBEDDING = ("model.embeddings.weight", "model.embed_tokens.weight")  # (fla, efla)
 
 # fla fields that must hold these values for EFLA to represent the model: field -> (required value, why)
@@ -49,6 +57,15 @@ _FLA_REQUIREMENTS: dict[str, tuple[Any, str]] = {
     "attn": (None, "fla's softmax-attention layers use rotary embeddings, EFLA's hybrid layers have none"),
     "attnres_block_size": (None, "EFLA has plain residual connections"),
 }
+# the same for fla Gated DeltaNet (head_dim and num_v_heads are checked against the sizes in config_from_fla)
+_FLA_GATED_REQUIREMENTS: dict[str, tuple[Any, str]] = {
+    "allow_neg_eigval": (False, "EFLA's beta lies in (0, 1)"),
+    "expand_v": (1, "EFLA's value head dim is its key head dim"),
+    "hidden_act": ("swish", "EFLA's MLP is SwiGLU"),
+    "output_gate_activation": ("swish", "EFLA's output gate is silu"),
+    "attn": (None, "fla's softmax-attention layers use rotary embeddings, EFLA's hybrid layers have none"),
+    "attnres_block_size": (None, "EFLA has plain residual connections"),
+}
 # efla field -> fla field, for the fields that only change name (or not even that)
 _SHARED_FIELDS = {
     "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_hidden_layers",
@@ -60,6 +77,8 @@ _SHARED_FIELDS = {
 }
 # fla DeltaNetConfig's defaults that differ from EFLAConfig's, for config.json files that leave them out
 _FLA_SIZE_DEFAULTS = {"hidden_size": 2048, "num_heads": 16}
+_FLA_GATED_DEFAULTS = {"hidden_size": 2048, "num_heads": 6, "head_dim": 256, "expand_v": 2.0, "use_gate": True,
+                       "num_hidden_layers": 21}
 # fla DeltaNetConfig's defaults for the fields EFLA does not carry, written on export
 _FLA_RUNTIME_DEFAULTS = {
     "attn_mode": "chunk", "fuse_norm": True, "fuse_swiglu": True, "fuse_cross_entropy": True,
@@ -74,24 +93,36 @@ def fla_intermediate_size(hidden_size: int, hidden_ratio: float | None) -> int:
 
 
 def config_from_fla(fla_config: Mapping[str, Any], attn_mode: str = "delta") -> EFLAConfig:
-    """The EFLAConfig of a fla DeltaNetConfig (given as its dict, e.g. config.json); ValueError naming the field
-    when EFLA cannot represent the model."""
-    if fla_config.get("model_type") != FLA_MODEL_TYPE:
-        raise ValueError(f"model_type is {fla_config.get('model_type')!r}, not fla DeltaNet's {FLA_MODEL_TYPE!r}")
-    for field, (required, why) in _FLA_REQUIREMENTS.items():
+    """The EFLAConfig of a fla DeltaNetConfig or GatedDeltaNetConfig (given as its dict, e.g. config.json);
+    ValueError naming the field when EFLA cannot represent the model."""
+    model_type = fla_config.get("model_type")
+    if model_type not in (FLA_MODEL_TYPE, FLA_GATED_MODEL_TYPE):
+        raise ValueError(f"model_type is {model_type!r}, not fla DeltaNet's {FLA_MODEL_TYPE!r} or Gated DeltaNet's "
+                         f"{FLA_GATED_MODEL_TYPE!r}")
+    gated = model_type == FLA_GATED_MODEL_TYPE
+    fla_config = {**(_FLA_GATED_DEFAULTS if gated else _FLA_SIZE_DEFAULTS), **fla_config}
+    for field, (required, why) in (_FLA_GATED_REQUIREMENTS if gated else _FLA_REQUIREMENTS).items():
         value = fla_config.get(field, required)
         if value != required:
             raise ValueError(f"fla config field {field}={value!r} is not supported (needs {required!r}: {why})")
-    fla_config = {**_FLA_SIZE_DEFAULTS, **fla_config}
+    if gated:
+        heads, width = fla_config["num_heads"], fla_config["hidden_size"]
+        if fla_config["head_dim"] * heads != width:
+            raise ValueError(f"fla config field head_dim={fla_config['head_dim']} is not supported (needs "
+                             f"hidden_size / num_heads = {width / heads:g}: EFLA's heads split hidden_size)")
+        if fla_config.get("num_v_heads") not in (None, heads):
+            raise ValueError(f"fla config field num_v_heads={fla_config['num_v_heads']} is not supported (needs "
+                             f"num_heads = {heads}: EFLA has as many value heads as key heads)")
     intermediate_size = fla_config.get("intermediate_size")
     if intermediate_size is None:
         intermediate_size = fla_intermediate_size(fla_config["hidden_size"], fla_config.get("hidden_ratio"))
     shared = {ours: fla_config[theirs] for ours, theirs in _SHARED_FIELDS.items() if theirs in fla_config}
-    return EFLAConfig(**shared, intermediate_size=intermediate_size, attn_mode=attn_mode)
+    return EFLAConfig(**shared, intermediate_size=intermediate_size, attn_mode=attn_mode, use_decay_gate=gated)
 
 
 def config_to_fla(config: EFLAConfig) -> dict[str, Any]:
-    """The fla DeltaNetConfig (as the dict of its config.json) of an EFLA config in delta mode."""
+    """The fla DeltaNetConfig (GatedDeltaNetConfig with the decay gate), as the dict of its config.json, of an EFLA
+    config in delta mode."""
     if config.attn_mode != "delta":
         raise ValueError(f"attn_mode is {config.attn_mode!r}: fla's DeltaNet is EFLA's 'delta' mode, whose outputs "
                          "differ; convert a model with attn_mode='delta'")
@@ -100,11 +131,16 @@ def config_to_fla(config: EFLAConfig) -> dict[str, Any]:
                          "have no fla DeltaNet counterpart")
     fla_config = {theirs: getattr(config, ours) for ours, theirs in _SHARED_FIELDS.items()}
     default_width = fla_intermediate_size(config.hidden_size, 4)
-    fla_config.update(
-        model_type=FLA_MODEL_TYPE, hidden_ratio=4,
-        intermediate_size=None if config.intermediate_size == default_width else config.intermediate_size,
-        **{field: required for field, (required, _) in _FLA_REQUIREMENTS.items()}, **_FLA_RUNTIME_DEFAULTS,
-    )
+    fla_config.update(hidden_ratio=4,
+                      intermediate_size=None if config.intermediate_size == default_width else config.intermediate_size)
+    if getattr(config, "use_decay_gate", False):
+        runtime = {name: value for name, value in _FLA_RUNTIME_DEFAULTS.items() if name != "use_output_norm"}
+        fla_config.update(model_type=FLA_GATED_MODEL_TYPE, head_dim=config.hidden_size // config.num_heads,
+                          num_v_heads=None, **{field: required for field, (required, _) in
+                                               _FLA_GATED_REQUIREMENTS.items()}, **runtime)
+        return fla_config
+    fla_config.update(model_type=FLA_MODEL_TYPE, **{field: required for field, (required, _) in
+                                                    _FLA_REQUIREMENTS.items()}, **_FLA_RUNTIME_DEFAULTS)
     return fla_config
 
 
@@ -119,9 +155,9 @@ def state_dict_to_fla(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 
 def from_fla_deltanet(source: str | Path | nn.Module, attn_mode: str = "delta") -> EFLAForCausalLM:
-    """An EFLAForCausalLM holding the weights of a fla DeltaNetForCausalLM: the model itself, or a checkpoint
-    directory (config.json and safetensors). With attn_mode="delta" it gives fla's outputs; "efla" runs the same
-    weights with the exact step."""
+    """An EFLAForCausalLM holding the weights of a fla DeltaNetForCausalLM or GatedDeltaNetForCausalLM: the model
+    itself, or a checkpoint directory (config.json and safetensors). With attn_mode="delta" it gives fla's outputs;
+    "efla" runs the same weights with the exact step (gated EFLA for Gated DeltaNet)."""
     if isinstance(source, nn.Module):  # copies: the two models must not share parameters
         fla_config, fla_state = source.config.to_dict(), _copied(source.state_dict())
     else:
@@ -131,19 +167,26 @@ def from_fla_deltanet(source: str | Path | nn.Module, attn_mode: str = "delta") 
 
 
 def to_fla_deltanet(model: EFLAForCausalLM) -> nn.Module:
-    """A fla DeltaNetForCausalLM (needs fla installed) holding the weights of an EFLA model in delta mode."""
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+    """A fla DeltaNetForCausalLM (GatedDeltaNetForCausalLM with the decay gate; needs fla installed) holding the
+    weights of an EFLA model in delta mode."""
+    from fla import models
 
     fla_config = config_to_fla(model.config)
+    gated = fla_config["model_type"] == FLA_GATED_MODEL_TYPE
+    config_class = models.GatedDeltaNetConfig if gated else models.DeltaNetConfig
+    model_class = models.GatedDeltaNetForCausalLM if gated else models.DeltaNetForCausalLM
     with torch.device("meta"):
-        fla_model = DeltaNetForCausalLM(DeltaNetConfig(**fla_config))
+        fla_model = model_class(config_class(**fla_config))
     _load_all(fla_model, state_dict_to_fla(_copied(model.state_dict())))
     return fla_model
 
 
 def save_fla_deltanet(model: EFLAForCausalLM, out_dir: str | Path) -> None:
-    """Write an EFLA model in delta mode as a fla DeltaNet checkpoint: config.json and model.safetensors."""
-    fla_config = {**config_to_fla(model.config), "architectures": [FLA_ARCHITECTURE]}
+    """Write an EFLA model in delta mode as a fla DeltaNet (or Gated DeltaNet) checkpoint: config.json and
+    model.safetensors."""
+    fla_config = config_to_fla(model.config)
+    gated = fla_config["model_type"] == FLA_GATED_MODEL_TYPE
+    fla_config["architectures"] = [FLA_GATED_ARCHITECTURE if gated else FLA_ARCHITECTURE]
     state = state_dict_to_fla(model.state_dict())
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]  # tied to the embedding; fla ties it back on load
