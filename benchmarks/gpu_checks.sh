@@ -8,8 +8,8 @@
 #               shapes in bf16, float32 + autocast at 8x2048, activation_checkpointing=selective, the batch-1 sweep
 #   generation  benchmarks/generation.py: ms per generated token, batch 1 and 64, prompts of 128 tokens
 #   kernels     benchmarks/kernels.py at the three low-parallelism shapes, per-kernel profile of the first
-#   gated       benchmarks/kernels.py --gated: gated EFLA / Gated DeltaNet vs fla's chunk_gated_delta_rule (not a
-#               default stage: name it)
+#   gated       benchmarks/kernels.py --gated: gated EFLA / Gated DeltaNet vs fla's chunk_gated_delta_rule, and
+#               model_throughput.py --decay-gate at 8x2048 beside fla's Gated DeltaNet model (not a default stage)
 # Each step has a time limit (seconds: TESTS_S, THROUGHPUT_S, GENERATION_S, KERNELS_S, GATED_S); logs and JSON lines
 # go to OUT_DIR, a summary to stdout. A stage that fails or runs out of time says so and the next one still runs.
 set -u
@@ -51,7 +51,11 @@ for stage in $stages; do
       timeout "${GATED_S:-200}" python benchmarks/kernels.py --gated --shapes 8,4096,16,128 1,32768,8,128 \
         2,16384,8,128 > "$out/kernels_gated.log" 2>&1
       echo "gated kernels benchmark: exit $?"
-      grep "^|" "$out/kernels_gated.log" ;;
+      grep "^|" "$out/kernels_gated.log"
+      timeout "${GATED_S:-200}" python benchmarks/model_throughput.py --decay-gate --shapes 8x2048 \
+        --variants efla delta fla --out "$out/throughput_gated.jsonl" > "$out/throughput_gated.log" 2>&1
+      echo "gated model throughput: exit $?"
+      grep -E "tokens/s|out of memory" "$out/throughput_gated.log" ;;
     *) echo "unknown stage $stage (tests, throughput, generation, kernels, gated)"; exit 2 ;;
   esac
 done

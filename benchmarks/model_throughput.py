@@ -16,6 +16,8 @@ runs) and ``amp`` (float32 weights, bfloat16 autocast, what the trainer runs).
 --context-sweep runs batch 1 at 16k, 32k, ... tokens, doubling until a variant runs out of memory, for each of
 --sweep-variants, and reports each one's longest context. --packed-docs MEAN also times our variants on one packed row
 of documents (the layout ``efla train`` feeds them). --activation-checkpointing sets that config field of our models.
+--decay-gate times the gated forms: our variants with ``use_decay_gate`` (delta: Gated DeltaNet, efla: gated EFLA)
+and ``fla`` as fla's GatedDeltaNetForCausalLM of the same sizes (one head_dim = hidden / heads, expand_v = 1).
 Every row is appended to --out (JSON lines) as it finishes, so a run cut short keeps its numbers.
 """
 
@@ -51,8 +53,20 @@ def fla_deltanet(config: EFLAConfig) -> nn.Module:
     ))
 
 
+def fla_gated_deltanet(config: EFLAConfig) -> nn.Module:
+    """fla's GatedDeltaNetForCausalLM holding the same architecture as our Gated DeltaNet ``config`` (fla's fused
+    kernels and loss left on)."""
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    from efla.models.convert import config_to_fla
+
+    return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**config_to_fla(config)))
+
+
 def build(variant: str, preset: str, overrides: dict) -> nn.Module:
     """The model of one variant (see the module docstring), on the CPU in float32."""
+    if variant == "fla" and overrides.get("use_decay_gate"):
+        return fla_gated_deltanet(preset_config(preset, attn_mode="delta", use_decay_gate=True))
     if variant == "fla":
         return fla_deltanet(preset_config(preset))
     mode, _, compiled = variant.partition("+")
@@ -178,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--packed-docs", type=int, default=0, metavar="MEAN",
                         help="also time our variants on packed documents of this mean length (0: off)")
     parser.add_argument("--activation-checkpointing", default=None, help="config field of our models")
+    parser.add_argument("--decay-gate", action="store_true",
+                        help="the gated forms: use_decay_gate in ours, fla's Gated DeltaNet as 'fla'")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = {} if args.activation_checkpointing is None else {
         "activation_checkpointing": args.activation_checkpointing}
+    if args.decay_gate:
+        overrides["use_decay_gate"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"preset {args.preset}, {where}, torch {torch.__version__}, {datetime.date.today()}; forward+backward of "
