@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from efla import efla_attention
 from efla.cli import main
+from efla.experiments.smnist import train as smnist_train
 from efla.experiments.smnist.corruptions import CORRUPTIONS, gaussian_noise, pixel_dropout, scale_intensity
 from efla.experiments.smnist.model import ClassifierConfig, SequentialClassifier
-from efla.experiments.smnist import train as smnist_train
 from efla.experiments.smnist.report import area_under_curve
 
 pytest.importorskip("mlxtend")
@@ -153,7 +153,7 @@ def test_rerun_into_the_same_out_keeps_the_finished_results(tmp_path, monkeypatc
     _tiny_study(out)
     before = (out / "results.json").read_bytes()
     monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
-    with pytest.raises(SystemExit, match="already holds results.json, table.md.*pass --overwrite"):
+    with pytest.raises(SystemExit, match=r"already holds results.json, table.md.*pass --overwrite"):
         _tiny_study(out, "--seeds", "1")
     assert (out / "results.json").read_bytes() == before
     monkeypatch.undo()
