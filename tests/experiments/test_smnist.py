@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -72,13 +73,25 @@ def test_area_under_curve_is_the_mean_accuracy_over_the_grid():
     np.testing.assert_allclose(area_under_curve([1.0, 10.0], falling), [50.0])
 
 
-def test_bad_arguments_are_named(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--steps must be >= 1"):
-        main(["smnist", "--steps", "0", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--batch-size 128 exceeds the 50 training digits"):
-        main(["smnist", "--train-size", "50", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="nowhere is not a directory"):
-        main(["smnist", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "argument --steps: must be >= 1 (got 0)"),
+        (["--lr-efla", "-1"], "argument --lr-efla: must be > 0 (got -1)"),
+        (["--seed", "2"], "unrecognized arguments: --seed 2"),  # not --seeds 2, a full study
+        (["--device", "foo"], "argument --device: 'foo' is not a device; use auto, cpu, cuda or cuda:N"),
+        (["--train-size", "50"], "--batch-size 128 exceeds the 50 training digits"),
+        (["--data", "nowhere"], "--data nowhere is not a directory"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["smnist", *argv, "--threads", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("efla smnist: error: ")
 
 
 def test_smoke_run_end_to_end(tmp_path, capsys):
@@ -138,23 +151,26 @@ def _tiny_study(out: Path, *extra: str) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc, a folder nobody can write, even root")
-def test_unwritable_out_is_refused_before_training(monkeypatch):
+def test_unwritable_out_is_refused_before_training(monkeypatch, capsys):
     monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
-    with pytest.raises(SystemExit, match="--out /proc/self is not a writable folder"):
+    with pytest.raises(SystemExit) as stop:
         _tiny_study(Path("/proc/self"))
+    assert stop.value.code == 2 and "--out /proc/self is not a writable folder" in capsys.readouterr().err
 
 
 def _must_not_train(*args, **kwargs):
     raise AssertionError("training started before the output folder was checked")
 
 
-def test_rerun_into_the_same_out_keeps_the_finished_results(tmp_path, monkeypatch):
+def test_rerun_into_the_same_out_keeps_the_finished_results(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     _tiny_study(out)
     before = (out / "results.json").read_bytes()
     monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
-    with pytest.raises(SystemExit, match=r"already holds results.json, table.md.*pass --overwrite"):
+    with pytest.raises(SystemExit) as stop:
         _tiny_study(out, "--seeds", "1")
+    assert stop.value.code == 2
+    assert re.search(r"already holds results.json, table.md.*pass --overwrite", capsys.readouterr().err)
     assert (out / "results.json").read_bytes() == before
     monkeypatch.undo()
     _tiny_study(out, "--seeds", "1", "--overwrite")
