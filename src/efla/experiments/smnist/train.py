@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from efla.data import MnistSplit
+from efla.experiments.diverged import TrainingDiverged
 from efla.experiments.smnist.corruptions import CORRUPTIONS
 from efla.experiments.smnist.model import METHODS, ClassifierConfig, SequentialClassifier
 
@@ -28,6 +29,7 @@ class StudyConfig:
     lr: dict[str, float] = field(default_factory=lambda: {"efla": 3e-3, "delta": 1e-3})  # the paper's rates
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    lr_schedule: str = "cosine"  # "cosine": from lr down to 0 over the run, so every run ends converged; or "constant"
     eval_batch_size: int = 250
     eval_seed: int = 1234
     d_model: int = 64
@@ -36,12 +38,11 @@ class StudyConfig:
     device: str = "cpu"
 
 
-class TrainingDiverged(FloatingPointError):
-    """The training loss became non-finite; ``step`` (1-based) and ``loss`` say where and what."""
-
-    def __init__(self, method: str, seed: int, step: int, loss: float) -> None:
-        super().__init__(f"{method} seed {seed}: loss became {loss} at step {step}")
-        self.step, self.loss = step, loss
+_LR_FACTORS: dict[str, Callable[[int], Callable[[int], float]]] = {
+    "cosine": lambda steps: lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)),
+    "constant": lambda steps: lambda step: 1.0,
+}
+LR_SCHEDULES = tuple(_LR_FACTORS)
 
 
 def to_pixels(images: np.ndarray, device: str) -> torch.Tensor:
@@ -73,6 +74,7 @@ def train_classifier(
     if n_batches == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(labels)} training digits")
     steps = config.epochs * n_batches if config.epochs is not None else config.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _LR_FACTORS[config.lr_schedule](steps))
     losses = []
     model.train()
     bar = tqdm(total=steps, desc=f"train {method} seed {seed}", disable=not progress, leave=False)
@@ -85,9 +87,10 @@ def train_classifier(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
+                schedule.step()
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
-                    raise TrainingDiverged(method, seed, len(losses), losses[-1])
+                    raise TrainingDiverged(f"{method} seed {seed}", len(losses), losses[-1])
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
                 if len(losses) == steps:
