@@ -73,6 +73,12 @@ def test_area_under_curve_is_the_mean_accuracy_over_the_grid():
     np.testing.assert_allclose(area_under_curve([1.0, 10.0], falling), [50.0])
 
 
+def test_cosine_schedule_decays_each_rate_to_zero_over_the_run():
+    cosine, constant = (smnist_train._LR_FACTORS[name](200) for name in ("cosine", "constant"))
+    assert cosine(0) == 1.0 and abs(cosine(100) - 0.5) < 1e-12 and abs(cosine(200)) < 1e-12
+    assert all(cosine(s) > cosine(s + 1) for s in range(200)) and constant(0) == constant(199) == 1.0
+
+
 def test_loss_flatness_compares_the_last_tenth_of_steps_with_the_tenth_before():
     rng = np.random.default_rng(0)
     settled = [list(0.5 + 0.01 * rng.standard_normal(100)) for _ in range(3)]
@@ -127,6 +133,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["n_train"] == 256 and results["config"]["n_test"] == n_test
     assert set(results["methods"]) == {"efla", "delta"} and results["status"] == "complete"
+    assert results["config"]["lr_schedule"] == "cosine" and results["config"]["chunk_size"] == 56
     test_labels = np.bincount(_test_labels(n_test), minlength=10)
     for method, lr in (("efla", 3e-3), ("delta", 1e-3)):
         entry = results["methods"][method]
