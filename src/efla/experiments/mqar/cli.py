@@ -33,8 +33,8 @@ from efla.experiments.study_cli import (
 
 DEFAULTS = SweepConfig()
 FULL = dataclasses.replace(
-    DEFAULTS, seq_lens=(64, 128, 256, 512, 1024), num_pairs=(4, 16, 64), vocab_size=256, d_model=128, steps=2000,
-    batch_size=64, lrs=(1e-3, 1e-2), eval_examples=1024,
+    DEFAULTS, seq_lens=(64, 128, 256, 512, 1024), num_pairs=(4, 16, 64), vocab_size=256, d_model=128, steps=1500,
+    batch_size=64, lrs=(3e-3, 1e-2), eval_examples=1024,
 )  # fmt: skip
 MODES = ("efla", "delta")  # the attention modes a model config accepts today
 OUTPUTS = ("results.json", "table.md", "recall.png")
