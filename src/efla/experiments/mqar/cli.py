@@ -2,8 +2,8 @@
 
 Each example lists key-value pairs, then asks for every key once; a model scores the share of answers it predicts
 exactly. Examples are generated on the fly from the seed (no data files). With no arguments it runs a CPU smoke sweep
-of a few minutes (sequence lengths 64 and 128, 4 and 16 pairs, d = 64, vocabulary 64); --full is the GPU sweep over
-sequence lengths 64..1024 and 4..64 pairs at d = 128 with two learning rates. Any flag given with --full overrides
+of a few minutes (sequence lengths 64 and 128, 16 pairs, d = 64, vocabulary 64, learning rates 3e-3 and 1e-2); --full
+is the GPU sweep over sequence lengths 64..1024 and 4..64 pairs at d = 128. Any flag given with --full overrides
 it. Writes results.json and recall.png to --out after every run and prints the table; refuses an --out that already
 holds them unless --overwrite; exits non-zero if any run diverged.
 

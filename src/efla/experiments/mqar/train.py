@@ -22,14 +22,14 @@ class SweepConfig:
 
     modes: tuple[str, ...] = ("efla", "delta")  # the model's attn_mode; gated modes join when the config has them
     seq_lens: tuple[int, ...] = (64, 128)
-    num_pairs: tuple[int, ...] = (4, 16)
+    num_pairs: tuple[int, ...] = (16,)
     vocab_size: int = 64
     d_model: int = 64
     num_heads: int = 1
     num_layers: int = 2
     steps: int = 500
     batch_size: int = 32
-    lrs: tuple[float, ...] = (1e-2,)  # several: each setting reports its best rate, as Zoology does
+    lrs: tuple[float, ...] = (3e-3, 1e-2)  # each setting reports its best rate, as Zoology does
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     warmup_steps: int = 50
