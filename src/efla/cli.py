@@ -15,7 +15,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "smnist": ("efla.experiments.smnist", "sequential-MNIST robustness study, EFLA vs DeltaNet (the main job)"),
+    "smnist": ("efla.experiments.smnist.cli", "sequential-MNIST robustness study, EFLA vs DeltaNet (the main job)"),
+    "mqar": ("efla.experiments.mqar.cli", "multi-query associative recall (Zoology's MQAR), EFLA vs DeltaNet"),
     "exactness": ("efla.experiments.exactness", "error of EFLA, Euler, RK2 and RK4 against the matrix exponential"),
     "train": ("efla.train.cli", "train an EFLA language model (one process, or DDP/FSDP2 under torchrun)"),
     "tokenizer": ("efla.train.tokenizer_cli", "efla tokenizer train: a byte-level BPE tokenizer from local text"),

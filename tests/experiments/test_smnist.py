@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +14,10 @@ import torch.nn.functional as F
 
 from efla import efla_attention
 from efla.cli import main
+from efla.experiments.smnist import train as smnist_train
 from efla.experiments.smnist.corruptions import CORRUPTIONS, gaussian_noise, pixel_dropout, scale_intensity
 from efla.experiments.smnist.model import ClassifierConfig, SequentialClassifier
-from efla.experiments.smnist.report import area_under_curve
+from efla.experiments.smnist.report import FLAT_TOLERANCE, area_under_curve, loss_flatness
 
 pytest.importorskip("mlxtend")
 pytest.importorskip("matplotlib")
@@ -69,13 +73,48 @@ def test_area_under_curve_is_the_mean_accuracy_over_the_grid():
     np.testing.assert_allclose(area_under_curve([1.0, 10.0], falling), [50.0])
 
 
-def test_bad_arguments_are_named(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--steps must be >= 1"):
-        main(["smnist", "--steps", "0", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--batch-size 128 exceeds the 50 training digits"):
-        main(["smnist", "--train-size", "50", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="nowhere is not a directory"):
-        main(["smnist", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+def test_cosine_schedule_decays_each_rate_to_zero_over_the_run():
+    cosine, constant = (smnist_train._LR_FACTORS[name](200) for name in ("cosine", "constant"))
+    assert cosine(0) == 1.0 and abs(cosine(100) - 0.5) < 1e-12 and abs(cosine(200)) < 1e-12
+    assert all(cosine(s) > cosine(s + 1) for s in range(200)) and constant(0) == constant(199) == 1.0
+
+
+def test_loss_flatness_compares_the_last_tenth_of_steps_with_the_tenth_before():
+    rng = np.random.default_rng(0)
+    settled = [list(0.5 + 0.01 * rng.standard_normal(100)) for _ in range(3)]
+    flatness = loss_flatness(settled)
+    assert flatness["window"] == 10 and flatness["flat"] and abs(flatness["relative_drop"]) < FLAT_TOLERANCE
+    still_falling = [list(np.linspace(2.0, 0.2, 100))]
+    flatness = loss_flatness(still_falling)
+
+    def loss_at(step: float) -> float:
+        return 2.0 - 1.8 * step / 99
+
+    before, last = loss_at(84.5), loss_at(94.5)  # the two windows' means: steps 80..89 and 90..99
+    assert not flatness["flat"]
+    np.testing.assert_allclose(flatness["relative_drop"], (before - last) / before, rtol=1e-12)
+    assert loss_flatness([]) is None and loss_flatness([[1.0]]) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "argument --steps: must be >= 1 (got 0)"),
+        (["--lr-efla", "-1"], "argument --lr-efla: must be > 0 (got -1)"),
+        (["--seed", "2"], "unrecognized arguments: --seed 2"),  # not --seeds 2, a full study
+        (["--device", "foo"], "argument --device: 'foo' is not a device; use auto, cpu, cuda or cuda:N"),
+        (["--train-size", "50"], "--batch-size 128 exceeds the 50 training digits"),
+        (["--data", "nowhere"], "--data nowhere is not a directory"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["smnist", *argv, "--threads", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("efla smnist: error: ")
 
 
 def test_smoke_run_end_to_end(tmp_path, capsys):
@@ -93,12 +132,14 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
 
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["n_train"] == 256 and results["config"]["n_test"] == n_test
-    assert set(results["methods"]) == {"efla", "delta"}
+    assert set(results["methods"]) == {"efla", "delta"} and results["status"] == "complete"
+    assert results["config"]["lr_schedule"] == "cosine" and results["config"]["chunk_size"] == 56
     test_labels = np.bincount(_test_labels(n_test), minlength=10)
     for method, lr in (("efla", 3e-3), ("delta", 1e-3)):
         entry = results["methods"][method]
         assert entry["lr"] == lr and entry["seeds"] == [0, 1]
-        assert len(entry["loss_curve"]) == steps and all(np.isfinite(entry["loss_curve"]))
+        assert entry["diverged"] == [] and len(entry["loss_curves"]) == 2
+        assert all(len(curve) == steps and all(np.isfinite(curve)) for curve in entry["loss_curves"])
         for corruption in CORRUPTIONS:
             assert list(entry[corruption.name]) == [str(level) for level in corruption.levels]
             for values in entry[corruption.name].values():
@@ -119,3 +160,82 @@ def _test_labels(n: int) -> np.ndarray:
     from efla.data import load_mnist
 
     return load_mnist().test_labels[:n]
+
+
+TINY = ["--train-size", "64", "--test-size", "10", "--steps", "2", "--batch-size", "32", "--threads", "1",
+        "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+def _tiny_study(out: Path, *extra: str) -> None:
+    threads = torch.get_num_threads()
+    try:
+        main(["smnist", *TINY, "--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc, a folder nobody can write, even root")
+def test_unwritable_out_is_refused_before_training(monkeypatch, capsys):
+    monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
+    with pytest.raises(SystemExit) as stop:
+        _tiny_study(Path("/proc/self"))
+    assert stop.value.code == 2 and "--out /proc/self is not a writable folder" in capsys.readouterr().err
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("training started before the output folder was checked")
+
+
+def test_rerun_into_the_same_out_keeps_the_finished_results(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _tiny_study(out)
+    before = (out / "results.json").read_bytes()
+    monkeypatch.setattr(smnist_train, "train_classifier", _must_not_train)
+    with pytest.raises(SystemExit) as stop:
+        _tiny_study(out, "--seeds", "1")
+    assert stop.value.code == 2
+    assert re.search(r"already holds results.json, table.md.*pass --overwrite", capsys.readouterr().err)
+    assert (out / "results.json").read_bytes() == before
+    monkeypatch.undo()
+    _tiny_study(out, "--seeds", "1", "--overwrite")
+    assert json.loads((out / "results.json").read_text())["config"]["seeds"] == 1
+
+
+@pytest.mark.parametrize("lr", ["1e30", "inf"])
+def test_a_diverged_run_is_recorded_and_the_others_still_make_the_table(tmp_path, capsys, lr):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"1 run\(s\) diverged \(delta seed 0 at step \d\)") as stop:
+        _tiny_study(out, "--seeds", "1", "--steps", "4", "--lr-delta", lr)
+    assert stop.value.code != 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "incomplete"
+    efla, delta = results["methods"]["efla"], results["methods"]["delta"]
+    assert efla["seeds"] == [0] and efla["diverged"] == [] and len(efla["clean_accuracy"]) == 1
+    assert delta["seeds"] == [] and delta["clean_accuracy"] == []
+    [record] = delta["diverged"]
+    assert record["seed"] == 0 and 1 <= record["step"] <= 4 and record["loss"] in ("nan", "inf", "-inf")
+    table = (out / "table.md").read_text()
+    assert f"seed 0 diverged at step {record['step']}" in table and "| clean | " in table
+    assert "| clean | " in capsys.readouterr().out
+    for name in ("loss_curves.png", "robustness.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_crash_keeps_the_runs_finished_before_it(tmp_path, monkeypatch):
+    real = smnist_train.train_classifier
+    calls = []
+
+    def crash_on_second_run(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(smnist_train, "train_classifier", crash_on_second_run)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _tiny_study(out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "running"
+    assert results["methods"]["efla"]["seeds"] == [0] and results["methods"]["delta"]["seeds"] == []
+    assert (out / "table.md").read_text().count("1 finished") == 1

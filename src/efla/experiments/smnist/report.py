@@ -10,6 +10,27 @@ from efla.experiments.smnist.corruptions import CORRUPTIONS
 
 NAMES = {"efla": "EFLA", "delta": "DeltaNet"}
 _LOSS_WINDOW = 10  # steps in the moving average of the plotted loss
+FLAT_TOLERANCE = 0.05  # a loss curve is "flat" at its end if it fell by at most 5 % over its last 20 % of steps
+
+
+def loss_flatness(curves: list[list[float]]) -> dict | None:
+    """Has training converged? Compares the seed-mean training loss over the last 10 % of steps with the 10 % before:
+    ``relative_drop`` = (before - last) / before, and ``flat`` when |relative_drop| <= FLAT_TOLERANCE. None for
+    fewer than 2 steps or no finished seed."""
+    if not curves or len(curves[0]) < 2:
+        return None
+    mean = np.mean(np.asarray(curves, dtype=np.float64), axis=0)
+    window = max(1, len(mean) // 10)
+    before, last = float(mean[-2 * window : -window].mean()), float(mean[-window:].mean())
+    drop = (before - last) / before
+    return {"window": window, "before": before, "last": last, "relative_drop": drop,
+            "flat": abs(drop) <= FLAT_TOLERANCE}  # fmt: skip
+
+
+def _flatness_cell(flatness: dict | None) -> str:
+    if flatness is None:
+        return "–"
+    return f"{'yes' if flatness['flat'] else 'NO'} ({100 * flatness['relative_drop']:+.1f} %)"
 
 
 def area_under_curve(levels: list[float], accuracies: np.ndarray) -> np.ndarray:
@@ -30,7 +51,16 @@ def _curve(entry: dict, name: str) -> tuple[list[float], np.ndarray]:
 
 
 def _cell(values: np.ndarray) -> str:
+    if values.size == 0:
+        return "–"  # no finished seed
     return f"{values.mean():.1f} ± {values.std():.1f}"
+
+
+def _runs_cell(entry: dict) -> str:
+    """Finished seeds, and each diverged one with its step."""
+    cell = f"{len(entry['seeds'])} finished"
+    diverged = [f"seed {d['seed']} diverged at step {d['step']} (loss {d['loss']})" for d in entry["diverged"]]
+    return "; ".join([cell, *diverged])
 
 
 def markdown_table(results: dict) -> str:
@@ -38,8 +68,12 @@ def markdown_table(results: dict) -> str:
     methods = results["methods"]
     header = "| | " + " | ".join(NAMES.get(m, m) for m in methods) + " |"
     rule = "|---" * (len(methods) + 1) + "|"
-    lines = ["Accuracy in % on the held-out split, mean ± std over seeds.", "", header, rule]
+    lines = ["Accuracy in % on the held-out split, mean ± std over finished seeds.", "", header, rule]
+    lines.append("| runs | " + " | ".join(_runs_cell(methods[m]) for m in methods) + " |")
     lines.append("| learning rate | " + " | ".join(f"{methods[m]['lr']:g}" for m in methods) + " |")
+    lines.append(f"| loss flat at the end (fall over the last 10 % of steps vs the 10 % before, <= "
+                 f"{100 * FLAT_TOLERANCE:g} %) | " + " | ".join(_flatness_cell(methods[m].get("loss_flatness"))
+                                                             for m in methods) + " |")  # fmt: skip
     lines.append("| clean | " + " | ".join(_cell(np.array(methods[m]["clean_accuracy"])) for m in methods) + " |")
     for c in CORRUPTIONS:
         cells = [_cell(area_under_curve(*_curve(methods[m], c.name))) for m in methods]
@@ -64,9 +98,12 @@ def plot_results(results: dict, out: Path) -> list[Path]:
 
     methods = results["methods"]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    window = _LOSS_WINDOW
     for method, entry in methods.items():
+        if not entry["loss_curves"]:
+            continue  # every seed diverged
         curves = np.array(entry["loss_curves"], dtype=np.float64)  # [n_seeds, n_steps]
-        window = min(_LOSS_WINDOW, curves.shape[1])
+        window = min(_LOSS_WINDOW, curves.shape[1])  # runs of the same study share one length
         kernel = np.ones(window) / window
         smooth = np.array([np.convolve(c, kernel, mode="valid") for c in curves])
         steps = np.arange(window, curves.shape[1] + 1)
@@ -83,6 +120,8 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(CORRUPTIONS), figsize=(4 * len(CORRUPTIONS), 3.2), dpi=100)
     for ax, c in zip(axes, CORRUPTIONS, strict=True):
         for method, entry in methods.items():
+            if not entry["seeds"]:
+                continue
             levels, acc = _curve(entry, c.name)
             mean, std = acc.mean(1), acc.std(1)
             ax.plot(levels, mean, marker="o", markersize=3, label=NAMES.get(method, method))
