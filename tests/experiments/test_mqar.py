@@ -103,7 +103,7 @@ def test_sweep_writes_results_keeps_them_and_records_divergence(tmp_path, capsys
     ("argv", "message"),
     [
         (["--seq-len", "64"], "unrecognized arguments: --seq-len"),
-        (["--device", "foo"], "argument --device: 'foo' is not a device"),
+        (["--device", "foo"], "argument --device: device must be auto, cpu, cuda or cuda:N"),
         (["--seq-lens", "16", "--num-pairs", "8"], "no setting has 4 * pairs <= sequence length"),
         (["--num-pairs", "40", "--seq-lens", "256", "--vocab-size", "64"], "leaves fewer than 40 distinct keys"),
     ],

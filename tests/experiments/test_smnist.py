@@ -102,7 +102,7 @@ def test_loss_flatness_compares_the_last_tenth_of_steps_with_the_tenth_before():
         (["--steps", "0"], "argument --steps: must be >= 1 (got 0)"),
         (["--lr-efla", "-1"], "argument --lr-efla: must be > 0 (got -1)"),
         (["--seed", "2"], "unrecognized arguments: --seed 2"),  # not --seeds 2, a full study
-        (["--device", "foo"], "argument --device: 'foo' is not a device; use auto, cpu, cuda or cuda:N"),
+        (["--device", "foo"], "argument --device: device must be auto, cpu, cuda or cuda:N (got 'foo')"),
         (["--train-size", "50"], "--batch-size 128 exceeds the 50 training digits"),
         (["--data", "nowhere"], "--data nowhere is not a directory"),
     ],

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-import torch
+from efla.device import resolve_device
 
 
 def usage_error(command: str, message: str) -> NoReturn:
@@ -43,16 +43,12 @@ def positive_float(text: str) -> float:
 
 
 def device_name(text: str) -> str:
-    """argparse type: "auto" (CUDA if torch sees a GPU, else CPU) or a torch device name usable on this machine."""
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    """argparse type: "auto" (CUDA if torch sees a GPU, else CPU) or a torch device name usable on this machine
+    (``efla.device.resolve_device``), kept as text for results.json."""
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text} asked for CUDA, but torch sees no GPU; use cpu or auto")
-    return text
+        return str(resolve_device(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default: Path) -> None:
