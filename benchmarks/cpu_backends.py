@@ -44,7 +44,7 @@ def _check_microseconds(batch: int, length: int, dim: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--length", type=int, default=784)
     parser.add_argument("--dim", type=int, default=64)

@@ -128,7 +128,7 @@ def profile(B, T, H, D, impls, gated):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D for each shape (default: the issue's)")
     parser.add_argument("--profile", nargs="*", type=int, default=None, metavar="INDEX",
                         help="per-kernel times at these shapes (indices into --shapes; none given: the first)")

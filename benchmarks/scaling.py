@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--tokenizer", required=True, help="tokenizer folder")
     p.add_argument("--data", nargs="+", required=True, help="corpus files or folders (as efla train --data)")
     p.add_argument("--preset", default="1.3B", help="model preset or config (efla train --model)")

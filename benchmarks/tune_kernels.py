@@ -118,7 +118,7 @@ def fla_times(args, do) -> tuple[float, float] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D for each shape (default: the issue's)")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per setting")
     args = parser.parse_args()

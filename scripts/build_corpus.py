@@ -196,7 +196,7 @@ def split_of(text: str, valid_fraction: float, test_fraction: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--out", type=Path, default=Path("runs/corpus"), help="output folder (default runs/corpus)")
     parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help="Debian documentation packages")
     parser.add_argument("--debs", type=Path, help="folder for the downloaded .deb files (default OUT/debs)")

@@ -27,7 +27,7 @@ MODES = ("efla", "delta")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--corpus", type=Path, default=Path("runs/corpus"),
                    help="folder with train/validation/test.jsonl (from scripts/build_corpus.py)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: CORPUS/tokenizer-32k)")

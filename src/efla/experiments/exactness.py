@@ -11,11 +11,13 @@ gated.png to --out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 from pathlib import Path
 
 import torch
 
+from efla.cli import missing_extra
 from efla.dynamics import (
     convergence_order,
     delta_step,
@@ -285,6 +287,8 @@ def plot_gated(args: argparse.Namespace, one_step: dict[tuple[float, float], dic
 
 def run(args: argparse.Namespace) -> None:
     """Run the five sweeps, print the tables, write table.md, exactness.png and gated.png to ``args.out``."""
+    if importlib.util.find_spec("matplotlib") is None:  # before the work, not after the table: the plots need it
+        raise missing_extra(ModuleNotFoundError(name="matplotlib"), "smnist")
     generator = torch.Generator().manual_seed(args.seed)
     # Thousands of tiny per-token ops: extra threads only add synchronisation, and on a loaded 2-core machine two
     # threads made the matrix-exponential recurrence ~25x slower than one.
