@@ -7,6 +7,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import rel_err
+
 from efla.models import EFLAConfig, EFLAForCausalLM, preset_config
 from efla.models.modeling_efla import EFLABlock
 
@@ -16,10 +18,6 @@ VARIANTS = {
     "delta-gated-hybrid": dict(attn_mode="delta", use_output_gate=True, num_hidden_layers=3, attn_layers=[1]),
     "decay-gated": dict(use_decay_gate=True),
 }
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def _loss_and_grads(mode: str, overrides: dict, ids: torch.Tensor, mask: torch.Tensor | None, autocast: bool):
@@ -45,7 +43,7 @@ def test_modes_give_the_same_loss_and_gradients(variant, padded):
         loss, grads = _loss_and_grads(mode, VARIANTS[variant], ids, mask, autocast=False)
         torch.testing.assert_close(loss, reference_loss, atol=0, rtol=1e-6, msg=mode)
         for name, grad in grads.items():  # float32 rounding: the backward sums in another order
-            assert _rel(grad, reference_grads[name]) < 1e-5, f"{mode} {name}"
+            assert rel_err(grad, reference_grads[name]) < 1e-5, f"{mode} {name}"
 
 
 def test_selective_recomputes_under_the_forwards_autocast():
@@ -56,7 +54,7 @@ def test_selective_recomputes_under_the_forwards_autocast():
     loss, grads = _loss_and_grads("selective", overrides, ids, None, autocast=True)
     torch.testing.assert_close(loss, reference_loss, atol=0, rtol=1e-6)
     for name, grad in grads.items():
-        assert _rel(grad, reference_grads[name]) < 1e-5, name
+        assert rel_err(grad, reference_grads[name]) < 1e-5, name
 
 
 def saved_bytes_per_token(config: EFLAConfig, tokens: int = 64) -> float:

@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import rel_err
+
 from efla.cli import main
 from efla.models import EFLAConfig, EFLAForCausalLM
 from efla.models.convert import (
@@ -31,10 +33,6 @@ VARIANTS = {
     "gated-tied": dict(use_gate=True, tie_word_embeddings=True),
     "no-conv": dict(use_short_conv=False, conv_size=3),
 }
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 @pytest.fixture

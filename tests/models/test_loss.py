@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel_err
 
 from efla.models.loss import causal_lm_loss, linear_cross_entropy, linear_cross_entropy_reference
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _inputs(dtype: torch.dtype, N: int = 37, D: int = 24, V: int = 53):
@@ -33,7 +30,7 @@ def test_float32_equals_the_plain_computation(chunk_size):
         plain = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, targets)
         for name, x, ref in zip(("loss", "grad hidden", "grad weight"), ours, plain, strict=True):
             assert x.dtype == ref.dtype
-            assert _rel(x, ref) < 1e-6, name
+            assert rel_err(x, ref) < 1e-6, name
 
 
 def test_bfloat16_is_as_accurate_as_the_plain_computation():
@@ -44,10 +41,10 @@ def test_bfloat16_is_as_accurate_as_the_plain_computation():
     plain = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, targets)
     h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
     truth = _loss_and_grads(linear_cross_entropy_reference, h64, w64, targets)
-    assert _rel(ours[0], plain[0]) < 1e-6
+    assert rel_err(ours[0], plain[0]) < 1e-6
     for name, x, p, t in zip(("grad hidden", "grad weight"), ours[1:], plain[1:], truth[1:], strict=True):
         assert x.dtype == torch.bfloat16, name
-        assert _rel(x, t) <= 1.5 * _rel(p, t) + 1e-3, name
+        assert rel_err(x, t) <= 1.5 * rel_err(p, t) + 1e-3, name
 
 
 def test_causal_lm_loss_divides_by_num_items_in_batch():
@@ -100,7 +97,7 @@ def test_model_training_loss_skips_logits_and_equals_the_plain_loss():
     plain_grads = torch.autograd.grad(plain, list(model.parameters()))
     torch.testing.assert_close(out.loss, plain, atol=0, rtol=1e-6)
     for (name, _), g, p in zip(model.named_parameters(), grads, plain_grads, strict=True):
-        assert _rel(g, p) < 1e-5, name
+        assert rel_err(g, p) < 1e-5, name
 
     model.eval()
     with torch.no_grad():

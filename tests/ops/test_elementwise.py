@@ -8,14 +8,11 @@ import os
 
 import pytest
 import torch
+from helpers import rel_err
 
 from efla.ops.elementwise import rms_norm, rms_norm_reference, swiglu, swiglu_linear, swiglu_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _norm_inputs(rows, n, gated, dtype, seed):
@@ -42,9 +39,9 @@ def test_rms_norm_matches_float64(gated, dtype):
     grads = torch.autograd.grad(y, leaves, dy.view(37, 1, 96))
     y_ref, grads_ref = _reference_grads(x, w, gate, dy)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert y.dtype == dtype and _rel(y.view(37, 96), y_ref) < tol
+    assert y.dtype == dtype and rel_err(y.view(37, 96), y_ref) < tol
     for a, b in zip(grads, grads_ref, strict=True):
-        assert _rel(a, b) < tol
+        assert rel_err(a, b) < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,9 +55,9 @@ def test_swiglu_matches_float64(dtype):
     y_ref = swiglu_reference(*ref_leaves)
     grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert _rel(y, y_ref) < tol
+    assert rel_err(y, y_ref) < tol
     for x, ref in zip(grads, grads_ref, strict=True):
-        assert _rel(x, ref) < tol
+        assert rel_err(x, ref) < tol
 
 
 def test_only_inputs_are_saved():
@@ -97,9 +94,9 @@ def test_rms_norm_kernels_match_float64(gated):
     y, rstd = rms_norm_fwd(x, w, 1e-6, gate)
     grads = rms_norm_bwd(x, w, gate, rstd, dy)
     y_ref, grads_ref = _reference_grads(x, w, gate, dy)
-    assert _rel(y, y_ref) < 1e-5
+    assert rel_err(y, y_ref) < 1e-5
     for a, b in zip([g for g in grads if g is not None], grads_ref, strict=True):
-        assert _rel(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
 
 
 @triton_kernels
@@ -113,7 +110,7 @@ def test_swiglu_kernels_match_float64():
     ref_leaves = [t.detach().double().requires_grad_() for t in (a, b)]
     y_ref = swiglu_reference(*ref_leaves)
     da_ref, db_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
-    assert _rel(y, y_ref) < 1e-6 and _rel(da, da_ref) < 1e-6 and _rel(db, db_ref) < 1e-6
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(da, da_ref) < 1e-6 and rel_err(db, db_ref) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -132,7 +129,7 @@ def test_swiglu_linear_matches_float64_and_keeps_no_product(dtype):
     y_ref = swiglu_reference(ref[0], ref[1]) @ ref[2].t()
     grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert y.dtype == dtype and _rel(y, y_ref) < tol
+    assert y.dtype == dtype and rel_err(y, y_ref) < tol
     assert grads[2].dtype == torch.float32
     for x, r in zip(grads, grads_ref, strict=True):
-        assert _rel(x, r) < tol
+        assert rel_err(x, r) < tol

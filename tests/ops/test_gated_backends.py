@@ -2,27 +2,13 @@
 
 import pytest
 import torch
+from helpers import random_inputs, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from efla import efla_attention
 
 F64 = torch.float64
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def random_inputs(B, T, H, K, V, dtype=F64, key_scale=1.0, decay_scale=2.0, seed=None):
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
-    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
-    k = torch.randn(B, T, H, K, generator=gen, dtype=dtype) * key_scale
-    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
-    beta = torch.rand(B, T, H, generator=gen, dtype=dtype) * 2
-    g = -torch.rand(B, T, H, generator=gen, dtype=dtype) * decay_scale
-    h0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
-    return q, k, v, beta, g, h0
 
 
 def matrix_exponential_reference(q, k, v, beta, g, h0, scale):

@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from helpers import rel_err
 
 F64 = torch.float64
 
@@ -51,10 +52,6 @@ def _random_step(K: int, V: int, key_norm: float, gen: torch.Generator):
     return torch.randn(K, V, dtype=F64, generator=gen), k, torch.randn(V, dtype=F64, generator=gen)
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 # (beta, ||k||, decay rate c): random-looking middles and every extreme the formula has to survive
 CASES = [
     (0.7, 1.3, 0.4), (2.0, 0.5, 3.0), (0.05, 2.0, 10.0), (1.0, 1.0, 0.0),  # ordinary; c = 0 is EFLA
@@ -74,7 +71,7 @@ def test_closed_form_is_the_matrix_exponential_solution(beta: float, key_norm: f
     out = _closed_form(state, k, v, beta, -beta * c)
     stiffness = beta * (key_norm**2 + c)
     # scaling and squaring costs the oracle ~1e-16 per doubling of ||beta M||: the tolerance follows it
-    assert _rel(out, ref) < 1e-14 * max(1.0, stiffness), _rel(out, ref)
+    assert rel_err(out, ref) < 1e-14 * max(1.0, stiffness), rel_err(out, ref)
 
 
 def test_closed_form_on_random_draws() -> None:
@@ -83,7 +80,7 @@ def test_closed_form_on_random_draws() -> None:
         beta, key_norm, c = (torch.rand(3, dtype=F64, generator=gen) * torch.tensor([3.0, 2.0, 4.0])).tolist()
         state, k, v = _random_step(5, 3, key_norm, gen)
         ref = _matrix_exponential_solution(state, k, v, beta, c)
-        assert _rel(_closed_form(state, k, v, beta, -beta * c), ref) < 1e-13
+        assert rel_err(_closed_form(state, k, v, beta, -beta * c), ref) < 1e-13
 
 
 def test_matrix_exponential_oracle_agrees_with_fine_rk4() -> None:
@@ -101,7 +98,7 @@ def test_matrix_exponential_oracle_agrees_with_fine_rk4() -> None:
         k2 = f(s + h / 2 * k1)
         k3 = f(s + h / 2 * k2)
         s = s + h / 6 * (k1 + 2 * k2 + 2 * k3 + f(s + h * k3))
-    assert _rel(s, _matrix_exponential_solution(state, k, v, beta, c)) < 1e-11
+    assert rel_err(s, _matrix_exponential_solution(state, k, v, beta, c)) < 1e-11
 
 
 def test_the_limits_the_issue_states() -> None:

@@ -9,12 +9,9 @@ import os
 
 import pytest
 import torch
+from helpers import rel_err
 
 from efla import alpha_from_beta, efla_attention
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _inputs(key_norm: float, beta_value: float, seed: int, K: int = 16):
@@ -39,7 +36,7 @@ def test_reference_backends_hold_the_limits_in_float32(backend, key_norm, beta_v
     o_ref, state_ref = efla_attention(q.double(), k.double(), v.double(), beta.double(), output_final_state=True,
                                       backend="recurrent")
     assert torch.isfinite(o).all() and torch.isfinite(state).all()
-    assert _rel(o, o_ref) < 1e-5 and _rel(state, state_ref) < 1e-5  # an all-zero output would be 1.0 off
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5  # an all-zero output would be 1.0 off
 
 
 def test_alpha_at_overflowing_products_is_the_exact_limit():
@@ -68,9 +65,9 @@ def test_triton_holds_the_limits_in_float32(key_norm, beta_value):
     o_ref, _ = efla_attention(q.double(), k.double(), v.double(), beta.double(), backend="recurrent")
     with torch.no_grad():
         o_decode, _ = efla_attention(q, k, v, beta, backend="triton")  # T = 20: the fused recurrent kernel
-    assert _rel(o_decode, o_ref) < 1e-5
+    assert rel_err(o_decode, o_ref) < 1e-5
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     o, _ = efla_attention(*leaves, beta, backend="triton")
-    assert _rel(o, o_ref) < 1e-5
+    assert rel_err(o, o_ref) < 1e-5
     o.square().sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves)

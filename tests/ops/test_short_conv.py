@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from helpers import rel_err
 
 from efla.layers.conv import short_conv
 
@@ -17,10 +18,6 @@ pytestmark = pytest.mark.skipif(
     reason="the Triton kernels need triton and a GPU or TRITON_INTERPRET=1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("cu", [None, [0, 2, 2, 50, 131]])
@@ -38,6 +35,6 @@ def test_kernels_match_the_float64_convolution(cu):
     ref_leaves = [t.double().requires_grad_() for t in (x, weight)]
     y_ref = short_conv(*ref_leaves, None, cu_seqlens)  # on the CPU: the layer's PyTorch path
     grads_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
-    assert _rel(y, y_ref) < 1e-5
+    assert rel_err(y, y_ref) < 1e-5
     for a, b in zip(grads, grads_ref, strict=True):
-        assert _rel(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5

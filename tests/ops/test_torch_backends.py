@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import random_inputs, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,27 +11,12 @@ from efla import efla_attention
 F64 = torch.float64
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def random_inputs(B, T, H, K, V, dtype=F64, key_scale=1.0, seed=None, requires_grad=False):
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
-    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
-    k = torch.randn(B, T, H, K, generator=gen, dtype=dtype) * key_scale
-    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
-    beta = torch.rand(B, T, H, generator=gen, dtype=dtype) * 2
-    h0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
-    tensors = (q, k, v, beta, h0)
-    return tuple(x.requires_grad_(requires_grad) for x in tensors)
-
-
 @given(B=st.integers(1, 3), T=st.integers(1, 150), H=st.integers(1, 3), K=st.sampled_from([1, 4, 16, 33]),
        V=st.sampled_from([1, 8, 20]), chunk=st.sampled_from([1, 8, 16, 64]), mode=st.sampled_from(["efla", "delta"]),
        with_state=st.booleans(), seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=40, deadline=None)
 def test_chunkwise_equals_recurrent_in_float64(B, T, H, K, V, chunk, mode, with_state, seed):
-    q, k, v, beta, h0 = random_inputs(B, T, H, K, V, seed=seed, key_scale=0.5 if mode == "delta" else 1.0)
+    q, k, v, beta, _g, h0 = random_inputs(B, T, H, K, V, seed=seed, key_scale=0.5 if mode == "delta" else 1.0)
     h0 = h0 if with_state else None
     ref, ref_state = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, mode=mode,
                                     backend="recurrent")
@@ -44,7 +30,7 @@ def test_chunkwise_equals_recurrent_in_float64(B, T, H, K, V, chunk, mode, with_
 @pytest.mark.parametrize("backend", ["recurrent", "torch"])
 @pytest.mark.parametrize("mode", ["efla", "delta"])
 def test_gradcheck_float64(backend, mode):
-    q, k, v, beta, h0 = random_inputs(1, 7, 2, 3, 2, requires_grad=True, key_scale=0.7)
+    q, k, v, beta, _g, h0 = random_inputs(1, 7, 2, 3, 2, requires_grad=True, key_scale=0.7)
 
     def fn(q, k, v, beta, h0):
         o, state = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, mode=mode,
@@ -58,7 +44,7 @@ def test_gradcheck_float64(backend, mode):
 def test_varlen_equals_each_sequence_alone(backend):
     lengths = [5, 1, 37, 0, 20]
     T = sum(lengths)
-    q, k, v, beta, _ = random_inputs(1, T, 2, 8, 4)
+    q, k, v, beta, _g, _ = random_inputs(1, T, 2, 8, 4)
     h0 = torch.randn(len(lengths), 2, 8, 4, dtype=F64)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     out, states = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu,
@@ -75,7 +61,7 @@ def test_varlen_equals_each_sequence_alone(backend):
 
 @pytest.mark.parametrize("backend", ["recurrent", "torch"])
 def test_splitting_and_carrying_the_state_equals_one_pass(backend):
-    q, k, v, beta, h0 = random_inputs(2, 90, 2, 16, 8)
+    q, k, v, beta, _g, h0 = random_inputs(2, 90, 2, 16, 8)
     whole, final = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, backend=backend)
     first, mid = efla_attention(q[:, :33], k[:, :33], v[:, :33], beta[:, :33], initial_state=h0,
                                 output_final_state=True, backend=backend)
@@ -86,7 +72,7 @@ def test_splitting_and_carrying_the_state_equals_one_pass(backend):
 
 
 def test_small_keys_recover_the_delta_rule():
-    q, k, v, beta, h0 = random_inputs(2, 40, 2, 8, 8)
+    q, k, v, beta, _g, h0 = random_inputs(2, 40, 2, 8, 8)
     errors = []
     for key_scale in (1e-1, 1e-2, 1e-3):
         kk = k * key_scale
@@ -101,7 +87,7 @@ def test_small_keys_recover_the_delta_rule():
 @pytest.mark.parametrize("case", ["zero_keys", "huge_keys", "zero_beta", "huge_beta"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_extreme_inputs_stay_finite_with_finite_gradients(case, dtype):
-    q, k, v, beta, h0 = random_inputs(1, 20, 2, 8, 4, dtype=dtype)
+    q, k, v, beta, _g, h0 = random_inputs(1, 20, 2, 8, 4, dtype=dtype)
     if case == "zero_keys":
         k = torch.zeros_like(k)
     elif case == "huge_keys":
@@ -122,7 +108,7 @@ def test_extreme_inputs_stay_finite_with_finite_gradients(case, dtype):
 
 
 def test_dtypes_of_outputs_and_states():
-    q, k, v, beta, h0 = random_inputs(1, 10, 1, 4, 4, dtype=torch.bfloat16)
+    q, k, v, beta, _g, h0 = random_inputs(1, 10, 1, 4, 4, dtype=torch.bfloat16)
     o, state = efla_attention(q, k, v, beta, initial_state=h0.float(), output_final_state=True)
     assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
     o, state = efla_attention(q.float(), k.float(), v.float(), beta.float())
@@ -130,7 +116,7 @@ def test_dtypes_of_outputs_and_states():
 
 
 def test_default_scale_is_inverse_sqrt_of_key_dim():
-    q, k, v, beta, _ = random_inputs(1, 12, 1, 16, 4)
+    q, k, v, beta, _g, _ = random_inputs(1, 12, 1, 16, 4)
     default = efla_attention(q, k, v, beta)[0]
     explicit = efla_attention(q, k, v, beta, scale=1.0)[0] * 16**-0.5
     assert rel_err(default, explicit) <= 1e-14

@@ -27,15 +27,13 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from helpers import rel_err
+
 from efla import efla_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _inputs(B, T, H, K, V, mode, n_states, seed, device=DEVICE):
@@ -73,8 +71,8 @@ def _run(backend, dtype, inputs, mode, cu_seqlens=None, grads=True):
 def _check(dtype, inputs, mode, tol, cu_seqlens=None, grads=True, backend="triton"):
     o, ht, dx = _run(backend, dtype, inputs, mode, cu_seqlens, grads)
     o_ref, ht_ref, dx_ref = _run("torch", torch.float64, inputs, mode, cu_seqlens, grads)
-    errors = {"o": _rel(o, o_ref), "ht": _rel(ht, ht_ref)}
-    errors.update({f"d{n}": _rel(a, b) for n, a, b in zip(("q", "k", "v", "beta", "h0"), dx, dx_ref, strict=False)})
+    errors = {"o": rel_err(o, o_ref), "ht": rel_err(ht, ht_ref)}
+    errors.update({f"d{n}": rel_err(a, b) for n, a, b in zip(("q", "k", "v", "beta", "h0"), dx, dx_ref, strict=False)})
     print(f"{backend} {dtype} {mode}: max rel err {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert max(errors.values()) <= tol, errors
 
@@ -109,12 +107,12 @@ def test_packed_plan_follows_cu_seqlens():
         cu[1] = boundary
         o, _ = efla_attention(q, k, v, beta, cu_seqlens=cu, backend="triton")
         o_ref, _ = efla_attention(q.double(), k.double(), v.double(), beta.double(), cu_seqlens=cu, backend="torch")
-        assert _rel(o, o_ref) <= 1e-5
+        assert rel_err(o, o_ref) <= 1e-5
     with torch.inference_mode():  # inference tensors have no version counter: read every time, never cached
         cu = torch.tensor([0, 40, 100], device=DEVICE)
         o, _ = efla_attention(q, k, v, beta, cu_seqlens=cu, backend="triton")
         o_ref, _ = efla_attention(q.double(), k.double(), v.double(), beta.double(), cu_seqlens=cu, backend="torch")
-    assert _rel(o, o_ref) <= 1e-5
+    assert rel_err(o, o_ref) <= 1e-5
 
 
 def test_float16_forward():
@@ -159,7 +157,7 @@ def test_gpu_matches_fla(mode):
     inputs = _inputs(2, 4096, 4, 128, 128, mode, 2, seed=11)
     o, ht, dx = _run("triton", torch.bfloat16, inputs, mode)
     o_fla, ht_fla, dx_fla = _run("fla", torch.bfloat16, inputs, mode)
-    errors = [_rel(o, o_fla), _rel(ht, ht_fla)] + [_rel(a, b) for a, b in zip(dx, dx_fla, strict=True)]
+    errors = [rel_err(o, o_fla), rel_err(ht, ht_fla)] + [rel_err(a, b) for a, b in zip(dx, dx_fla, strict=True)]
     assert max(errors) <= 2e-2, errors
     _check(torch.bfloat16, inputs, mode, tol=2e-2, backend="fla")
 

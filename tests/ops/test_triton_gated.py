@@ -24,6 +24,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from helpers import rel_err
+
 from efla import efla_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,10 +33,6 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 NAMES = ("q", "k", "v", "beta", "g", "h0")
 WEAK, STRONG = 0.02, 6.0  # per-token log decay drawn from [-decay, 0]: a chunk's total reaches ~ -200 when strong
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _inputs(B, T, H, K, V, mode, n_states, seed, decay):
@@ -74,8 +72,8 @@ def _run(backend, dtype, inputs, mode, cu_seqlens=None, grads=True):
 def _check(dtype, inputs, mode, tol, cu_seqlens=None, grads=True, backend="triton"):
     o, ht, dx = _run(backend, dtype, inputs, mode, cu_seqlens, grads)
     o_ref, ht_ref, dx_ref = _run("torch", torch.float64, inputs, mode, cu_seqlens, grads)
-    errors = {"o": _rel(o, o_ref), "ht": _rel(ht, ht_ref)}
-    errors.update({f"d{n}": _rel(a, b) for n, a, b in zip(NAMES, dx, dx_ref, strict=False)})
+    errors = {"o": rel_err(o, o_ref), "ht": rel_err(ht, ht_ref)}
+    errors.update({f"d{n}": rel_err(a, b) for n, a, b in zip(NAMES, dx, dx_ref, strict=False)})
     print(f"{backend} {dtype} gated {mode}: max rel err {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert max(errors.values()) <= tol, errors
 
@@ -133,7 +131,7 @@ def test_gated_zero_decay_is_the_ungated_kernel():
     gated, gated_state = efla_attention(q, k, v, beta, g=torch.zeros_like(g), initial_state=h0,
                                         output_final_state=True, backend="triton")
     plain, plain_state = efla_attention(q, k, v, beta, initial_state=h0, output_final_state=True, backend="triton")
-    assert _rel(gated, plain) <= 1e-6 and _rel(gated_state, plain_state) <= 1e-6
+    assert rel_err(gated, plain) <= 1e-6 and rel_err(gated_state, plain_state) <= 1e-6
 
 
 # ---- GPU: real sizes, most important first ---------------------------------------------------------------------
@@ -175,7 +173,7 @@ def test_gpu_gated_matches_fla(mode):
     inputs = _inputs(2, 4096, 4, 128, 128, mode, 2, seed=30, decay=0.1)
     o, ht, dx = _run("triton", torch.bfloat16, inputs, mode)
     o_fla, ht_fla, dx_fla = _run("fla", torch.bfloat16, inputs, mode)
-    errors = [_rel(o, o_fla), _rel(ht, ht_fla)] + [_rel(a, b) for a, b in zip(dx, dx_fla, strict=True)]
+    errors = [rel_err(o, o_fla), rel_err(ht, ht_fla)] + [rel_err(a, b) for a, b in zip(dx, dx_fla, strict=True)]
     assert max(errors) <= 2e-2, errors
 
 

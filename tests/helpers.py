@@ -1,0 +1,25 @@
+"""What many test modules share: the project's error measure and random operator inputs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, computed in float64: the project's one error measure."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def random_inputs(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype = torch.float64, key_scale: float = 1.0,
+                  decay_scale: float = 2.0, seed: int | None = None, requires_grad: bool = False):
+    """Fresh random q, k [B, T, H, K], v [B, T, H, V], beta in [0, 2), log decay g in (-decay_scale, 0] and an
+    initial state [B, H, K, V], from ``seed`` (or a seed drawn from torch's global generator); leaves that require
+    grad if asked."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
+    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
+    k = torch.randn(B, T, H, K, generator=gen, dtype=dtype) * key_scale
+    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    beta = torch.rand(B, T, H, generator=gen, dtype=dtype) * 2
+    g = -torch.rand(B, T, H, generator=gen, dtype=dtype) * decay_scale
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
+    return tuple(x.requires_grad_(requires_grad) for x in (q, k, v, beta, g, h0))
