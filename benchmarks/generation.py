@@ -37,23 +37,13 @@ import torch
 from torch import nn
 
 from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, preset_config
+from efla.models.convert import fla_model_like
 from efla.models.generation import decode_step, generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = ("efla eager", "efla graph", "efla graph hf", "fla DeltaNet", "llama sdpa")
 OPTIONAL = ("efla graph compiled",)  # only when asked for with --models: compiling costs minutes per batch size
 Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids [B, T], new tokens) -> ids [B, T + new]
-
-
-def fla_deltanet(config: EFLAConfig) -> nn.Module:
-    """fla's DeltaNetForCausalLM with the sizes of ``config``."""
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
-    return DeltaNetForCausalLM(DeltaNetConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        num_heads=config.num_heads, intermediate_size=config.intermediate_size, conv_size=config.conv_size,
-        use_short_conv=config.use_short_conv, use_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
-    ))
 
 
 def llama_sdpa(config: EFLAConfig) -> nn.Module:
@@ -93,7 +83,7 @@ def unavailable(name: str, device: torch.device) -> str | None:
 def build(name: str, config: EFLAConfig) -> tuple[nn.Module, Callable[[nn.Module], Generate]]:
     """The model (random weights) and how to generate with it."""
     if name == "fla DeltaNet":
-        return fla_deltanet(config), hf_generate
+        return fla_model_like(config), hf_generate
     if name == "llama sdpa":
         return llama_sdpa(config), hf_generate
     model = EFLAForCausalLM(config)

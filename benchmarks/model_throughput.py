@@ -35,40 +35,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, preset_config
+from efla.models import PRESETS, EFLAForCausalLM, preset_config
+from efla.models.convert import fla_model_like
 from efla.train.profiling import device_profile, operator_table
 
 VARIANTS = ("efla", "delta", "efla+compile", "delta+compile", "fla")
 SHAPES = ("8x2048", "16x2048", "1x32768", "2x32768")
 
 
-def fla_deltanet(config: EFLAConfig) -> nn.Module:
-    """fla's DeltaNetForCausalLM with the same sizes as ``config`` (fla's own fused kernels and loss left on)."""
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
-    return DeltaNetForCausalLM(DeltaNetConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        num_heads=config.num_heads, intermediate_size=config.intermediate_size, conv_size=config.conv_size,
-        use_short_conv=config.use_short_conv, use_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
-    ))
-
-
-def fla_gated_deltanet(config: EFLAConfig) -> nn.Module:
-    """fla's GatedDeltaNetForCausalLM holding the same architecture as our Gated DeltaNet ``config`` (fla's fused
-    kernels and loss left on)."""
-    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
-
-    from efla.models.convert import config_to_fla
-
-    return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**config_to_fla(config)))
-
-
 def build(variant: str, preset: str, overrides: dict) -> nn.Module:
     """The model of one variant (see the module docstring), on the CPU in float32."""
-    if variant == "fla" and overrides.get("use_decay_gate"):
-        return fla_gated_deltanet(preset_config(preset, attn_mode="delta", use_decay_gate=True))
     if variant == "fla":
-        return fla_deltanet(preset_config(preset))
+        return fla_model_like(preset_config(preset, use_decay_gate=bool(overrides.get("use_decay_gate"))))
     mode, _, compiled = variant.partition("+")
     model = EFLAForCausalLM(preset_config(preset, attn_mode=mode, **overrides))
     if compiled:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+import pytest
 import torch
 
 
@@ -23,3 +27,18 @@ def random_inputs(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype = t
     g = -torch.rand(B, T, H, generator=gen, dtype=dtype) * decay_scale
     h0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
     return tuple(x.requires_grad_(requires_grad) for x in (q, k, v, beta, g, h0))
+
+
+def require_triton_kernels() -> str:
+    """Skip the calling test module unless efla's Triton kernels can run here, and return the device they run on:
+    "cuda", or "cpu" in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1, as tests/conftest.py
+    does) before triton is first imported; once triton has loaded its GPU library the interpreter cannot run."""
+    if torch.cuda.is_available():
+        pytest.importorskip("triton")
+        return "cuda"
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("on CPU run the suite as `TRITON_INTERPRET=1 pytest` (set before triton is imported)",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton")
+    return "cpu"

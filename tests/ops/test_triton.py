@@ -11,27 +11,14 @@ float64, up to T = 16384, and agreement with fla's kernel when fla-core is insta
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton's own library was built for the GPU (importing efla's models imports torch._dynamo, which imports
-        # triton), so its interpreter cannot run here.
-        pytest.skip("on CPU run the suite as `TRITON_INTERPRET=1 pytest` (set before triton is imported)",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton")
-
-from helpers import rel_err
+from helpers import rel_err, require_triton_kernels
 
 from efla import efla_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = require_triton_kernels()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

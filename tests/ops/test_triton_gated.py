@@ -10,25 +10,14 @@ included, and agreement with fla's chunk_gated_delta_rule when fla-core is insta
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("on CPU run the suite as `TRITON_INTERPRET=1 pytest` (set before triton is imported)",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton")
-
-from helpers import rel_err
+from helpers import rel_err, require_triton_kernels
 
 from efla import efla_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = require_triton_kernels()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 NAMES = ("q", "k", "v", "beta", "g", "h0")

@@ -26,6 +26,7 @@ safetensors only: converting checkpoints does not need fla installed.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping
@@ -169,16 +170,29 @@ def from_fla_deltanet(source: str | Path | nn.Module, attn_mode: str = "delta") 
 def to_fla_deltanet(model: EFLAForCausalLM) -> nn.Module:
     """A fla DeltaNetForCausalLM (GatedDeltaNetForCausalLM with the decay gate; needs fla installed) holding the
     weights of an EFLA model in delta mode."""
+    with torch.device("meta"):
+        fla_model = _fla_model(config_to_fla(model.config))
+    _load_all(fla_model, state_dict_to_fla(_copied(model.state_dict())))
+    return fla_model
+
+
+def fla_model_like(config: EFLAConfig) -> nn.Module:
+    """A randomly initialised fla DeltaNetForCausalLM (GatedDeltaNetForCausalLM with the decay gate; needs fla) of
+    the architecture of ``config`` taken in delta mode, fla's fused kernels and loss at their defaults: the model a
+    benchmark sets beside ours."""
+    delta = copy.deepcopy(config)
+    delta.attn_mode = "delta"
+    return _fla_model(config_to_fla(delta))
+
+
+def _fla_model(fla_config: dict[str, Any]) -> nn.Module:
+    """fla's causal LM for the dict of a fla config.json (DeltaNet or Gated DeltaNet)."""
     from fla import models
 
-    fla_config = config_to_fla(model.config)
     gated = fla_config["model_type"] == FLA_GATED_MODEL_TYPE
     config_class = models.GatedDeltaNetConfig if gated else models.DeltaNetConfig
     model_class = models.GatedDeltaNetForCausalLM if gated else models.DeltaNetForCausalLM
-    with torch.device("meta"):
-        fla_model = model_class(config_class(**fla_config))
-    _load_all(fla_model, state_dict_to_fla(_copied(model.state_dict())))
-    return fla_model
+    return model_class(config_class(**fla_config))
 
 
 def save_fla_deltanet(model: EFLAForCausalLM, out_dir: str | Path) -> None:
