@@ -10,7 +10,15 @@ import pytest
 import torch
 from helpers import rel_err
 
-from efla.ops.elementwise import rms_norm, rms_norm_reference, swiglu, swiglu_linear, swiglu_reference
+from efla.ops.elementwise import (
+    l2_normalize,
+    l2_normalize_reference,
+    rms_norm,
+    rms_norm_reference,
+    swiglu,
+    swiglu_linear,
+    swiglu_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -133,3 +141,21 @@ def test_swiglu_linear_matches_float64_and_keeps_no_product(dtype):
     assert grads[2].dtype == torch.float32
     for x, r in zip(grads, grads_ref, strict=True):
         assert rel_err(x, r) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_l2_normalize_matches_float64_and_keeps_its_input_only(dtype):
+    g = torch.Generator().manual_seed(9)
+    y = (torch.randn(5, 3, 32, generator=g) * torch.logspace(-4, 2, 5)[:, None, None]).to(DEVICE, dtype)
+    dy = torch.randn(5, 3, 32, generator=g).to(DEVICE, dtype)
+    leaf = y.detach().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = l2_normalize(leaf)
+    assert sum(t.numel() for t in saved) == y.numel() + 15  # y itself and one scale per row
+    (grad,) = torch.autograd.grad(out, leaf, dy)
+    ref_leaf = y.detach().double().requires_grad_()
+    ref = l2_normalize_reference(ref_leaf)
+    (grad_ref,) = torch.autograd.grad(ref, ref_leaf, dy.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert out.dtype == dtype and rel_err(out, ref) < tol and rel_err(grad, grad_ref) < tol

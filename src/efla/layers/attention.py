@@ -39,6 +39,7 @@ from efla.layers.padding import repad, unpad
 from efla.layers.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
+from efla.ops.elementwise import l2_normalize
 
 # the fused weights of state dicts saved before q, k and v were separated, and the names they split into (dim 0)
 FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d", "k_conv1d", "v_conv1d")}
@@ -178,14 +179,7 @@ class EFLAttention(nn.Module):
         L2-normalised per head when l2. Element-wise apart from the depthwise convolution: cheap to recompute."""
         y = short_conv(projected, conv_weight[0], state, cu_seqlens) if conv_weight else F.silu(projected)
         y = y.unflatten(-1, (self.num_heads, self.head_dim))
-        return _l2_normalize(y) if l2 else y
-
-
-def _l2_normalize(y: torch.Tensor) -> torch.Tensor:
-    """y / sqrt(||y||^2 + 1e-6) over the last dim, in float32 (or better), back in y's dtype: fla's L2 norm, so that
-    fla DeltaNet checkpoints give fla's outputs (F.normalize's y / max(||y||, eps) differs where ||y|| is small)."""
-    y32 = _at_least_float32(y)
-    return (y32 * torch.rsqrt(y32.square().sum(-1, keepdim=True) + 1e-6)).to(y.dtype)
+        return l2_normalize(y) if l2 else y
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

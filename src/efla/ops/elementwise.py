@@ -1,5 +1,5 @@
 """The layers' element-wise pieces that keep only their inputs for the backward: RMSNorm (optionally gated by
-silu(gate)) and SwiGLU.
+silu(gate)), SwiGLU (alone or with the linear layer after it) and the q/k L2 normalisation.
 
 Eager PyTorch keeps what each small op needs (x in float32, the normalised x, silu(a), ...): about 10 KB per token for
 a 1024-wide RMSNorm and 16 KB for a 2816-wide SwiGLU. These functions keep their inputs in the input dtype (and one
@@ -28,6 +28,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return y.to(x.dtype)
 
 
+def l2_normalize_reference(y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y / sqrt(||y||^2 + eps) over the last dim (fla's L2 norm), in float32 or better, returned in y's dtype."""
+    y32 = y.to(torch.promote_types(y.dtype, torch.float32))
+    return (y32 * torch.rsqrt(y32.square().sum(-1, keepdim=True) + eps)).to(y.dtype)
+
+
 def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b."""
     return F.silu(a) * b
@@ -39,6 +45,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
     if torch.compiler.is_compiling():
         return rms_norm_reference(x, weight, eps, gate)
     return _RMSNorm.apply(x, weight, gate, eps)
+
+
+def l2_normalize(y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``l2_normalize_reference``, saving only y and one scale per row (autograd would keep y in float32 too)."""
+    if torch.compiler.is_compiling():
+        return l2_normalize_reference(y, eps)
+    return _L2Normalize.apply(y, eps)
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,6 +96,25 @@ class _RMSNorm(torch.autograd.Function):
             dx, dw, dg = _rms_norm_backward(x2, weight, g2, rstd, dy2)
         shape = dy.shape
         return dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None
+
+
+class _L2Normalize(torch.autograd.Function):
+    """With r = (||y||^2 + eps)^(-1/2) and n = y r: dy_in = r (dn - n (n . dn))."""
+
+    @staticmethod
+    def forward(ctx, y, eps):
+        y32 = y.to(torch.promote_types(y.dtype, torch.float32))
+        r = torch.rsqrt(y32.square().sum(-1, keepdim=True) + eps)
+        ctx.save_for_backward(y, r)
+        return (y32 * r).to(y.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dn):
+        y, r = ctx.saved_tensors
+        n = y.to(r.dtype) * r
+        d = dn.to(r.dtype)
+        return (r * (d - n * (n * d).sum(-1, keepdim=True))).to(y.dtype), None
 
 
 def _rms_norm_backward(x, weight, gate, rstd, dy):
