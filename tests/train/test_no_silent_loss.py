@@ -342,3 +342,14 @@ def test_a_malformed_corpus_line_is_named(content, message, run_args, tmp_path, 
     assert code == 2
     (line,) = [line for line in err.splitlines() if "error" in line]
     assert f"{corpus}{message}" in line
+
+
+def test_resume_past_the_run_s_last_step_is_refused(reference_run, run_args, tmp_path):
+    """A lower --max-steps on --resume would end at once and save the checkpoint as the finished model."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference_run / "checkpoints" / "step_00000003", out / "checkpoints" / "step_00000003")
+    with pytest.raises(ValueError, match="past this run's 2 steps"):
+        train(TrainConfig(**{**run_args, "max_steps": 2}, out_dir=str(out),
+                          resume=str(out / "checkpoints" / "step_00000003")))
+    assert not (out / "model").exists()

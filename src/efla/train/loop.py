@@ -138,6 +138,9 @@ class _Run:
             self._check_same_data(state["data"], resume_from)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = self.last_saved = state["step"]
+            if self.step > self.total_steps:
+                raise ValueError(f"{resume_from} is at step {self.step}, past this run's {self.total_steps} steps: "
+                                 "raise --max-steps / --max-tokens to train on, or leave out --resume")
             self._apply_changed_settings(state.get("settings"))
             self._log(f"resumed from {resume_from} at step {self.step}")
         self.stop_signal: int | None = None
