@@ -158,33 +158,49 @@ def _gated_reference_backend(kernel: Callable) -> Callable:
     return run
 
 
-_TRITON_NEEDS = "backend='triton' needs the Triton kernels and a CUDA GPU"
-_FLA_NEEDS = "backend='fla' needs fla-core: pip install 'efla[bench]'"
+def _gated_triton_backend() -> Callable:
+    try:
+        from efla.ops.triton import triton_gated_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='triton' needs the Triton kernels and a CUDA GPU ({error})") from error
+    return triton_gated_efla
 
 
-def _imported(module: str, name: str, needs: str) -> Callable[[], Callable]:
-    """A loader of an optional backend function: imported on first use, its ImportError turned into what is needed."""
+def _gated_fla_backend() -> Callable:
+    try:
+        from efla.ops.fla_backend import fla_gated_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='fla' needs fla-core: pip install 'efla[bench]' ({error})") from error
+    return fla_gated_efla
 
-    def load() -> Callable:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except ImportError as error:
-            raise RuntimeError(f"{needs} ({error})") from error
 
-    return load
+def _triton_backend() -> Callable:
+    try:
+        from efla.ops.triton import triton_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='triton' needs the Triton kernels and a CUDA GPU ({error})") from error
+    return triton_efla
+
+
+def _fla_backend() -> Callable:
+    try:
+        from efla.ops.fla_backend import fla_efla
+    except ImportError as error:
+        raise RuntimeError(f"backend='fla' needs fla-core: pip install 'efla[bench]' ({error})") from error
+    return fla_efla
 
 
 _BACKENDS: dict[str, Callable[[], Callable]] = {
     "recurrent": lambda: _reference_backend(lambda q, k, v, a, scale, s0, _chunk: recurrent_fwd(q, k, v, a, scale, s0)),
     "torch": lambda: _reference_backend(chunk_fwd),
-    "triton": _imported("efla.ops.triton", "triton_efla", _TRITON_NEEDS),
-    "fla": _imported("efla.ops.fla_backend", "fla_efla", _FLA_NEEDS),
+    "triton": _triton_backend,
+    "fla": _fla_backend,
 }
 
 _GATED_BACKENDS: dict[str, Callable[[], Callable]] = {
     "recurrent": lambda: _gated_reference_backend(
         lambda q, k, v, a, scale, s0, _chunk, g, eta: recurrent_fwd(q, k, v, a, scale, s0, g=g, eta=eta)),
     "torch": lambda: _gated_reference_backend(chunk_fwd),
-    "triton": _imported("efla.ops.triton", "triton_gated_efla", _TRITON_NEEDS),
-    "fla": _imported("efla.ops.fla_backend", "fla_gated_efla", _FLA_NEEDS),
+    "triton": _gated_triton_backend,
+    "fla": _gated_fla_backend,
 }
