@@ -14,6 +14,7 @@ note when not importable or not on CUDA) and "llama sdpa" (LlamaForCausalLM: sam
 MLP width: 373,867,520 parameters against EFLA 340M's 374,362,112; counts are printed per row).
 
     python benchmarks/generation.py --models "efla graph" "efla graph compiled" --out generation.jsonl
+    python benchmarks/generation.py --profile-step --batch-sizes 1       # the kernels of one decode step, by name
 
 Per (model, batch, prompt) the prompt is random tokens without padding; greedy decoding, no eos. With t(n) the median
 wall time of a generate call producing n tokens (after one untimed warm-up call: kernel compilation, graph capture),
@@ -120,6 +121,36 @@ def measure(run: Generate, batch: int, prompt: int, vocab: int, args: argparse.N
     return (full - first) / args.new_tokens * 1e3, first * 1e3
 
 
+@torch.inference_mode()
+def profile_step(model: nn.Module, batch: int, vocab: int, device: torch.device) -> None:
+    """Print the kernels that one eager decode step launches (after a 16-token prefill), grouped by name: what a
+    CUDA graph of the step replays, and where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(3, vocab, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    step = decode_step(model, use_cuda_graph=False)
+    cache = step.static_cache(batch)
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    token = ids[:, -1:]
+    for _ in range(3):  # warm-up: compilation, autotuning
+        step(token, cache)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        step(token, cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA or device.type != "cuda":
+            kernels.setdefault(event.name[:90], []).append(event.device_time if device.type == "cuda"
+                                                           else event.cpu_time)
+    total = sum(len(t) for t in kernels.values())
+    busy = sum(sum(t) for t in kernels.values())
+    print(f"\nbatch {batch}: one decode step launches {total} kernels, {busy:.0f} us of kernel time")
+    for name, times in sorted(kernels.items(), key=lambda item: -sum(item[1]))[:40]:
+        print(f"{len(times):>5} x {statistics.median(times):>7.1f} us  {sum(times):>8.1f} us  {name}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--preset", default="340M", choices=sorted(PRESETS))
@@ -132,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is kept")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + OPTIONAL)
     parser.add_argument("--out", type=Path, help="append each row to this file as a JSON line")
+    parser.add_argument("--profile-step", action="store_true", help="instead of timing: list the GPU kernels of one "
+                        "eager decode step over the static state (count and time per kernel name), per batch size")
     args = parser.parse_args(argv)
     for name in ("new_tokens", "repeats"):
         if getattr(args, name) < 1:
@@ -151,6 +184,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"preset {args.preset}, {args.dtype}, {where}; ms per generated token = (t(1 + {args.new_tokens}) - t(1)) / "
           f"{args.new_tokens}, median of {args.repeats} calls after a warm-up", flush=True)
+    if args.profile_step:
+        torch.manual_seed(0)
+        model = EFLAForCausalLM(config).to(device=device, dtype=dtype).eval()
+        for batch in args.batch_sizes:
+            profile_step(model, batch, config.vocab_size, device)
+        return []
     rows, failures = [], []
     for name in args.models:
         reason = unavailable(name, device)

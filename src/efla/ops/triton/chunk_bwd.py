@@ -46,7 +46,15 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _alpha_lam_grad, _chunk_decay, _chunk_t, _decay_matrix, _erase_write, _gram
+from efla.ops.triton.wy import (
+    _alpha_lam_grad,
+    _chunk_decay,
+    _chunk_t,
+    _decay_matrix,
+    _decay_matrix_t,
+    _erase_write,
+    _gram,
+)
 
 
 @triton.jit
@@ -73,7 +81,7 @@ def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first,
         kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
         if GATED:
             gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
-            kq *= tl.trans(_decay_matrix(gv, r, PREC))
+            kq *= _decay_matrix_t(gv, r, PREC)
             k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
             q_tile = (tl.exp(gc)[:, None] * q_tile.to(tl.float32)).to(w_tile.dtype)
         du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
@@ -98,6 +106,7 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     dq_acc = tl.zeros([64, K], dtype=tl.float32)  # dO S^T
     dk_acc = tl.zeros([64, K], dtype=tl.float32)  # u dS'^T
     P = tl.zeros([64, 64], dtype=tl.float32)  # dO u^T
+    PT = tl.zeros([64, 64], dtype=tl.float32)  # u dO^T (gated), P^T as its own product: see _decay_matrix_t
     state_dot = tl.zeros([K], dtype=tl.float32)  # row sums of dS' * S (gated): <dS', S> once summed
     for i_v in range(tl.cdiv(V, BV)):
         ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
@@ -112,6 +121,8 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
         dq_acc += tl.dot(do_tile, tl.trans(S), input_precision=PREC)
         dk_acc += tl.dot(u_tile, tl.trans(dS), input_precision=PREC)
         P += tl.dot(do_tile, tl.trans(u_tile.to(do_tile.dtype)), input_precision=PREC)
+        if GATED:
+            PT += tl.dot(u_tile.to(do_tile.dtype), tl.trans(do_tile), input_precision=PREC)
     P = scale * tl.where(r[:, None] >= r[None, :], P, 0.0)
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     if GATED:
@@ -132,7 +143,11 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     tl.store(dq + tok * K + kk, dq_acc.to(dq.dtype.element_ty), mask=rmask[:, None])
     if not GATED:  # loaded only now: the tile is not live while dq is formed
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
-    dk_acc += tl.dot(tl.trans(P.to(q_tile.dtype)), q_tile, input_precision=PREC)
+    if GATED:
+        PT = scale * tl.where(r[:, None] <= r[None, :], PT, 0.0) * _decay_matrix_t(gv, r, PREC)
+        dk_acc += tl.dot(PT.to(q_tile.dtype), q_tile, input_precision=PREC)
+    else:
+        dk_acc += tl.dot(tl.trans(P.to(q_tile.dtype)), q_tile, input_precision=PREC)
     tl.store(dk_part + tok * K + kk, dk_acc.to(dk_part.dtype.element_ty), mask=rmask[:, None])
 
 

@@ -91,6 +91,17 @@ def _decay_matrix(gv, r, PREC: tl.constexpr):
 
 
 @triton.jit
+def _decay_matrix_t(gv, r, PREC: tl.constexpr):
+    """The transpose of ``_decay_matrix`` (Dt[i, t] = D[t, i]), built as its own product rather than by tl.trans:
+    Triton 3.4 to 3.7.0 on Hopper miscompiles 16-bit products whose operand is the transpose of another product's
+    result (fla issue 640), which made the gated backward's bfloat16 gradients wrong by several percent."""
+    causal_t = r[:, None] <= r[None, :]
+    later_t = tl.where(r[None, :] > r[:, None], gv[None, :], 0.0)  # [i, j]: g_j for tokens j after i
+    log_decay = tl.dot(later_t, tl.where(causal_t, 1.0, 0.0), input_precision=PREC)
+    return tl.where(causal_t, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
+
+
+@triton.jit
 def _alpha_lam_grad(beta, lam, alpha):
     """d alpha / d lam = beta^2 phi'(x): the series below x = 1, (beta e^-x - alpha) / lam above (beta e^-x taken as
     0 past x = 50, which also covers beta = inf), as ``efla/ops/alpha.py``."""
