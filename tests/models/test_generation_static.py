@@ -86,6 +86,23 @@ def test_compiled_decode_step_traces_the_model():
     assert model._decode_graph.compile_backend == "eager"
 
 
+def test_static_cache_steps_go_through_the_in_place_decode(monkeypatch):
+    """After the prefill, one-token steps over EFLAStaticCache advance its buffers directly (efla.layers.decode);
+    transformers' default cache keeps the layer's forward."""
+    import efla.layers.attention as attention
+
+    calls = []
+    original = attention.decode_in_place
+    monkeypatch.setattr(attention, "decode_in_place", lambda *a: calls.append(1) or original(*a))
+    model = _model(**VARIANTS["efla"])
+    ids, mask = _left_padded(LENGTHS)
+    generate(model, ids, mask, max_new_tokens=3)
+    assert len(calls) == 2 * model.config.num_hidden_layers  # two decode steps after the prefill's token
+    calls.clear()
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache=DynamicCache(config=model.config))
+    assert not calls
+
+
 def test_prefill_leaves_each_rows_own_state_in_place():
     model = _model(**VARIANTS["efla"])
     ids, mask = _left_padded(LENGTHS)
@@ -167,8 +184,20 @@ def test_bad_input_is_named():
 def test_cuda_graph_decoding_matches_eager(dtype, variant):
     model = _model("cuda", **VARIANTS[variant]).to(dtype)
     ids, mask = _left_padded(LENGTHS, "cuda")
-    eager = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, disable_compile=True)
+    # the graph replays the eager static step's kernels (the in-place decode kernels of efla.layers.decode)
+    eager = generate(model, ids, mask, max_new_tokens=20, use_cuda_graph=False)
     assert torch.equal(generate(model, ids, mask, max_new_tokens=20, use_cuda_graph=True), eager)
+    # transformers' default cache runs the layer's forward per token: the same tokens in float32; in bfloat16 the
+    # fused kernels round differently (no bfloat16 round trip between convolution, SiLU and norm), so compare logits
+    default = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, disable_compile=True,
+                             output_logits=True, return_dict_in_generate=True)
+    if dtype == torch.float32:
+        assert torch.equal(default.sequences, eager)
+    else:
+        fused = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, cache=EFLAStaticCache(model, len(LENGTHS)))
+        step = fused.logits[1].float()
+        assert ((step - default.logits[1].float()).norm() / step.norm()).item() < 2e-2
     # transformers' generate with the static cache asks for the compiled call: the captured graph
     hooked = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                             cache=EFLAStaticCache(model, len(LENGTHS)))
@@ -189,5 +218,4 @@ def test_cuda_graph_decoding_matches_eager(dtype, variant):
     again = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=20, do_sample=False,
                            cache=EFLAStaticCache(model, 2))
     assert model._decode_graph._graph is not graph
-    assert torch.equal(again, model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=20, do_sample=False,
-                                             disable_compile=True))
+    assert torch.equal(again, generate(model, ids[:2], mask[:2], max_new_tokens=20, use_cuda_graph=False))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from efla.layers.conv import ShortConvolution, short_conv, short_conv_state
+from efla.layers.decode import can_step_in_place, decode_in_place
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
 from efla.layers.recompute import recompute
@@ -113,6 +114,9 @@ class EFLAttention(nn.Module):
         Returns [B, T, hidden_size], zeros at padded positions."""
         T = hidden_states.shape[1]
         conv_state, recurrent_state = _cached_states(cache, self.layer_idx)
+        if (attention_mask is None and cu_seqlens is None and cache is not None
+                and can_step_in_place(self, hidden_states, cache.layers[self.layer_idx], conv_state, recurrent_state)):
+            return decode_in_place(self, hidden_states, conv_state, recurrent_state)  # the states advance in place
         x, padding = hidden_states, None
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
@@ -131,17 +135,21 @@ class EFLAttention(nn.Module):
             cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
             g=g,
         )
-        if self.g_proj is None:
-            o = self.o_norm(o)
-        else:
-            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
-        o = self.o_proj(o.flatten(-2))
+        o = self.output(o, x)
 
         if cache is not None:
             if conv_state is not None:
                 cache.update_conv_state(conv_state, self.layer_idx)
             cache.update_recurrent_state(recurrent_state, self.layer_idx)
         return o if padding is None else repad(o, padding)
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y = W_o RMSNorm(o) [* silu(W_g x)] for attention outputs o [..., H, head_dim] of the inputs x."""
+        if self.g_proj is None:
+            o = self.o_norm(o)
+        else:
+            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
+        return self.o_proj(o.flatten(-2))
 
     def _qkv(
         self,

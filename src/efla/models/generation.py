@@ -46,6 +46,9 @@ STOP_CHECK_EVERY = 16
 class _StaticStateLayer(LinearAttentionCacheLayerMixin):
     """One EFLA layer's convolution windows and recurrent state in preallocated buffers, overwritten in place."""
 
+    in_place = True
+    """A one-token step may advance the buffers directly (``efla.layers.decode``) instead of through the updates."""
+
     def __init__(self, conv_states: list[torch.Tensor], recurrent_state: torch.Tensor) -> None:
         super().__init__(number_of_states=max(len(conv_states), 1))
         self.batch_size = recurrent_state.shape[0]

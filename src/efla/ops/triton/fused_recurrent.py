@@ -44,18 +44,23 @@ def _fused_recurrent_kernel(q, k, v, beta, g, eta, o, h0, ht, cu_seqlens, scale,
         o_t = scale * tl.sum(S * q_t[:, None], axis=0)
         tl.store(o + (t * H + i_h) * V + ov, o_t.to(o.dtype.element_ty), mask=vmask)
     if STORE_HT:
+        tl.debug_barrier()  # every thread has read h0 before any writes ht: the two may be one buffer (decode steps)
         _store_state(ht, S, n, i_h, H, K, V, ov, vmask)
 
 
-def fused_recurrent(*, q, k, v, beta, h0, cu, scale: float, efla: bool, output_final_state: bool, g=None, eta=None):
+def fused_recurrent(*, q, k, v, beta, h0, cu, scale: float, efla: bool, output_final_state: bool, g=None, eta=None,
+                    final_state=None):
     """Launch the fused recurrent kernel on packed [TT, H, D] tensors: o (input dtype) and, if
-    ``output_final_state``, the final states [N, H, K, V] float32 (else None). Gated when g ([TT, H] log decay) is
-    given, with eta ([TT, H] write steps) and beta holding alpha."""
+    ``output_final_state``, the final states [N, H, K, V] float32 (else None), written into ``final_state`` when
+    given (which may be h0 itself: an in-place step). Gated when g ([TT, H] log decay) is given, with eta ([TT, H]
+    write steps) and beta holding alpha."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     N = cu.numel() - 1
     o = torch.empty_like(v)
-    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    ht = None
+    if output_final_state:
+        ht = final_state if final_state is not None else k.new_empty(N, H, K, V, dtype=torch.float32)
     bv = min(V, 32 if K <= 128 else 16)
     _fused_recurrent_kernel[(N, H, triton.cdiv(V, bv))](q, k, v, beta, g, eta, o, h0, ht, cu, scale, H, K=K, V=V,
                                                         BV=bv, EFLA=efla, GATED=g is not None, HAS_H0=h0 is not None,
