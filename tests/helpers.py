@@ -10,8 +10,10 @@ import torch
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, computed in float64: the project's one error measure."""
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    """||out - ref|| / ||ref||, computed in float64 on out's device (a CPU reference may check GPU output): the
+    project's one error measure."""
+    ref = ref.double().to(out.device)
+    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def random_inputs(B: int, T: int, H: int, K: int, V: int, dtype: torch.dtype = torch.float64, key_scale: float = 1.0,
