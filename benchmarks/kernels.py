@@ -22,6 +22,7 @@ import datetime
 import torch
 import torch.nn.functional as F
 import triton
+from fla_guard import time_fla_gated_backward_anyway
 
 from efla import efla_attention
 
@@ -55,18 +56,6 @@ def inputs(B: int, T: int, H: int, D: int, gated: bool = False):
     beta = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16).sigmoid()
     g = [F.logsigmoid(torch.randn(B, T, H, device="cuda")) / 16] if gated else []
     return [x.requires_grad_() for x in (q, k, v, beta, *g)]
-
-
-def time_fla_gated_backward_anyway() -> None:
-    """fla refuses its gated backward on Hopper with Triton 3.4 to 3.7.0 (a Triton miscompile makes its dk and dg
-    wrong, fla issue 640); the work it does is the same, so for timing only the guard is lifted (its gradients are
-    never compared here). Ours avoids the miscompiled pattern (``efla/ops/triton/wy.py``, ``_decay_matrix_t``)."""
-    import fla.ops.common.chunk_o as chunk_o
-
-    if hasattr(chunk_o, "TRITON_ABOVE_3_7_1") and not chunk_o.TRITON_ABOVE_3_7_1:
-        chunk_o.TRITON_ABOVE_3_7_1 = True
-        print("note: fla's guard on its gated backward (Triton < 3.7.1 on Hopper, fla issue 640) lifted for timing; "
-              "its gradients are not used", flush=True)
 
 
 def implementations(gated: bool = False):

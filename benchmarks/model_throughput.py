@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from fla_guard import time_fla_gated_backward_anyway
 from torch import nn
 
 from efla.models import PRESETS, EFLAForCausalLM, preset_config
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         "activation_checkpointing": args.activation_checkpointing}
     if args.decay_gate:
         overrides["use_decay_gate"] = True
+        if "fla" in args.variants and args.device.startswith("cuda"):
+            time_fla_gated_backward_anyway()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"preset {args.preset}, {where}, torch {torch.__version__}, {datetime.date.today()}; forward+backward of "
