@@ -1,14 +1,21 @@
-"""EFLA vs DeltaNet language-modelling comparison: the same small model in both modes, trained on the same corpus for
-the same tokens with the same seed, each at every learning rate of a small sweep; held-out perplexity of each.
+"""EFLA vs DeltaNet language-modelling comparison over seeds: the same small model in each mode, trained on the same
+corpus for the same tokens, at every learning rate of a small sweep and every seed; held-out perplexity of each run,
+and its mean and spread over seeds.
 
     python scripts/build_corpus.py --out runs/corpus          # once: the Debian documentation corpus
-    python scripts/compare_lm.py --corpus runs/corpus --out runs/compare --gpus 0 1 2 3
+    python scripts/compare_lm.py --corpus runs/corpus --out runs/compare --gpus 0 0 0 --lrs 2e-3 --seeds 0 1 2
+    python scripts/compare_lm.py ... --modes efla delta gated-efla gated-delta     # with the decay-gated modes
 
-Each run is ``efla train`` (the 340M preset's architecture at --hidden-size / --layers / --heads) followed by
-``efla eval ppl`` on the validation and test splits. A one-step run first tokenises the corpus and compiles the kernels,
-so that the runs after it start from those caches; then the runs go in parallel, one per entry of --gpus (repeat an id
-to share a GPU). The best learning rate of each mode is the one with the lowest validation perplexity; its test
-perplexity is the reported number. Writes results.json, table.md and loss_curves.png under --out.
+Modes: "efla" and "delta" (DeltaNet: attn_mode "delta"), and with the decay gate "gated-efla" and "gated-delta"
+(Gated DeltaNet). Each run is ``efla train`` (the 340M preset's architecture at --hidden-size / --layers / --heads;
+compiled on CUDA, its default) followed by ``efla eval ppl`` on the validation and test splits. A one-step run first
+tokenises the corpus and compiles the kernels, so that the runs after it start from those caches; then the runs go in
+parallel, one per entry of --gpus (repeat an id to share a GPU). Runs with the same seed start from the same weights
+and see the same batches. The best learning rate of each mode is the one with the lowest mean validation perplexity
+over seeds; its test perplexity (mean +- std over seeds, and each seed's) is the reported number. Writes
+results.json, table.md and loss_curves.png (mean over seeds, band from the lowest to the highest seed) under --out,
+after every finished run. Each run's record is kept in its folder: running the same command again into the same
+--out reuses finished runs and starts unfinished ones afresh, so an interrupted sweep is finished, never redone.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +31,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from queue import Queue
 
-MODES = ("efla", "delta")
+MODES = {  # model overrides of each mode
+    "efla": {"attn_mode": "efla"},
+    "delta": {"attn_mode": "delta"},
+    "gated-efla": {"attn_mode": "efla", "use_decay_gate": True},
+    "gated-delta": {"attn_mode": "delta", "use_decay_gate": True},
+}
+NAMES = {"efla": "EFLA", "delta": "DeltaNet", "gated-efla": "gated EFLA", "gated-delta": "Gated DeltaNet"}
+COLOURS = {"efla": "tab:blue", "delta": "tab:orange", "gated-efla": "tab:green", "gated-delta": "tab:red"}
+RECORD = "record.json"  # a finished run's results, in its folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,20 +57,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="rows of --seq-len tokens per step")
     p.add_argument("--max-tokens", type=int, default=None, help="training tokens per run (default: one epoch)")
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--modes", nargs="+", default=["efla", "delta"], choices=list(MODES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed of every (mode, lr)")
+    args = p.parse_args(argv)
+    for name in ("modes", "seeds", "lrs"):
+        values = getattr(args, name)
+        if len(set(values)) != len(values):
+            p.error(f"--{name} lists a value twice: {values}")
+    return args
 
 
-def train_command(args: argparse.Namespace, mode: str, lr: float, out_dir: Path, max_steps: int | None) -> list[str]:
+def train_command(args: argparse.Namespace, mode: str, lr: float, seed: int, out_dir: Path, max_steps: int | None,
+                  overwrite: bool = False) -> list[str]:
     overrides = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_heads": args.heads,
-                 "attn_mode": mode}
+                 **MODES[mode]}
     budget = (["--max-steps", str(max_steps)] if max_steps is not None
               else ["--max-tokens", str(args.max_tokens or epoch_tokens(args))])
     return [sys.executable, "-m", "efla", "train", "--model", "340M", "--model-overrides", json.dumps(overrides),
             "--tokenizer", str(args.tokenizer), "--data", str(args.corpus / "train.jsonl"),
             "--cache-dir", str(args.out / "token_cache"), "--seq-len", str(args.seq_len),
             "--micro-batch-size", str(args.batch), *budget, "--lr", str(lr), "--warmup-steps", str(args.warmup_steps),
-            "--seed", str(args.seed), "--out-dir", str(out_dir), "--save-every", "100000", "--log-every", "5"]
+            "--seed", str(seed), "--out-dir", str(out_dir), "--save-every", "100000", "--log-every", "5",
+            *(["--overwrite"] if overwrite else [])]
 
 
 def epoch_tokens(args: argparse.Namespace) -> int:
@@ -82,15 +106,24 @@ def run_logged(command: list[str], log: Path, gpu: str, slots: int) -> None:
             raise RuntimeError(f"{' '.join(command[2:5])} failed; its output is in {log}")
 
 
-def one_run(args: argparse.Namespace, mode: str, lr: float, gpus: Queue) -> dict:
-    """Train and evaluate one (mode, lr); returns its record for results.json."""
+def run_name(mode: str, lr: float, seed: int) -> str:
+    return f"{mode}_lr{lr:g}_seed{seed}"
+
+
+def one_run(args: argparse.Namespace, mode: str, lr: float, seed: int, gpus: Queue) -> dict:
+    """Train and evaluate one (mode, lr, seed), or reuse its record from an earlier sweep into the same --out."""
+    run_dir = args.out / run_name(mode, lr, seed)
+    record_file = run_dir / RECORD
+    if record_file.is_file():
+        print(f"{run_name(mode, lr, seed)}: finished earlier, reusing {record_file}", flush=True)
+        return json.loads(record_file.read_text())
+    unfinished = run_dir.exists()  # an interrupted run (no checkpoints are saved): started afresh
     gpu = gpus.get()
     try:
-        run_dir = args.out / f"{mode}_lr{lr:g}"
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "log.txt"
         start = time.time()
-        run_logged(train_command(args, mode, lr, run_dir, None), log, gpu, len(args.gpus))
+        run_logged(train_command(args, mode, lr, seed, run_dir, None, overwrite=unfinished), log, gpu, len(args.gpus))
         seconds = time.time() - start
         ppl = {}
         for split in ("validation", "test"):
@@ -101,46 +134,89 @@ def one_run(args: argparse.Namespace, mode: str, lr: float, gpus: Queue) -> dict
     finally:
         gpus.put(gpu)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"{mode} lr {lr:g}: validation ppl {ppl['validation']['perplexity']:.2f}, "
+    print(f"{run_name(mode, lr, seed)}: validation ppl {ppl['validation']['perplexity']:.2f}, "
           f"test ppl {ppl['test']['perplexity']:.2f}, {seconds:.0f} s", flush=True)
-    return {"mode": mode, "lr": lr, "seconds": seconds, "validation": ppl["validation"], "test": ppl["test"],
-            "curve": [(m["step"], m["loss"]) for m in metrics]}
+    record = {"mode": mode, "lr": lr, "seed": seed, "seconds": seconds, "validation": ppl["validation"],
+              "test": ppl["test"], "curve": [(m["step"], m["loss"]) for m in metrics if "loss" in m]}
+    record_file.write_text(json.dumps(record))
+    return record
+
+
+def _spread(values: list[float]) -> dict:
+    """mean, std (sample; 0 for one value), min, max and the values themselves."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "values": values}
+
+
+def summarize(runs: list[dict]) -> tuple[list[dict], dict[str, dict]]:
+    """Per (mode, lr): the seeds and the spread of validation / test perplexity and test bits per byte; and per mode
+    the (mode, lr) entry with the lowest mean validation perplexity."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in sorted(runs, key=lambda r: (r["mode"], r["lr"], r["seed"])):
+        groups.setdefault((r["mode"], r["lr"]), []).append(r)
+    summary = [{"mode": mode, "lr": lr, "seeds": [r["seed"] for r in group],
+                "validation_ppl": _spread([r["validation"]["perplexity"] for r in group]),
+                "test_ppl": _spread([r["test"]["perplexity"] for r in group]),
+                "test_bits_per_byte": _spread([r["test"].get("bits_per_byte", float("nan")) for r in group]),
+                "seconds": statistics.fmean(r["seconds"] for r in group)}
+               for (mode, lr), group in groups.items()]
+    best = {}
+    for entry in summary:
+        held = best.get(entry["mode"])
+        if held is None or entry["validation_ppl"]["mean"] < held["validation_ppl"]["mean"]:
+            best[entry["mode"]] = entry
+    return summary, best
 
 
 def write_report(args: argparse.Namespace, runs: list[dict]) -> None:
     """results.json, table.md and loss_curves.png of the runs finished so far."""
-    best = {mode: min((r for r in runs if r["mode"] == mode), key=lambda r: r["validation"]["perplexity"])
-            for mode in MODES if any(r["mode"] == mode for r in runs)}
+    summary, best = summarize(runs)
     (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                                       "runs": runs, "best": best}, indent=1))
-    lines = ["| mode | lr | validation ppl | test ppl | test bits/byte | train s |", "|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["mode"], r["lr"])):
-        mark = " (best)" if r is best.get(r["mode"]) else ""
-        lines.append(f"| {r['mode']} | {r['lr']:g}{mark} | {r['validation']['perplexity']:.2f} | "
-                     f"{r['test']['perplexity']:.2f} | {r['test'].get('bits_per_byte', float('nan')):.4f} | "
-                     f"{r['seconds']:.0f} |")
+                                                       "runs": runs, "summary": summary, "best": best}, indent=1))
+    lines = ["| mode | lr | seeds | validation ppl | test ppl | test bits/byte | test ppl per seed | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        mark = " (best)" if e is best[e["mode"]] else ""
+        per_seed = ", ".join(f"{s}: {v:.2f}" for s, v in zip(e["seeds"], e["test_ppl"]["values"], strict=True))
+        lines.append(f"| {e['mode']} | {e['lr']:g}{mark} | {len(e['seeds'])} | {_pm(e['validation_ppl'])} | "
+                     f"{_pm(e['test_ppl'])} | {_pm(e['test_bits_per_byte'], 4)} | {per_seed} | {e['seconds']:.0f} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    plot_curves(runs, best, args.out / "loss_curves.png")
 
+
+def _pm(spread: dict, digits: int = 2) -> str:
+    return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}"
+
+
+def plot_curves(runs: list[dict], best: dict[str, dict], path: Path) -> None:
+    """Training loss per (mode, lr): the mean over seeds, a band from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"efla": "tab:blue", "delta": "tab:orange"}
+    groups: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
-        steps, losses = zip(*r["curve"], strict=True)
-        is_best = r is best.get(r["mode"])
-        name = "EFLA" if r["mode"] == "efla" else "DeltaNet"
-        ax.plot(steps, losses, color=colours[r["mode"]], lw=1.8 if is_best else 0.7, alpha=1.0 if is_best else 0.45,
-                label=f"{name} lr {r['lr']:g}" + (" (best)" if is_best else ""))
+        groups.setdefault((r["mode"], r["lr"]), []).append(r)
+    for (mode, lr), group in sorted(groups.items()):
+        steps = sorted(set.intersection(*(set(step for step, _ in r["curve"]) for r in group)))
+        per_seed = [dict(r["curve"]) for r in group]
+        losses = [[curve[step] for curve in per_seed] for step in steps]
+        is_best = lr == best[mode]["lr"]
+        label = f"{NAMES[mode]} lr {lr:g}" + (" (best)" if is_best else "") + f", {len(group)} seeds"
+        ax.plot(steps, [statistics.fmean(x) for x in losses], color=COLOURS[mode], lw=1.8 if is_best else 0.7,
+                alpha=1.0 if is_best else 0.45, label=label)
+        if len(group) > 1:
+            ax.fill_between(steps, [min(x) for x in losses], [max(x) for x in losses], color=COLOURS[mode],
+                            alpha=0.2 if is_best else 0.08, lw=0)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "loss_curves.png", dpi=130)
+    fig.savefig(path, dpi=130)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,16 +227,16 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"--corpus {args.corpus} has no {split}.jsonl; run scripts/build_corpus.py")
     args.out.mkdir(parents=True, exist_ok=True)
     warm = args.out / "warmup"
-    run_logged(train_command(args, "efla", args.lrs[0], warm, max_steps=1), args.out / "warmup.log", args.gpus[0], 1)
-    print(f"corpus: {epoch_tokens(args):,} training tokens; {len(args.lrs) * len(MODES)} runs on GPUs {args.gpus}",
-          flush=True)
+    run_logged(train_command(args, args.modes[0], args.lrs[0], args.seeds[0], warm, max_steps=1,
+                             overwrite=warm.exists()), args.out / "warmup.log", args.gpus[0], 1)
+    jobs = [(mode, lr, seed) for seed in args.seeds for lr in args.lrs for mode in args.modes]
+    print(f"corpus: {epoch_tokens(args):,} training tokens; {len(jobs)} runs on GPUs {args.gpus}", flush=True)
     gpus: Queue = Queue()
     for gpu in args.gpus:
         gpus.put(gpu)
-    jobs = [(mode, lr) for lr in args.lrs for mode in MODES]
     runs = []
     with ThreadPoolExecutor(len(args.gpus)) as pool:
-        for future in as_completed([pool.submit(one_run, args, mode, lr, gpus) for mode, lr in jobs]):
+        for future in as_completed([pool.submit(one_run, args, *job, gpus) for job in jobs]):
             runs.append(future.result())
             write_report(args, runs)  # after every run, so an interrupted sweep still leaves its finished runs
     print((args.out / "table.md").read_text())

@@ -1,15 +1,18 @@
-"""scripts/compare_lm.py end to end at toy size: both modes trained, evaluated and reported."""
+"""scripts/compare_lm.py end to end at toy size: both modes over two seeds trained, evaluated and reported with their
+spread; a second call into the same folder reuses the finished runs."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
 
-def test_compare_lm_reports_both_modes(corpus, tokenizer_dir, load_script, tmp_path):
+def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, tokenizer_dir, load_script, tmp_path,
+                                                                     capsys):
     lines = (corpus / "docstrings.jsonl").read_text().splitlines()
     data = tmp_path / "corpus"
     data.mkdir()
@@ -17,16 +20,30 @@ def test_compare_lm_reports_both_modes(corpus, tokenizer_dir, load_script, tmp_p
         (data / f"{name}.jsonl").write_text("\n".join(part) + "\n")
     out = tmp_path / "compare"
     compare_lm = load_script("scripts/compare_lm.py")
-    compare_lm.main(["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
-                     "--lrs", "3e-3", "--hidden-size", "32", "--layers", "1", "--heads", "1", "--seq-len", "32",
-                     "--batch", "4", "--max-tokens", "512", "--warmup-steps", "1"])
+    argv = ["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
+            "--lrs", "3e-3", "--seeds", "0", "1", "--hidden-size", "32", "--layers", "1", "--heads", "1",
+            "--seq-len", "32", "--batch", "4", "--max-tokens", "512", "--warmup-steps", "1"]
+    compare_lm.main(argv)
     results = json.loads((out / "results.json").read_text())
-    assert {r["mode"] for r in results["runs"]} == {"efla", "delta"}
+    assert sorted((r["mode"], r["seed"]) for r in results["runs"]) == [("delta", 0), ("delta", 1), ("efla", 0),
+                                                                       ("efla", 1)]
     for run in results["runs"]:
         assert run["curve"], run["mode"]
         for split in ("validation", "test"):
             assert 1.0 < run[split]["perplexity"] < 1e4, (run["mode"], split, run[split])
+    efla_runs = [r for r in results["runs"] if r["mode"] == "efla"]
+    assert efla_runs[0]["curve"] != efla_runs[1]["curve"]  # the seeds differ
+    for entry in results["summary"]:
+        tests = [r["test"]["perplexity"] for r in results["runs"] if r["mode"] == entry["mode"]]
+        assert entry["seeds"] == [0, 1]
+        assert entry["test_ppl"]["mean"] == pytest.approx(statistics.fmean(tests))
+        assert entry["test_ppl"]["std"] == pytest.approx(statistics.stdev(tests))
     assert set(results["best"]) == {"efla", "delta"}
     table = (out / "table.md").read_text()
-    assert "| efla | 0.003 (best) |" in table and "| delta | 0.003 (best) |" in table
+    assert "| efla | 0.003 (best) | 2 |" in table and "| delta | 0.003 (best) | 2 |" in table
     assert (out / "loss_curves.png").stat().st_size > 10_000
+
+    capsys.readouterr()
+    compare_lm.main(argv)  # again into the same folder: nothing is trained or lost
+    assert capsys.readouterr().out.count("finished earlier, reusing") == 4
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
