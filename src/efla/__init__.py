@@ -8,10 +8,10 @@ use of ``efla.EFLAConfig`` / ``efla.EFLAModel`` / ``efla.EFLAForCausalLM`` or ``
 import importlib.util
 
 from efla import hf_registration
-from efla.ops import alpha_from_beta, efla_attention
+from efla.ops import alpha_from_beta, efla_attention, efla_final_state
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "alpha_from_beta", "efla_attention"]
+__all__ = ["__version__", "alpha_from_beta", "efla_attention", "efla_final_state"]
 
 _MODEL_NAMES = ("EFLAConfig", "EFLAForCausalLM", "EFLAModel")
 if importlib.util.find_spec("transformers") is not None:
