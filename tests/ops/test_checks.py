@@ -98,6 +98,18 @@ def test_triton_backend_rejects_other_chunk_sizes():
         efla_attention(*(x.to(device) for x in inputs(K=16, V=16)), backend="triton", chunk_size=32)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (auto picks Triton only there)")
+def test_auto_backend_runs_triton_chunks_whatever_chunk_size_says():
+    """A model configured with small chunks for the CPU runs on a GPU: "auto" gives Triton its own chunk."""
+    pytest.importorskip("triton")
+    args = [x.cuda() for x in inputs(T=70, K=16, V=16)]
+    o_auto, s_auto = efla_attention(*args, backend="auto", chunk_size=4, output_final_state=True)
+    o_triton, s_triton = efla_attention(*args, backend="triton", output_final_state=True)
+    torch.testing.assert_close(o_auto, o_triton, rtol=0, atol=0)
+    torch.testing.assert_close(s_auto, s_triton, rtol=0, atol=0)
+
+
 def test_fla_keywords_have_their_meaning():
     """use_qk_l2norm_in_kernel normalises q and k first; cu_seqlens_cpu only says where to read the lengths."""
     q, k, v, beta = inputs(B=1, T=9)

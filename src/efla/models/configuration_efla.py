@@ -29,7 +29,8 @@ class EFLAConfig(PretrainedConfig):
         rms_norm_eps, initializer_range, tie_word_embeddings, use_cache, pad/bos/eos_token_id: the usual.
         max_position_embeddings: training context length, read by evaluation tools; the model itself has no
             position embeddings and no length limit.
-        attn_backend, chunk_size: passed to ``efla_attention`` ("auto": Triton on CUDA, torch otherwise).
+        attn_backend, chunk_size: passed to ``efla_attention`` ("auto": Triton on CUDA, torch otherwise; chunk_size
+            is the torch backend's, the Triton kernels always run 64-token chunks).
         activation_checkpointing: what training keeps for the backward. The RMSNorms, the gated output norm,
             SwiGLU and the q/k L2 norm always keep only their inputs (``efla.ops.elementwise``). "none": every other
             intermediate autograd needs; "selective": the convolution + SiLU + q/k L2 normalisation and the beta

@@ -63,8 +63,8 @@ def efla_attention(
             float16/bfloat16/float32 inputs when installed, else torch). Triton runs float32 with exact ("ieee")
             dot products unless torch.backends.cuda.matmul.allow_tf32 is set, and inference (no gradients) on
             sequences of at most 64 tokens with a fused recurrent kernel.
-        chunk_size: tokens per chunk for the torch backend (fla takes 16/32/64); the Triton kernels use 64 and
-            reject other values.
+        chunk_size: tokens per chunk for the torch backend (fla takes 16/32/64); backend="triton" runs 64 and
+            rejects other values, and where "auto" picks Triton it runs 64 whatever chunk_size says.
         check_beta: check beta >= 0 and not NaN (and finite in mode "delta"), and g <= 0. On the CPU a ValueError
             says which; on a GPU the check is a device-side assert, so it never waits for the GPU (an invalid value
             stops the process with "device-side assert triggered"; call ``efla.ops.checks.check_values(beta, mode)``
@@ -91,9 +91,7 @@ def efla_attention(
         q, k = (F.normalize(x.float(), dim=-1, eps=1e-6).to(x.dtype) for x in (q, k))
     if q.shape[1] == 0:
         return _empty(q, v, initial_state, output_final_state, cu_seqlens)
-    if backend == "auto":
-        gpu = q.is_cuda and q.dtype != torch.float64 and _triton_installed()
-        backend = "triton" if gpu else "torch"
+    backend, chunk_size = _resolve_auto(backend, chunk_size, q)
     lengths_from = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
     if g is None:
         return _BACKENDS[backend]()(q, k, v, beta, float(scale), initial_state, output_final_state, cu_seqlens, mode,
@@ -128,8 +126,7 @@ def efla_final_state(
         assert_values(beta, mode, g)
     if k.shape[1] == 0:
         return _empty(k, v, initial_state, True, cu_seqlens)[1]
-    if backend == "auto":
-        backend = "triton" if k.is_cuda and k.dtype != torch.float64 and _triton_installed() else "torch"
+    backend, chunk_size = _resolve_auto(backend, chunk_size, k)
     if backend != "torch":
         return efla_attention(k, k, v, beta, initial_state=initial_state, output_final_state=True,
                               cu_seqlens=cu_seqlens, mode=mode, backend=backend, chunk_size=chunk_size,
@@ -153,6 +150,19 @@ def _empty(q, v, initial_state, output_final_state, cu_seqlens):
     if initial_state is None:
         return o, q.new_zeros(N, H, K, v.shape[-1], dtype=dtype)
     return o, initial_state.to(dtype)
+
+
+def _resolve_auto(backend: str, chunk_size: int, x: torch.Tensor) -> tuple[str, int]:
+    """backend="auto": Triton for CUDA float16/bfloat16/float32 inputs when installed, else torch. chunk_size is the
+    torch backend's setting; where "auto" picks Triton, its fixed chunk replaces it (a model configured with small
+    chunks for the CPU runs unchanged on a GPU). An explicit backend keeps both as given."""
+    if backend != "auto":
+        return backend, chunk_size
+    if x.is_cuda and x.dtype != torch.float64 and _triton_installed():
+        from efla.ops.triton.wy import CHUNK
+
+        return "triton", CHUNK
+    return "torch", chunk_size
 
 
 def _triton_installed() -> bool:
