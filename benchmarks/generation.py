@@ -16,7 +16,9 @@ MLP width: 373,867,520 parameters against EFLA 340M's 374,362,112; counts are pr
     python benchmarks/generation.py --models "efla graph" "efla graph compiled" --out generation.jsonl
     python benchmarks/generation.py --profile-step --batch-sizes 1       # the kernels of one decode step, by name
 
-Per (model, batch, prompt) the prompt is random tokens without padding; greedy decoding, no eos. With t(n) the median
+Every model is built first; then for each batch size and prompt length, in the order given, every model is measured
+in turn, so a run cut short keeps side-by-side rows of the shapes it reached. Per (model, batch, prompt) the prompt is
+random tokens without padding; greedy decoding, no eos. With t(n) the median
 wall time of a generate call producing n tokens (after one untimed warm-up call: kernel compilation, graph capture),
 ms per generated token = (t(1 + N) - t(1)) / N, i.e. the decode steps alone; the prefill time t(1) is shown too.
 Each row is printed and, with --out, appended to that file as one JSON line as soon as it is measured, so a run cut
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for batch in args.batch_sizes:
             profile_step(model, batch, config.vocab_size, device)
         return []
-    rows, failures = [], []
+    runners = {}  # every model is built first, so that each (batch, prompt) is measured for all of them in turn
     for name in args.models:
         reason = unavailable(name, device)
         if reason is not None:
@@ -199,10 +201,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.manual_seed(0)
         model, generator_of = build(name, config)
         model = model.to(device=device, dtype=dtype).eval()
-        run = generator_of(model)
-        params = model.num_parameters()
-        for batch in args.batch_sizes:
-            for prompt in args.prompt_lens:
+        runners[name] = (generator_of(model), model.num_parameters())
+    rows, failures = [], []
+    for batch in args.batch_sizes:  # outer: a run cut short still holds side-by-side rows of its first shapes
+        for prompt in args.prompt_lens:
+            for name, (run, params) in runners.items():
                 try:
                     ms, prefill = measure(run, batch, prompt, config.vocab_size, args, device)
                 except Exception as error:  # one model failing must not lose the other models' rows
@@ -220,10 +223,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.out is not None:
                     with args.out.open("a") as file:
                         file.write(json.dumps(row) + "\n")
-        del model, run
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(f"\n{'model':<20} {'params':>13} {'batch':>6} {'prompt':>7} {'ms/token':>9} {'tokens/s':>10} "
           f"{'prefill ms':>11}")
     for r in rows:
