@@ -79,20 +79,30 @@ def test_cosine_schedule_decays_each_rate_to_zero_over_the_run():
     assert all(cosine(s) > cosine(s + 1) for s in range(200)) and constant(0) == constant(199) == 1.0
 
 
-def test_loss_flatness_compares_the_last_tenth_of_steps_with_the_tenth_before():
+def test_loss_flatness_is_the_last_tenths_share_of_the_whole_fall():
     rng = np.random.default_rng(0)
-    settled = [list(0.5 + 0.01 * rng.standard_normal(100)) for _ in range(3)]
+    steps = np.arange(100)
+    settled = [list(0.2 + 2.0 * np.exp(-steps / 10) + 0.01 * rng.standard_normal(100)) for _ in range(3)]
     flatness = loss_flatness(settled)
-    assert flatness["window"] == 10 and flatness["flat"] and abs(flatness["relative_drop"]) < FLAT_TOLERANCE
+    assert flatness["window"] == 10 and flatness["flat"] and abs(flatness["share_of_fall"]) < FLAT_TOLERANCE
+    # past its knee near a low loss: the last tenth still takes 14 % off the loss, but only 1.4 % of the whole fall
+    flatness = loss_flatness([list(0.1 + 2.2 * np.exp(-steps / 25))])
+    assert flatness["flat"] and 0.01 < flatness["share_of_fall"] < 0.02 and flatness["relative_drop"] > 0.1
+
     still_falling = [list(np.linspace(2.0, 0.2, 100))]
     flatness = loss_flatness(still_falling)
 
     def loss_at(step: float) -> float:
         return 2.0 - 1.8 * step / 99
 
-    before, last = loss_at(84.5), loss_at(94.5)  # the two windows' means: steps 80..89 and 90..99
+    first, before, last = loss_at(4.5), loss_at(84.5), loss_at(94.5)  # window means: steps 0..9, 80..89, 90..99
     assert not flatness["flat"]
+    np.testing.assert_allclose(flatness["share_of_fall"], (before - last) / (first - last), rtol=1e-12)
     np.testing.assert_allclose(flatness["relative_drop"], (before - last) / before, rtol=1e-12)
+
+    never_fell = [list(2.3 + 0.01 * rng.standard_normal(100))]  # a run that learned nothing is not past its knee
+    flatness = loss_flatness(never_fell)
+    assert not flatness["flat"] and (flatness["share_of_fall"] is None or abs(flatness["share_of_fall"]) > 0.02)
     assert loss_flatness([]) is None and loss_flatness([[1.0]]) is None
 
 
