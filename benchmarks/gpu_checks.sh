@@ -12,6 +12,9 @@
 #   kernels     benchmarks/kernels.py at the three low-parallelism shapes, per-kernel profile of the first
 #   gated       benchmarks/kernels.py --gated: gated EFLA / Gated DeltaNet vs fla's chunk_gated_delta_rule, and
 #               model_throughput.py --decay-gate at 8x2048 beside fla's Gated DeltaNet model (not a default stage)
+# On a machine with no network, carry fla's wheels (and transformers' if older there) and install them with
+#   python3 -m pip install --no-index --no-deps --target DIR WHEELS... && export PYTHONPATH=DIR:$PWD/src
+# without --no-index --no-deps pip tries to resolve dependencies over the network and can wait for minutes.
 # Each step has a time limit (seconds: TESTS_S, THROUGHPUT_S, GENERATION_S, KERNELS_S, GATED_S); logs and JSON lines
 # go to OUT_DIR, a summary to stdout. A stage that fails or runs out of time says so and the next one still runs.
 set -u
