@@ -49,8 +49,8 @@ def chunk_fwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Chunkwise recurrence over equal-length sequences (same contract as ``recurrent_fwd``).
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; alpha: [B, T, H]; initial_state: [B, H, K, V] or None;
-    g: [B, T, H] log decay or None; eta: [B, T, H] write step, or None for alpha.
+    q, k: [B, T, H, K] (q unread without ``need_output``); v: [B, T, H, V]; alpha: [B, T, H]; initial_state:
+    [B, H, K, V] or None; g: [B, T, H] log decay or None; eta: [B, T, H] write step, or None for alpha.
     Returns o: [B, T, H, V] (None when not ``need_output``: only the state recursion runs, which skips the Q K^T and
     output products, about 40 % of the forward's) and the final state [B, H, K, V] in the compute dtype (alpha's).
     """
@@ -67,7 +67,8 @@ def chunk_fwd(
     def per_token(x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, H, n, C, 1]
         return F.pad(x.to(dtype), (0, 0, 0, pad)).view(B, n, C, H).permute(0, 3, 1, 2).unsqueeze(-1)
 
-    q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)
+    q = to_chunks(q) if need_output else None  # a state-only call never reads q
+    k, v = to_chunks(k), to_chunks(v)
     a = per_token(alpha)
     if g is None:
         if eta is not None:
@@ -90,11 +91,9 @@ def _ungated(q, k, v, a, scale, initial_state, T, need_output):
     # only the state recursion runs chunk by chunk; unbinding once avoids autograd writing a full-size zero gradient
     # for every indexed chunk
     for k_i, v_i, a_i, t_i in zip(*(x.unbind(2) for x in (k, v, a, transform)), strict=True):
-        if need_output:
-            states.append(state)
+        states.append(state)
         u = t_i @ (a_i * (v_i - k_i @ state))
-        if need_output:
-            pseudo_values.append(u)
+        pseudo_values.append(u)
         state = state + k_i.transpose(-1, -2) @ u
     if not need_output:
         return None, state
@@ -122,11 +121,9 @@ def _gated(q, k, v, a, e, g, scale, initial_state, T, need_output):
     states, pseudo_values = [], []
     chunks = (x.unbind(2) for x in (k, e * v, a * from_start, to_end, from_start[..., -1:, :], transform))
     for k_i, write_i, erase_i, to_end_i, total_i, t_i in zip(*chunks, strict=True):
-        if need_output:
-            states.append(state)
+        states.append(state)
         u = t_i @ (write_i - erase_i * (k_i @ state))
-        if need_output:
-            pseudo_values.append(u)
+        pseudo_values.append(u)
         state = total_i * state + k_i.transpose(-1, -2) @ (to_end_i * u)
     if not need_output:
         return None, state

@@ -80,11 +80,8 @@ def efla_attention(
         o: [B, T, H, V] in v's dtype, and the final state [N, H, K, V] (float32, float64 for float64 inputs) when
         output_final_state is True, else None. Differentiable in q, k, v, beta, g and initial_state.
     """
-    check_inputs(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, scale, cu_seqlens_cpu)
-    if g is not None:
-        check_decay(g, beta)
-    if check_beta:
-        assert_values(beta, mode, g)
+    _check_call(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, scale, cu_seqlens_cpu, check_beta,
+                g)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if use_qk_l2norm_in_kernel:
@@ -119,11 +116,7 @@ def efla_final_state(
     runs only the state recursion, skipping the Q K^T and output products (about 40 % of the chunkwise forward's
     work); the other backends compute the outputs and drop them. Arguments as in ``efla_attention``; differentiable
     in k, v, beta, g and initial_state."""
-    check_inputs(k, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, None, None)
-    if g is not None:
-        check_decay(g, beta)
-    if check_beta:
-        assert_values(beta, mode, g)
+    _check_call(k, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, None, None, check_beta, g)
     if k.shape[1] == 0:
         return _empty(k, v, initial_state, True, cu_seqlens)[1]
     backend, chunk_size = _resolve_auto(backend, chunk_size, k)
@@ -137,6 +130,16 @@ def efla_final_state(
         return run(k, k, v, beta, 1.0, initial_state, True, cu_seqlens, mode, chunk_size, cu_seqlens)[1]
     run = _gated_reference_backend(state_only)
     return run(k, k, v, beta, g, 1.0, initial_state, True, cu_seqlens, mode, chunk_size, cu_seqlens)[1]
+
+
+def _check_call(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, scale, cu_seqlens_cpu,
+                check_beta, g) -> None:
+    """The argument checks of both entry points: shapes and settings, the decay gate, and (check_beta) the values."""
+    check_inputs(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, scale, cu_seqlens_cpu)
+    if g is not None:
+        check_decay(g, beta)
+    if check_beta:
+        assert_values(beta, mode, g)
 
 
 def _empty(q, v, initial_state, output_final_state, cu_seqlens):

@@ -34,7 +34,7 @@ def loss_flatness(curves: list[list[float]]) -> dict | None:
 def _flatness_cell(flatness: dict | None) -> str:
     if flatness is None:
         return "–"
-    if flatness.get("share_of_fall") is None:  # never fell (or a results.json written before the share existed)
+    if flatness["share_of_fall"] is None:  # the loss never fell
         return f"NO (loss {100 * -flatness['relative_drop']:+.1f} %, no fall over the run)"
     return (f"{'yes' if flatness['flat'] else 'NO'} ({100 * flatness['share_of_fall']:.1f} % of the fall; loss "
             f"{100 * -flatness['relative_drop']:+.1f} %)")
