@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 USAGE_ERROR = 2  # argparse's exit code for a bad command line
+INTERRUPTED = 128 + 2  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class CommandError(Exception):
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         action = getattr(args, "action", None)
         print(f"{sub.prog}{' ' + action if action else ''}: error: {error}", file=sys.stderr)
         raise SystemExit(error.code) from None
+    except KeyboardInterrupt:  # Ctrl-C: one line and 128 + SIGINT, not a traceback (efla train stops on its own)
+        out = getattr(args, "out", None)
+        kept = f"; what finished before it is kept in {out}" if out is not None else ""
+        print(f"{sub.prog}: interrupted{kept}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 if __name__ == "__main__":

@@ -249,3 +249,26 @@ def test_a_crash_keeps_the_runs_finished_before_it(tmp_path, monkeypatch):
     assert results["status"] == "running"
     assert results["methods"]["efla"]["seeds"] == [0] and results["methods"]["delta"]["seeds"] == []
     assert (out / "table.md").read_text().count("1 finished") == 1
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    """A study interrupted after its first run: exit 130, one line naming the folder, that run's results kept."""
+    finished = {"runs": 0}
+    original = smnist_train.train_classifier
+
+    def train_then_interrupt(*args, **kwargs):
+        if finished["runs"] == 1:
+            raise KeyboardInterrupt
+        finished["runs"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(smnist_train, "train_classifier", train_then_interrupt)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as stop:
+        main(["smnist", "--steps", "2", "--seeds", "1", "--train-size", "128", "--test-size", "10", "--quiet",
+              "--out", str(out)])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"efla smnist: interrupted; what finished before it is kept in {out}"
+    results = json.loads((out / "results.json").read_text())
+    assert [len(e["seeds"]) for e in results["methods"].values()] == [1, 0]
