@@ -56,14 +56,8 @@ def test_recurrent_step_advances_the_state_in_place(mode, gated):
                                       g=None if g is None else g.double())
     buffer = state.to(DEVICE)
     args = [x[:, 0].to(DEVICE) for x in (q, k, v)]
-    if gated:
-        from efla.ops.alpha import gated_step_sizes
-
-        alpha, eta = gated_step_sizes(k, beta, g, mode)
-        o = recurrent_step_op(*args, alpha[:, 0].to(DEVICE), buffer, K ** -0.5, False, g[:, 0].to(DEVICE),
-                              eta[:, 0].to(DEVICE))
-    else:
-        o = recurrent_step_op(*args, beta[:, 0].to(DEVICE), buffer, K ** -0.5, mode == "efla")
+    o = recurrent_step_op(*args, beta[:, 0].to(DEVICE), buffer, K ** -0.5, mode == "efla",
+                          None if g is None else g[:, 0].to(DEVICE))
     assert rel_err(o, o_ref[:, 0]) < 1e-5 and rel_err(buffer, state_ref) < 1e-5
 
 

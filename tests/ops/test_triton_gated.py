@@ -88,6 +88,20 @@ def test_gated_reset_tokens_keep_float32_accuracy():
     _check(torch.float32, inputs, "efla", tol=1e-5)
 
 
+def test_gated_tf32_decays_stay_within_tf32_accuracy():
+    """With tf32 chosen (16-bit inputs run the same way) the decays are differences of running sums, cheaper than the
+    direct sums: the reset tokens above then cost about 1e-4 relative, far below tf32 products' 1e-3 and bf16's 4e-3."""
+    inputs = _inputs(1, 130, 2, 16, 16, "efla", 1, seed=35, decay=0.05)
+    reset = torch.rand(inputs[4].shape, generator=torch.Generator().manual_seed(36)) < 0.3
+    inputs[4] = torch.where(reset.to(DEVICE), -300.0, inputs[4])
+    before = torch.backends.cuda.matmul.allow_tf32  # a module attribute pytest's monkeypatch cannot restore
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check(torch.float32, inputs, "efla", tol=5e-3)  # on a GPU the tf32 products dominate (about 1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_gated_wide_keys_float32_matches_float64():
     """float32 K = 256 forms dX_K X_K^T per V block in the gradient kernel (the gated scales on both sides)."""
     _check(torch.float32, _inputs(1, 70, 1, 256, 16, "efla", 1, seed=22, decay=1.0), "efla", tol=1e-5)

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from efla.layers.conv import short_conv, short_conv_state
 from efla.ops import efla_attention
-from efla.ops.alpha import gated_step_sizes
 from efla.ops.elementwise import l2_normalize
 
 if TYPE_CHECKING:
@@ -61,13 +60,7 @@ def decode_in_place(layer: EFLAttention, x: torch.Tensor, conv_state: torch.Tens
         from efla.ops.triton.decode_step import recurrent_step_op
 
         scale, efla = layer.head_dim ** -0.5, layer.mode == "efla"
-        if g is None:
-            o = recurrent_step_op(q, k, v, beta, recurrent_state, scale, efla)
-        else:
-            alpha, eta = gated_step_sizes(k[:, None], beta[:, None], g[:, None], layer.mode)
-            o = recurrent_step_op(q, k, v, alpha[:, 0].float(), recurrent_state, scale, False, g.float(),
-                                  eta[:, 0].float())
-        o = o[:, None]
+        o = recurrent_step_op(q, k, v, beta, recurrent_state, scale, efla, None if g is None else g.float())[:, None]
     else:
         o = _reference_step(layer, x, g, conv_state, recurrent_state)
     return layer.output(o, x)

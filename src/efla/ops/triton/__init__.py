@@ -19,7 +19,6 @@ import os
 
 import torch
 
-from efla.ops.alpha import gated_step_sizes
 from efla.ops.triton import launch
 from efla.ops.triton.op import chunk_forward, fused_recurrent_forward
 from efla.ops.triton.wy import CHUNK
@@ -75,19 +74,17 @@ def triton_gated_efla(q, k, v, beta, g, scale, initial_state, output_final_state
                       lengths_from):
     """``efla_attention``'s Triton backend with the decay gate g [B, T, H] (gated EFLA, or Gated DeltaNet).
 
-    alpha and eta are computed here in PyTorch (``gated_step_sizes``: one elementwise pass over k, whose autograd
-    takes their gradients on to beta, ||k||^2 and g exactly) and the kernels read them with EFLA off; the decay itself
-    is folded into the chunk kernels (``wy.py``, ``chunk_fwd.py``, ``chunk_bwd.py``) and the fused recurrent kernel.
+    The kernels form alpha and the write step eta from beta, ||k||^2 and g, and take their gradients on to all three
+    (``wy.py``); the decay itself is folded into the chunk kernels (``wy.py``, ``chunk_fwd.py``, ``chunk_bwd.py``)
+    and the fused recurrent kernel.
     """
     B, T, H = q.shape[:3]
-    alpha, eta = gated_step_sizes(k, beta, g, mode)
-    alpha, eta, g = (x.float().reshape(B * T, H).contiguous() for x in (alpha, eta, g))
-    return _run(q, k, v, alpha, scale, initial_state, output_final_state, cu_seqlens, False, chunk_size,
-                lengths_from, g=g, eta=eta)
+    return _run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode == "efla", chunk_size,
+                lengths_from, g=g.float().reshape(B * T, H).contiguous())
 
 
 def _run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, efla, chunk_size, lengths_from,
-         g=None, eta=None):
+         g=None):
     _check(q, v, chunk_size)
     B, T, H = q.shape[:3]
     V = v.shape[-1]
@@ -95,10 +92,10 @@ def _run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, ef
     beta = beta.reshape(B * T, H).contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
     cu_cpu = lengths_from if lengths_from is not None and lengths_from is not cu_seqlens else None
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, h0, g, eta))
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, h0, g))
     if not needs_grad and T <= RECURRENT_MAX_T:
-        o, ht = fused_recurrent_forward(q, k, v, beta, h0, cu_seqlens, B, scale, efla, output_final_state, g, eta)
+        o, ht = fused_recurrent_forward(q, k, v, beta, h0, cu_seqlens, B, scale, efla, output_final_state, g)
     else:
         o, ht, _ = chunk_forward(q, k, v, beta, h0, cu_seqlens, cu_cpu, B, scale, efla, output_final_state,
-                                 launch.SAVE_T and needs_grad, _precision(q.dtype), g, eta)
+                                 launch.SAVE_T and needs_grad, _precision(q.dtype), g)
     return o.view(B, T, H, V), (ht if output_final_state else None)

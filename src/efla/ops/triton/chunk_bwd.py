@@ -24,7 +24,8 @@ is scaled by c, dL = -(dX_K X_K^T + dX_V X_V^T) T^T, de = rowsum(dX_V * V), and 
     dG_C = exp(G_C) <dS', S> + sum_t c_t rowsum(K * u dS'^T)_t
 
 and dg_j = sum_{t >= j} dG_t + dG_C (G_t sums g up to t). ``_grad_qk_kernel`` forms the first line and dG_C, the
-gradient pass through the WY system adds the second.
+gradient pass through the WY system adds the second, then takes da and de on to beta, lambda and (directly, per
+token) g through the step sizes' derivatives (``wy._gated_step_grads``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from efla.ops.triton.wy import (
     _chunk_t,
     _decay_matrix,
     _decay_matrix_t,
-    _erase_write,
+    _erase_scale,
+    _gated_step_grads,
     _gram,
 )
 
@@ -152,19 +154,20 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
 
 
 @triton.jit
-def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, dbeta, deta, dg, chunk_seq, chunk_t0,
-                    cu_seqlens, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr,
-                    GATED: tl.constexpr, LOAD_T: tl.constexpr, KS_IN_LOOP: tl.constexpr, PREC: tl.constexpr):
+def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta, dg, chunk_seq, chunk_t0, cu_seqlens, H,
+                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
+                    LOAD_T: tl.constexpr, KS_IN_LOOP: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head): dv, dbeta and dk = dk_part + the terms through W, U0, T and alpha; if GATED
-    also deta and dg = dg_part + the terms through the WY system. T comes from t_in (stored by the training forward)
-    if LOAD_T, else it is recomputed. dX_K K^T is one product after the V loop, or with KS_IN_LOOP (float32 K = 256,
-    whose [64, K] x [K, 64] tf32x3 product needs more shared memory than a Hopper SM has) -dX_V (K S)^T accumulated
-    per V block."""
+    also dg = dg_part + the terms through the WY system and the write step eta. T comes from t_in (stored by the
+    training forward) if LOAD_T, else it is recomputed. dX_K K^T is one product after the V loop, or with KS_IN_LOOP
+    (float32 K = 256, whose [64, K] x [K, 64] tf32x3 product needs more shared memory than a Hopper SM has)
+    -dX_V (K S)^T accumulated per V block."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, lam, Td, gv = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
-    erase, write = _erase_write(alpha, gv, eta, tok, r, rmask, H, GATED)
+    k_tile, b, alpha, write, lam, Td, gv = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T,
+                                                    PREC)
+    erase = _erase_scale(alpha, gv, GATED)
     Tt = tl.trans(Td)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
@@ -220,15 +223,17 @@ def _grad_wy_kernel(k, v, beta, g, eta, t_in, du, h, dk_part, dg_part, dk, dv, d
     if GATED:
         z = alpha[:, None] * dL * gram  # dL * A
         dgc += tl.sum(z, axis=1) - tl.sum(z, axis=0)
-        dg_tile = _token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True)
+        db, dlam, dg_direct = _gated_step_grads(b, lam, gv, alpha, da, de, EFLA)
+        dg_tile = _token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True) + dg_direct
         tl.store(dg + tok + r * H, dg_tile.to(dg.dtype.element_ty), mask=rmask)
-        tl.store(deta + tok + r * H, de.to(deta.dtype.element_ty), mask=rmask)
-    dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
-    if EFLA:
-        dk_acc += (2.0 * da * _alpha_lam_grad(b, lam, alpha))[:, None] * kf
+    elif EFLA:
+        dlam = da * _alpha_lam_grad(b, lam, alpha)
         db = da * tl.exp(-tl.where(lam == 0.0, 0.0, b * lam))
     else:
         db = da
+    dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
+    if EFLA:
+        dk_acc += (2.0 * dlam)[:, None] * kf
     tl.store(dk + tok * K + kk, dk_acc.to(dk.dtype.element_ty), mask=rmask[:, None])
     tl.store(dbeta + tok + r * H, db.to(dbeta.dtype.element_ty), mask=rmask)
 
@@ -266,17 +271,17 @@ def grad_qk(*, q, k, u, do, h, dh, chunks, cu, scale: float, prec: str, g=None):
     return dq, dk_part, dg_part
 
 
-def grad_wy(*, k, v, beta, t, du, h, dk_part, chunks, cu, efla: bool, prec: str, g=None, eta=None, dg_part=None):
-    """Launch the gradient pass through the WY system: dk (adding dk_part), dv and dbeta; when g is given (with eta
-    and grad_qk's dg_part) also deta and dg (else None)."""
+def grad_wy(*, k, v, beta, t, du, h, dk_part, chunks, cu, efla: bool, prec: str, g=None, dg_part=None):
+    """Launch the gradient pass through the WY system: dk (adding dk_part), dv and dbeta; when g is given (with
+    grad_qk's dg_part) also dg (else None)."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
-    deta, dg = (None, None) if g is None else (torch.empty_like(eta), torch.empty_like(g))
+    dg = None if g is None else torch.empty_like(g)
     cfg = launch("grad_wy", K, V, k.element_size())
-    _grad_wy_kernel[(chunks.total, H)](k, v, beta, g, eta, t, du, h, dk_part, dg_part, dk, dv, dbeta, deta, dg,
+    _grad_wy_kernel[(chunks.total, H)](k, v, beta, g, t, du, h, dk_part, dg_part, dk, dv, dbeta, dg,
                                        chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv, EFLA=efla,
                                        GATED=g is not None, LOAD_T=t is not None,
                                        KS_IN_LOOP=k.dtype == torch.float32 and K > 128, PREC=prec,
                                        num_warps=cfg.warps, num_stages=cfg.stages)
-    return dk, dv, dbeta, deta, dg
+    return dk, dv, dbeta, dg

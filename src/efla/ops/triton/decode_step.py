@@ -90,17 +90,16 @@ def _one_token_rows(batch: int, device: torch.device) -> torch.Tensor:
 
 @torch.library.custom_op("efla::recurrent_step_", mutates_args=("state",))
 def recurrent_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
-                      scale: float, efla: bool, g: torch.Tensor | None = None,
-                      eta: torch.Tensor | None = None) -> torch.Tensor:
-    """o [B, H, V] of one token per row (q, k [B, H, K], v [B, H, V], beta [B, H]; gated with g and eta, beta
-    holding alpha), the state [B, H, K, V] float32 advanced in place."""
+                      scale: float, efla: bool, g: torch.Tensor | None = None) -> torch.Tensor:
+    """o [B, H, V] of one token per row (q, k [B, H, K], v [B, H, V], beta [B, H]; gated with the log decay g
+    [B, H]), the state [B, H, K, V] float32 advanced in place."""
     with torch.cuda.device_of(q):
         o, _ = fused_recurrent(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), beta=beta.contiguous(), h0=state,
                                cu=_one_token_rows(q.shape[0], q.device), scale=scale, efla=efla,
-                               output_final_state=True, g=g, eta=eta, final_state=state)
+                               output_final_state=True, g=g, final_state=state)
     return o
 
 
 @recurrent_step_op.register_fake
-def _recurrent_step_fake(q, k, v, beta, state, scale, efla, g=None, eta=None):
+def _recurrent_step_fake(q, k, v, beta, state, scale, efla, g=None):
     return torch.empty_like(v)

@@ -4,14 +4,14 @@ Each op is a chain of named stages, each launched by the function beside its ker
 
     forward   wy_fwd (W, U0, T) -> state_fwd (h, u, final state) -> output (o)
     backward  wy_fwd (loading T) -> state_fwd -> state_bwd (dh, du, dh0) -> grad_qk (dq, dk and dg parts) -> grad_wy
-              (dk, dv, dbeta, deta, dg)
+              (dk, dv, dbeta, dg)
     decode    fused_recurrent (o, final state)
 
 Everything that reads values on the host (the sequence lengths behind cu_seqlens) happens inside the ops, which the
 compiler does not look into; their fake implementations give output shapes from input shapes alone. Optional outputs
 come back as empty tensors (custom ops return tensors only). Tensors are packed along T: q, k [TT, H, K], v [TT, H, V],
-beta [TT, H]; ``batch`` equal-length sequences when cu_seqlens is None. Gated ops get g (log decay) and eta (write
-steps), both [TT, H] float32, with beta holding alpha and efla off; without g they run the ungated kernels.
+beta [TT, H]; ``batch`` equal-length sequences when cu_seqlens is None. Gated ops get g ([TT, H] float32 log decay;
+the kernels form alpha and the write step from beta, ||k||^2 and g); without g they run the ungated kernels.
 """
 
 import torch
@@ -45,12 +45,12 @@ def _sequences(batch: int, cu_seqlens: torch.Tensor | None) -> int:
 @torch.library.custom_op("efla::chunk_forward", mutates_args=())
 def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, h0: torch.Tensor | None,
                   cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None, batch: int, scale: float,
-                  efla: bool, output_final_state: bool, store_t: bool, prec: str, g: torch.Tensor | None = None,
-                  eta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  efla: bool, output_final_state: bool, store_t: bool, prec: str, g: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final states [N, H, K, V] float32 or empty, T [TT, H, 64] or empty); T is kept for the backward."""
     with torch.cuda.device_of(q):  # kernels launch on the current device
         chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
-        w, u0, t = wy_fwd(k=k, v=v, beta=beta, g=g, eta=eta, chunks=chunks, cu=cu, efla=efla, prec=prec,
+        w, u0, t = wy_fwd(k=k, v=v, beta=beta, g=g, chunks=chunks, cu=cu, efla=efla, prec=prec,
                           store_t=store_t)
         h, u, ht = state_fwd(k=k, w=w, u0=u0, h0=h0, g=g, chunks=chunks, cu=cu, store_ht=output_final_state,
                              prec=prec)
@@ -60,7 +60,7 @@ def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
 
 @chunk_forward.register_fake
 def _chunk_forward_fake(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, batch, scale, efla, output_final_state,
-                        store_t, prec, g=None, eta=None):
+                        store_t, prec, g=None):
     TT, H, K = k.shape
     ht = (q.new_empty(_sequences(batch, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32) if output_final_state
           else q.new_empty(0))
@@ -71,52 +71,49 @@ def _chunk_forward_fake(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, batch, sc
 def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, h0: torch.Tensor | None,
                    cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None, batch: int, scale: float,
                    efla: bool, t: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, prec: str,
-                   g: torch.Tensor | None = None, eta: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor]:
-    """(dq, dk, dv, dbeta, dh0 float32 or empty, dg and deta or empty): recompute W, h, u (from the forward's T when
+                   g: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbeta, dh0 float32 or empty, dg or empty): recompute W, h, u (from the forward's T when
     given), then the reverse state pass and the per-chunk gradients (derivation in ``chunk_bwd.py``)."""
     with torch.cuda.device_of(q):
         chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
         common = {"chunks": chunks, "cu": cu, "prec": prec, "g": g}
-        w, u0, t = wy_fwd(k=k, v=v, beta=beta, eta=eta, efla=efla, t=t, **common)
+        w, u0, t = wy_fwd(k=k, v=v, beta=beta, efla=efla, t=t, **common)
         h, u, _ = state_fwd(k=k, w=w, u0=u0, h0=h0, store_ht=False, **common)
         dh, du, dh0 = state_bwd(q=q, k=k, w=w, do=do, dht=dht, h=h, has_h0=h0 is not None, scale=scale, **common)
         dq, dk_part, dg_part = grad_qk(q=q, k=k, u=u, do=do, h=h, dh=dh, scale=scale, **common)
-        dk, dv, dbeta, deta, dg = grad_wy(k=k, v=v, beta=beta, eta=eta, t=t, du=du, h=h, dk_part=dk_part,
-                                          dg_part=dg_part, efla=efla, **common)
-    return dq, dk, dv, dbeta, _or_empty(dh0, q), _or_empty(dg, q), _or_empty(deta, q)
+        dk, dv, dbeta, dg = grad_wy(k=k, v=v, beta=beta, t=t, du=du, h=h, dk_part=dk_part, dg_part=dg_part,
+                                    efla=efla, **common)
+    return dq, dk, dv, dbeta, _or_empty(dh0, q), _or_empty(dg, q)
 
 
 @chunk_backward.register_fake
-def _chunk_backward_fake(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, batch, scale, efla, t, do, dht, prec, g=None,
-                         eta=None):
+def _chunk_backward_fake(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, batch, scale, efla, t, do, dht, prec, g=None):
     dh0 = q.new_empty(0) if h0 is None else q.new_empty(h0.shape, dtype=torch.float32)
-    dg, deta = (q.new_empty(0), q.new_empty(0)) if g is None else (torch.empty_like(g), torch.empty_like(eta))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), dh0, dg, deta
+    dg = q.new_empty(0) if g is None else torch.empty_like(g)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), dh0, dg
 
 
 _FORWARD_ARGS = ("q", "k", "v", "beta", "h0", "cu_seqlens", "cu_seqlens_cpu", "batch", "scale", "efla",
-                 "output_final_state", "store_t", "prec", "g", "eta")
+                 "output_final_state", "store_t", "prec", "g")
 
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FORWARD_ARGS, inputs, strict=True))
     ctx.save_for_backward(args["q"], args["k"], args["v"], args["beta"], args["h0"], args["cu_seqlens"],
-                          args["cu_seqlens_cpu"], output[2] if args["store_t"] else None, args["g"], args["eta"])
+                          args["cu_seqlens_cpu"], output[2] if args["store_t"] else None, args["g"])
     ctx.batch, ctx.scale, ctx.efla, ctx.prec = args["batch"], args["scale"], args["efla"], args["prec"]
     ctx.output_final_state = args["output_final_state"]
 
 
 def _backward(ctx, do, dht, _dt):
-    q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, t, g, eta = ctx.saved_tensors
+    q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, t, g = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dht = dht.contiguous() if ctx.output_final_state and dht is not None else None
-    dq, dk, dv, dbeta, dh0, dg, deta = chunk_backward(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, ctx.batch,
-                                                      ctx.scale, ctx.efla, t, do, dht, ctx.prec, g, eta)
+    dq, dk, dv, dbeta, dh0, dg = chunk_backward(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, ctx.batch, ctx.scale,
+                                                ctx.efla, t, do, dht, ctx.prec, g)
     dh0 = None if h0 is None else dh0.to(h0.dtype)
-    dg, deta = (None, None) if g is None else (dg, deta)
-    return (dq, dk, dv, dbeta, dh0) + (None,) * (len(_FORWARD_ARGS) - 7) + (dg, deta)
+    return (dq, dk, dv, dbeta, dh0) + (None,) * (len(_FORWARD_ARGS) - 6) + (None if g is None else dg,)
 
 
 chunk_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -125,18 +122,18 @@ chunk_forward.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("efla::fused_recurrent", mutates_args=())
 def fused_recurrent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                             h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, batch: int, scale: float,
-                            efla: bool, output_final_state: bool, g: torch.Tensor | None = None,
-                            eta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            efla: bool, output_final_state: bool, g: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, final states [N, H, K, V] float32 or empty), one token at a time; inference only."""
     with torch.cuda.device_of(q):
         cu = dense_cu(batch, k.shape[0] // batch, k.device) if cu_seqlens is None else cu_seqlens.to(torch.int32)
-        o, ht = fused_recurrent(q=q, k=k, v=v, beta=beta, g=g, eta=eta, h0=h0, cu=cu, scale=scale, efla=efla,
+        o, ht = fused_recurrent(q=q, k=k, v=v, beta=beta, g=g, h0=h0, cu=cu, scale=scale, efla=efla,
                                 output_final_state=output_final_state)
     return o, _or_empty(ht, q)
 
 
 @fused_recurrent_forward.register_fake
-def _fused_recurrent_fake(q, k, v, beta, h0, cu_seqlens, batch, scale, efla, output_final_state, g=None, eta=None):
+def _fused_recurrent_fake(q, k, v, beta, h0, cu_seqlens, batch, scale, efla, output_final_state, g=None):
     H, K = k.shape[1:]
     ht = (q.new_empty(_sequences(batch, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32) if output_final_state
           else q.new_empty(0))

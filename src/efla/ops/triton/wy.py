@@ -11,11 +11,11 @@ substitution, X <- (I - a_j e_j^T) X for j = 0..15, then two doubling steps
 [[X1, 0], [A21, X2]]^-1 = [[X1, 0], [-X2 A21 X1, X2]] done as 64 x 64 matrix products on the tensor cores.
 The alpha series and phi' follow ``efla/ops/alpha.py``.
 
-Gated (GATED, log decay g): with G the chunk's cumulative log decay and D[t, i] = exp(G_t - G_i) (t >= i; formed as
-the sum of g over tokens i+1..t, not as a difference, see ``_decay_matrix``), the system
-is A = tril(diag(alpha) (K K^T * D), -1), W = T diag(alpha exp(G)) K and U0 = T diag(eta) V. alpha and eta arrive
-precomputed (``efla/ops/alpha.py`` in PyTorch, whose autograd takes their gradients on to beta, ||k||^2 and g), so the
-gated kernels run with EFLA off and read them as beta and eta.
+Gated (GATED, log decay g): with G the chunk's cumulative log decay and D[t, i] = exp(G_t - G_i) (t >= i; at float32
+accuracy formed as the sum of g over tokens i+1..t, not as a difference, see ``_log_decay``), the system
+is A = tril(diag(alpha) (K K^T * D), -1), W = T diag(alpha exp(G)) K and U0 = T diag(eta) V. alpha and the write
+step eta are computed in the kernels from beta, lambda and g (``_gated_step_sizes``), and their gradients taken on to
+beta, lambda and g there (``_gated_step_grads``), as ``efla/ops/alpha.py`` does in PyTorch: neither goes to memory.
 """
 
 from __future__ import annotations
@@ -69,35 +69,80 @@ def _step_size(beta, lam, EFLA: tl.constexpr):
 
 
 @triton.jit
+def _gated_step_sizes(beta, lam, g, EFLA: tl.constexpr):
+    """(alpha, eta), the erase and write steps of the gated recurrence: EFLA's alpha and eta = beta phi(beta lam - g)
+    (alpha itself where g = 0, so no decay gives the ungated step bit for bit), or (beta, beta) for Gated DeltaNet."""
+    if EFLA:
+        alpha = _step_size(beta, lam, EFLA)
+        y = tl.where(lam == 0.0, 0.0, beta * lam) - g
+        return alpha, tl.where(g == 0.0, alpha, beta * _phi(y))
+    else:
+        return beta, beta
+
+
+@triton.jit
+def _gated_step_grads(beta, lam, g, alpha, d_alpha, d_eta, EFLA: tl.constexpr):
+    """(d beta, d lambda, d g) from the gradients of alpha and eta (``_gated_step_sizes``), with ``efla/ops/alpha.py``'s
+    identities: d eta / d beta = e^-y + g phi'(y) (two terms >= 0), d eta / d lambda = beta^2 phi'(y),
+    d eta / d g = -beta phi'(y), y = beta lambda - g."""
+    if EFLA:
+        x = tl.where(lam == 0.0, 0.0, beta * lam)
+        y = x - g
+        slope = _phi_prime(y)
+        d_beta = d_alpha * tl.exp(-x) + d_eta * (tl.exp(-y) + g * slope)
+        d_lam = d_alpha * _alpha_lam_grad(beta, lam, alpha) + d_eta * beta * beta * slope
+        return d_beta, d_lam, -d_eta * beta * slope
+    else:
+        return d_alpha + d_eta, tl.zeros_like(lam), tl.zeros_like(lam)
+
+
+@triton.jit
 def _chunk_decay(g, tok, r, rmask, H):
     """The chunk's log decays g [64] (float32; 0 on padding rows) and, each a direct sum of them: G_t = g_0 + ... +
     g_t (from the chunk's start), G_C - G_t = the sum over the tokens after t (to its end) and G_C (the total). Never
-    a difference of running sums, which loses float32 accuracy once the chunk's total decay is large."""
+    a difference of running sums, which loses float32 accuracy once the chunk's total decay is large. The sums to the
+    end are a reverse scan of the decays read one row on (g_{t+1}), not a 64 x 64 masked reduction."""
     gv = _token_values(g, tok, r, rmask, H)
-    to_end = tl.sum(tl.where(r[:, None] > r[None, :], gv[:, None], 0.0), axis=0)
-    return gv, tl.cumsum(gv, 0), to_end, tl.sum(gv, 0)
+    next_row = (r + 1) < tl.sum(rmask.to(tl.int32), 0)
+    g_next = tl.load(g + tok + (r + 1) * H, mask=next_row, other=0.0).to(tl.float32)
+    return gv, tl.cumsum(gv, 0), tl.cumsum(g_next, 0, reverse=True), tl.sum(gv, 0)
+
+
+@triton.jit
+def _log_decay(gv, r, causal, PREC: tl.constexpr):
+    """[t, i] = g_{i+1} + ... + g_t where ``causal`` (t >= i). At float32 accuracy ("tf32x3" or "ieee", float32
+    inputs) the sums are formed directly, as one 64 x 64 product of the causal ones and the g's after each column:
+    a difference of running sums G_t - G_i loses float32 accuracy once the chunk's total decay is large. At "tf32"
+    (16-bit inputs, or tf32 chosen) that loss, about 1e-7 of |G| in the exponent, is far below the inputs' rounding,
+    so the difference is taken: no product, no layout changes, a few instructions (the state passes run this once per
+    chunk on their sequential path)."""
+    if PREC == "tf32":
+        gc = tl.cumsum(gv, 0)
+        return gc[:, None] - gc[None, :]
+    else:
+        later = tl.where(r[:, None] > r[None, :], gv[:, None], 0.0)  # [j, i]: g_j for tokens j after i
+        return tl.dot(tl.where(causal, 1.0, 0.0), later, input_precision=PREC)
 
 
 @triton.jit
 def _decay_matrix(gv, r, PREC: tl.constexpr):
-    """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal. The sums are one
-    64 x 64 product of the causal ones and the g's after each column in the run's dot precision: float32-accurate for
-    float32 inputs ("tf32x3" or "ieee"), tf32 for 16-bit inputs (g rounded to 2^-11 relative, below their rounding;
-    one tensor-core product instead of three)."""
+    """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal (``_log_decay``)."""
     causal = r[:, None] >= r[None, :]
-    later = tl.where(r[:, None] > r[None, :], gv[:, None], 0.0)  # [j, i]: g_j for tokens j after i
-    log_decay = tl.dot(tl.where(causal, 1.0, 0.0), later, input_precision=PREC)
-    return tl.where(causal, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
+    return tl.where(causal, tl.exp(tl.minimum(_log_decay(gv, r, causal, PREC), 0.0)), 0.0)
 
 
 @triton.jit
 def _decay_matrix_t(gv, r, PREC: tl.constexpr):
-    """The transpose of ``_decay_matrix`` (Dt[i, t] = D[t, i]), built as its own product rather than by tl.trans:
-    Triton 3.4 to 3.7.0 on Hopper miscompiles 16-bit products whose operand is the transpose of another product's
-    result (fla issue 640), which made the gated backward's bfloat16 gradients wrong by several percent."""
+    """The transpose of ``_decay_matrix`` (Dt[i, t] = D[t, i]), built on its own rather than by tl.trans: Triton 3.4
+    to 3.7.0 on Hopper miscompiles 16-bit products whose operand is the transpose of another product's result (fla
+    issue 640), which made the gated backward's bfloat16 gradients wrong by several percent."""
     causal_t = r[:, None] <= r[None, :]
-    later_t = tl.where(r[None, :] > r[:, None], gv[None, :], 0.0)  # [i, j]: g_j for tokens j after i
-    log_decay = tl.dot(later_t, tl.where(causal_t, 1.0, 0.0), input_precision=PREC)
+    if PREC == "tf32":
+        gc = tl.cumsum(gv, 0)
+        log_decay = gc[None, :] - gc[:, None]
+    else:
+        later_t = tl.where(r[None, :] > r[:, None], gv[None, :], 0.0)  # [i, j]: g_j for tokens j after i
+        log_decay = tl.dot(later_t, tl.where(causal_t, 1.0, 0.0), input_precision=PREC)
     return tl.where(causal_t, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
 
 
@@ -150,15 +195,20 @@ def _gram(k_tile, PREC: tl.constexpr):
 def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
              LOAD_T: tl.constexpr, PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha, lambda = ||k||^2, T (input dtype) and the log decays g [64] (if GATED, else zeros): T is read from t
-    if LOAD_T (stored by the training forward), else inverted from A = tril(diag(alpha) K K^T (* D if GATED), -1) as
-    T = (I + A)^-1."""
+    alpha, eta (the write step; alpha itself if not GATED), lambda = ||k||^2, T (input dtype) and the log decays g
+    [64] (if GATED, else zeros): T is read from t if LOAD_T (stored by the training forward), else inverted from
+    A = tril(diag(alpha) K K^T (* D if GATED), -1) as T = (I + A)^-1."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     b = _token_values(beta, tok, r, rmask, H)
     kf = k_tile.to(tl.float32)
     lam = tl.sum(kf * kf, axis=1)
-    alpha = _step_size(b, lam, EFLA)
-    gv = _token_values(g, tok, r, rmask, H) if GATED else tl.zeros([64], dtype=tl.float32)
+    if GATED:
+        gv = _token_values(g, tok, r, rmask, H)
+        alpha, eta = _gated_step_sizes(b, lam, gv, EFLA)
+    else:
+        gv = tl.zeros([64], dtype=tl.float32)
+        alpha = _step_size(b, lam, EFLA)
+        eta = alpha
     if LOAD_T:
         Td = tl.load(t + tok * 64 + _tile_offsets(r, H, 64, r), mask=rmask[:, None], other=0.0)
     else:
@@ -167,31 +217,33 @@ def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.cons
             A = A * _decay_matrix(gv, r, PREC)
         A = tl.where(r[:, None] > r[None, :], A, 0.0)
         Td = _unit_lower_inverse(A, PREC).to(k_tile.dtype)
-    return k_tile, b, alpha, lam, Td, gv
+    return k_tile, b, alpha, eta, lam, Td, gv
 
 
 @triton.jit
-def _erase_write(alpha, gv, eta, tok, r, rmask, H, GATED: tl.constexpr):
-    """The row scales of K and V in the WY system: (alpha, alpha), or (alpha exp(G), eta) if GATED (G_t = g_0 + ...
-    + g_t from the log decays gv)."""
+def _erase_scale(alpha, gv, GATED: tl.constexpr):
+    """The row scale of K in the WY system: alpha, or alpha exp(G) if GATED (G_t = g_0 + ... + g_t from the log
+    decays gv); V's is the write step eta."""
     if GATED:
-        return alpha * tl.exp(tl.cumsum(gv, 0)), _token_values(eta, tok, r, rmask, H)
+        return alpha * tl.exp(tl.cumsum(gv, 0))
     else:
-        return alpha, alpha
+        return alpha
 
 
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, g, eta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
+def _wy_fwd_kernel(k, v, beta, g, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
                    STORE_T: tl.constexpr, LOAD_T: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype (gated: the
-    scales of ``_erase_write``). T ([TT, H, 64] rows, input dtype) is computed and, if STORE_T, stored for the
-    backward; with LOAD_T it is read from t instead (the backward's recomputation, after a forward that stored it)."""
+    """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype (gated:
+    T diag(alpha exp(G)) K and T diag(eta) V). T ([TT, H, 64] rows, input dtype) is computed and, if STORE_T, stored
+    for the backward; with LOAD_T it is read from t instead (the backward's recomputation, after a forward that
+    stored it)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, _b, alpha, _lam, Td, gv = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T, PREC)
-    erase, write = _erase_write(alpha, gv, eta, tok, r, rmask, H, GATED)
+    k_tile, _b, alpha, write, _lam, Td, gv = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T,
+                                                      PREC)
+    erase = _erase_scale(alpha, gv, GATED)
     if STORE_T:
         tl.store(t + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
@@ -204,10 +256,10 @@ def _wy_fwd_kernel(k, v, beta, g, eta, w, u0, t, chunk_seq, chunk_t0, cu_seqlens
         tl.store(u0 + tok * V + vv, u_tile.to(u0.dtype.element_ty), mask=m)
 
 
-def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bool = False, g=None, eta=None):
+def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bool = False, g=None):
     """Launch ``_wy_fwd_kernel`` on packed [TT, H, D] tensors: returns W, U0 and T (stored now if ``store_t``, the
-    given ``t`` loaded instead of inverting if it is not None, else None). Gated when g ([TT, H] log decay) is given,
-    with eta ([TT, H] write steps) and beta holding alpha."""
+    given ``t`` loaded instead of inverting if it is not None, else None). Gated when g ([TT, H] float32 log decay)
+    is given."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     w, u0 = torch.empty_like(k), torch.empty_like(v)
@@ -215,7 +267,7 @@ def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bo
     if store_t:
         t = k.new_empty(k.shape[0], H, CHUNK)
     cfg = launch("wy_fwd", K, V, k.element_size())
-    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, g, eta, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V,
+    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, g, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V,
                                       BV=cfg.bv, EFLA=efla, GATED=g is not None, STORE_T=store_t, LOAD_T=load_t,
                                       PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
     return w, u0, t
