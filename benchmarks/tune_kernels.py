@@ -1,6 +1,6 @@
 """Sweep the launch settings (V-block, warps, stages) of EFLA's Triton chunk kernels on this GPU.
 
-    python benchmarks/tune_kernels.py [--shapes 8,4096,16,128 ...] [--steps 5]
+    python benchmarks/tune_kernels.py [--shapes 8,4096,16,128 ...] [--steps 5] [--kernels state_fwd state_bwd] [--gated]
 
 For bfloat16 inputs of each (B, T, H, D) shape (K = V = D) and mode "efla", every candidate setting of every kernel is
 first compiled and checked on a small problem (its output and gradients must match the default settings' to 1e-2),
@@ -9,7 +9,10 @@ then timed: one forward+backward per step under the PyTorch profiler, the kernel
 kernels are timed in the same steps, since each kernel's time depends only on its own settings. It prints, per shape,
 each kernel's default and best time and setting, then forward and forward+backward medians (triton.testing.do_bench)
 with the defaults and with each shape's best settings, beside fla's chunk_delta_rule when fla-core is installed.
-Copy the winners into ``_default`` in ``efla/ops/triton/launch.py``.
+Copy the winners into ``_default`` in ``efla/ops/triton/launch.py``. --kernels sweeps only those kernels (the others
+keep their defaults), e.g. the two state passes at a low-parallelism shape, the only kernels whose programs are few.
+--gated sweeps the decay-gated kernels (gated EFLA, log decay as in ``kernels.py --gated``) beside fla's
+chunk_gated_delta_rule.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def candidates(kernel: str, V: int) -> list[launch.Launch]:
     return list(seen)
 
 
-def ours(q, k, v, beta):
-    return efla_attention(q, k, v, beta, backend="triton", check_beta=False)[0]
+def ours(q, k, v, beta, g=None):
+    return efla_attention(q, k, v, beta, g=g, backend="triton", check_beta=False)[0]
 
 
 def forward_backward(args, do) -> list[torch.Tensor]:
@@ -61,9 +64,9 @@ def forward_backward(args, do) -> list[torch.Tensor]:
     return [o.detach()] + [x.grad for x in args]
 
 
-def valid(kernel: str, D: int) -> list[launch.Launch]:
+def valid(kernel: str, D: int, gated: bool) -> list[launch.Launch]:
     """The candidates that compile, run and agree with the default settings on a small problem."""
-    args = inputs(2, 300, 2, D)
+    args = inputs(2, 300, 2, D, gated)
     do = torch.randn_like(args[2])
     launch.OVERRIDES.clear()
     ref = forward_backward(args, do)
@@ -108,12 +111,19 @@ def kernel_times(args, do, steps: int) -> dict[str, float]:
     return {kernel: statistics.median(times) for kernel, times in per_step.items()}
 
 
-def fla_times(args, do) -> tuple[float, float] | None:
-    """Forward and forward+backward median ms of fla's DeltaNet kernel, or None without fla-core."""
+def fla_times(args, do, gated: bool) -> tuple[float, float] | None:
+    """Forward and forward+backward median ms of fla's DeltaNet kernel (Gated DeltaNet's if gated), or None without
+    fla-core."""
     try:
         from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError:
         return None
+    if gated:
+        from fla_guard import time_fla_gated_backward_anyway
+
+        time_fla_gated_backward_anyway()
+        return measure(lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, g, beta)[0], args, do)[:2]
     return measure(lambda *x: chunk_delta_rule(*x)[0], args, do)[:2]
 
 
@@ -121,19 +131,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D for each shape (default: the issue's)")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per setting")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNEL_NAMES), choices=list(KERNEL_NAMES),
+                        help="the kernels to sweep (default: all)")
+    parser.add_argument("--gated", action="store_true", help="the decay-gated kernels (gated EFLA)")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{datetime.date.today()}; bf16, mode efla; kernel times: median CUDA us per forward+backward", flush=True)
+          f"{datetime.date.today()}; bf16, mode efla{', gated' if args.gated else ''}; kernel times: median CUDA us "
+          "per forward+backward", flush=True)
     torch.manual_seed(1)
     pools = {}
     for D in sorted({s[3] for s in shapes}):
-        pools[D] = {kernel: valid(kernel, D) for kernel in KERNEL_NAMES}
+        pools[D] = {kernel: valid(kernel, D, args.gated) for kernel in args.kernels}
         print(f"D={D}: " + ", ".join(f"{k} {len(v)}" for k, v in pools[D].items()) + " valid settings", flush=True)
     summary = []
     torch.manual_seed(0)
     for B, T, H, D in shapes:
-        x = inputs(B, T, H, D)
+        x = inputs(B, T, H, D, args.gated)
         do = torch.randn_like(x[2])
         pool = pools[D]
         launch.OVERRIDES.clear()
@@ -147,7 +161,7 @@ def main() -> None:
                 results[kernel][setting] = times[kernel]
         best = {kernel: min(times, key=times.get) for kernel, times in results.items()}
         print(f"\n{B}x{T}x{H}x{D}: kernel | default us | best us | best (bv, warps, stages)")
-        for kernel in KERNEL_NAMES:
+        for kernel in args.kernels:
             print(f"  {kernel:<10} | {default[kernel]:8.1f} | {results[kernel][best[kernel]]:8.1f} | "
                   f"{best[kernel].bv}, {best[kernel].warps}, {best[kernel].stages}", flush=True)
         launch.OVERRIDES.clear()
@@ -158,13 +172,13 @@ def main() -> None:
         row["best, T recomputed"] = measure(ours, x, do)[:2]
         launch.SAVE_T = True
         launch.OVERRIDES.clear()
-        row["fla DeltaNet"] = fla_times(x, do)
+        row["fla"] = fla_times(x, do, args.gated)
         summary.append(row)
         del x, do
     print("\nshape | settings | fwd ms | fwd+bwd ms | vs fla fwd | vs fla f+b")
     for row in summary:
-        base = row["fla DeltaNet"]
-        for name in ("default", "best", "best, T recomputed", "fla DeltaNet"):
+        base = row["fla"]
+        for name in ("default", "best", "best, T recomputed", "fla"):
             if row[name] is None:
                 continue
             fwd, both = row[name]
