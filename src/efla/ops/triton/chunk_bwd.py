@@ -25,7 +25,7 @@ is scaled by c, dL = -(dX_K X_K^T + dX_V X_V^T) T^T, de = rowsum(dX_V * V), and 
 
 and dg_j = sum_{t >= j} dG_t + dG_C (G_t sums g up to t). ``_grad_qk_kernel`` forms the first line and dG_C, the
 gradient pass through the WY system adds the second, then takes da and de on to beta, lambda and (directly, per
-token) g through the step sizes' derivatives (``wy._gated_step_grads``).
+token) g through the step sizes' derivatives (``wy._step_size_slopes``).
 """
 
 from __future__ import annotations
@@ -48,14 +48,13 @@ from efla.ops.triton.tiles import (
     _v_cols,
 )
 from efla.ops.triton.wy import (
-    _alpha_lam_grad,
     _chunk_decay,
     _chunk_t,
     _decay_matrix,
     _decay_matrix_t,
     _erase_scale,
-    _gated_step_grads,
     _gram,
+    _step_size_slopes,
 )
 
 
@@ -168,6 +167,7 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
     k_tile, b, alpha, write, lam, Td, gv = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T,
                                                     PREC)
     erase = _erase_scale(alpha, gv, GATED)
+    da_db, da_dlam, de_db, de_dlam, de_dg = _step_size_slopes(b, lam, gv, alpha, EFLA, GATED)
     Tt = tl.trans(Td)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
     dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
@@ -202,15 +202,16 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
             M += tl.dot(dxk.to(dt), tl.trans((erase[:, None] * kf).to(dt)), input_precision=PREC)
         else:
             M += tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC)
-    dk_part_tile = tl.load(dk_part + tok * K + kk, mask=rmask[:, None], other=0.0).to(tl.float32)
-    dk_acc = dk_part_tile + erase[:, None] * dxk
+    # dX_K's last uses, so that it dies here; dk_part is loaded only at the end: neither [64, K] float32 tile is live
+    # beside the 64 x 64 products below (the kernel ran out of registers and spilled when both were)
+    d_erase = tl.sum(dxk * kf, axis=1)
+    dk_acc = erase[:, None] * dxk
     if GATED:
-        d_erase = tl.sum(dxk * kf, axis=1)
         da += d_erase * tl.exp(tl.cumsum(gv, 0))
         dgc = d_erase * erase
         dL = -tl.dot(M.to(dt), Tt, input_precision=PREC)
     else:
-        da += tl.sum(dxk * kf, axis=1)
+        da += d_erase
         dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
     gram = _gram(k_tile, PREC)  # G again: cheaper than keeping it live through the V loop
@@ -223,17 +224,14 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
     if GATED:
         z = alpha[:, None] * dL * gram  # dL * A
         dgc += tl.sum(z, axis=1) - tl.sum(z, axis=0)
-        db, dlam, dg_direct = _gated_step_grads(b, lam, gv, alpha, da, de, EFLA)
-        dg_tile = _token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True) + dg_direct
+        dg_tile = _token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True) + de * de_dg
         tl.store(dg + tok + r * H, dg_tile.to(dg.dtype.element_ty), mask=rmask)
-    elif EFLA:
-        dlam = da * _alpha_lam_grad(b, lam, alpha)
-        db = da * tl.exp(-tl.where(lam == 0.0, 0.0, b * lam))
-    else:
-        db = da
+    db = da * da_db + de * de_db
+    dlam = da * da_dlam + de * de_dlam
     dk_acc += tl.dot((dG + tl.trans(dG)).to(dt), k_tile, input_precision=PREC)
     if EFLA:
-        dk_acc += (2.0 * dlam)[:, None] * kf
+        dk_acc += (2.0 * dlam)[:, None] * k_tile.to(tl.float32)
+    dk_acc += tl.load(dk_part + tok * K + kk, mask=rmask[:, None], other=0.0).to(tl.float32)
     tl.store(dk + tok * K + kk, dk_acc.to(dk.dtype.element_ty), mask=rmask[:, None])
     tl.store(dbeta + tok + r * H, db.to(dbeta.dtype.element_ty), mask=rmask)
 

@@ -15,7 +15,7 @@ Gated (GATED, log decay g): with G the chunk's cumulative log decay and D[t, i] 
 accuracy formed as the sum of g over tokens i+1..t, not as a difference, see ``_log_decay``), the system
 is A = tril(diag(alpha) (K K^T * D), -1), W = T diag(alpha exp(G)) K and U0 = T diag(eta) V. alpha and the write
 step eta are computed in the kernels from beta, lambda and g (``_gated_step_sizes``), and their gradients taken on to
-beta, lambda and g there (``_gated_step_grads``), as ``efla/ops/alpha.py`` does in PyTorch: neither goes to memory.
+beta, lambda and g there (``_step_size_slopes``), as ``efla/ops/alpha.py`` does in PyTorch: neither goes to memory.
 """
 
 from __future__ import annotations
@@ -81,19 +81,26 @@ def _gated_step_sizes(beta, lam, g, EFLA: tl.constexpr):
 
 
 @triton.jit
-def _gated_step_grads(beta, lam, g, alpha, d_alpha, d_eta, EFLA: tl.constexpr):
-    """(d beta, d lambda, d g) from the gradients of alpha and eta (``_gated_step_sizes``), with ``efla/ops/alpha.py``'s
-    identities: d eta / d beta = e^-y + g phi'(y) (two terms >= 0), d eta / d lambda = beta^2 phi'(y),
-    d eta / d g = -beta phi'(y), y = beta lambda - g."""
+def _step_size_slopes(beta, lam, g, alpha, EFLA: tl.constexpr, GATED: tl.constexpr):
+    """The derivatives of alpha and eta (``_gated_step_sizes``; without GATED eta is alpha, so its own are 0):
+    (d alpha / d beta, d alpha / d lambda, d eta / d beta, d eta / d lambda, d eta / d g), with ``efla/ops/alpha.py``'s
+    identities: d alpha / d beta = e^-x, d eta / d beta = e^-y + g phi'(y) (two terms >= 0), d eta / d lambda =
+    beta^2 phi'(y), d eta / d g = -beta phi'(y); x = beta lambda, y = x - g. The gradient kernel forms them before its
+    V loop, where few registers are live, and only multiplies by them after it (computed after the loop, this math
+    made the kernel spill)."""
     if EFLA:
         x = tl.where(lam == 0.0, 0.0, beta * lam)
-        y = x - g
-        slope = _phi_prime(y)
-        d_beta = d_alpha * tl.exp(-x) + d_eta * (tl.exp(-y) + g * slope)
-        d_lam = d_alpha * _alpha_lam_grad(beta, lam, alpha) + d_eta * beta * beta * slope
-        return d_beta, d_lam, -d_eta * beta * slope
+        if GATED:
+            y = x - g
+            slope = _phi_prime(y)
+            return (tl.exp(-x), _alpha_lam_grad(beta, lam, alpha), tl.exp(-y) + g * slope, beta * beta * slope,
+                    -beta * slope)
+        else:
+            zero = tl.zeros_like(lam)
+            return tl.exp(-x), _alpha_lam_grad(beta, lam, alpha), zero, zero, zero
     else:
-        return d_alpha + d_eta, tl.zeros_like(lam), tl.zeros_like(lam)
+        one, zero = tl.zeros_like(lam) + 1.0, tl.zeros_like(lam)
+        return one, zero, one, zero, zero
 
 
 @triton.jit
