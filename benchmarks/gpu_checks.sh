@@ -15,6 +15,8 @@
 # On a machine with no network, carry fla's wheels (and transformers' if older there) and install them with
 #   python3 -m pip install --no-index --no-deps --target DIR WHEELS... && export PYTHONPATH=DIR:$PWD/src
 # without --no-index --no-deps pip tries to resolve dependencies over the network and can wait for minutes.
+# fla autotunes its kernels on first use, minutes per stage on a fresh machine; it caches the results in Triton's cache,
+# so point TRITON_CACHE_DIR at a folder that is carried from run to run (and brought back) to skip that.
 # Each step has a time limit (seconds: TESTS_S, THROUGHPUT_S, GENERATION_S, KERNELS_S, GATED_S); logs and JSON lines
 # go to OUT_DIR, a summary to stdout. A stage that fails or runs out of time says so and the next one still runs.
 set -u
