@@ -1,6 +1,6 @@
 """fla refuses its gated backward on Hopper with Triton 3.4 to 3.7.0: a Triton miscompile makes its dk and dg wrong
 (fla issue 640). The work it does is the same, so the benchmarks lift the guard for timing only (they never compare
-fla's gated gradients). Ours avoids the miscompiled pattern (``efla/ops/triton/wy.py``, ``_decay_matrix_t``)."""
+fla's gated gradients). Ours avoids the miscompiled pattern (``efla/ops/triton/wy.py``, ``_log_decay``)."""
 
 from __future__ import annotations
 

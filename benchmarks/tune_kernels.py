@@ -115,13 +115,14 @@ def fla_times(args, do, gated: bool) -> tuple[float, float] | None:
     """Forward and forward+backward median ms of fla's DeltaNet kernel (Gated DeltaNet's if gated), or None without
     fla-core."""
     try:
-        from fla.ops.delta_rule import chunk_delta_rule
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        if gated:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            from fla_guard import time_fla_gated_backward_anyway
+        else:
+            from fla.ops.delta_rule import chunk_delta_rule
     except ImportError:
         return None
     if gated:
-        from fla_guard import time_fla_gated_backward_anyway
-
         time_fla_gated_backward_anyway()
         return measure(lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, g, beta)[0], args, do)[:2]
     return measure(lambda *x: chunk_delta_rule(*x)[0], args, do)[:2]

@@ -107,7 +107,7 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     dq_acc = tl.zeros([64, K], dtype=tl.float32)  # dO S^T
     dk_acc = tl.zeros([64, K], dtype=tl.float32)  # u dS'^T
     P = tl.zeros([64, 64], dtype=tl.float32)  # dO u^T
-    PT = tl.zeros([64, 64], dtype=tl.float32)  # u dO^T (gated), P^T as its own product: see _decay_matrix_t
+    PT = tl.zeros([64, 64], dtype=tl.float32)  # u dO^T (gated), P^T as its own product: see wy._log_decay
     state_dot = tl.zeros([K], dtype=tl.float32)  # row sums of dS' * S (gated): <dS', S> once summed
     for i_v in range(tl.cdiv(V, BV)):
         ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)

@@ -116,41 +116,42 @@ def _chunk_decay(g, tok, r, rmask, H):
 
 
 @triton.jit
-def _log_decay(gv, r, causal, PREC: tl.constexpr):
-    """[t, i] = g_{i+1} + ... + g_t where ``causal`` (t >= i). At float32 accuracy ("tf32x3" or "ieee", float32
-    inputs) the sums are formed directly, as one 64 x 64 product of the causal ones and the g's after each column:
-    a difference of running sums G_t - G_i loses float32 accuracy once the chunk's total decay is large. At "tf32"
-    (16-bit inputs, or tf32 chosen) that loss, about 1e-7 of |G| in the exponent, is far below the inputs' rounding,
-    so the difference is taken: no product, no layout changes, a few instructions (the state passes run this once per
-    chunk on their sequential path)."""
+def _log_decay(gv, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """[t, i] = g_{i+1} + ... + g_t for t >= i (callers mask the rest), laid out as [i, t] if TRANSPOSE. At float32
+    accuracy ("tf32x3" or "ieee", float32 inputs) the sums are formed directly, as one 64 x 64 product of the causal
+    ones and the g's after each column: a difference of running sums G_t - G_i loses float32 accuracy once the chunk's
+    total decay is large. At "tf32" (16-bit inputs, or tf32 chosen) that loss, about 1e-7 of |G| in the exponent, is
+    far below the inputs' rounding, so the difference is taken: no product, no layout changes, a few instructions (the
+    state passes run this once per chunk on their sequential path). The transpose is built on its own rather than by
+    tl.trans: Triton 3.4 to 3.7.0 on Hopper miscompiles 16-bit products whose operand is the transpose of another
+    product's result (fla issue 640), which made the gated backward's bfloat16 gradients wrong by several percent."""
     if PREC == "tf32":
         gc = tl.cumsum(gv, 0)
-        return gc[:, None] - gc[None, :]
+        if TRANSPOSE:
+            return gc[None, :] - gc[:, None]
+        else:
+            return gc[:, None] - gc[None, :]
     else:
-        later = tl.where(r[:, None] > r[None, :], gv[:, None], 0.0)  # [j, i]: g_j for tokens j after i
-        return tl.dot(tl.where(causal, 1.0, 0.0), later, input_precision=PREC)
+        if TRANSPOSE:
+            later_t = tl.where(r[None, :] > r[:, None], gv[None, :], 0.0)  # [i, j]: g_j for tokens j after i
+            return tl.dot(later_t, tl.where(r[:, None] <= r[None, :], 1.0, 0.0), input_precision=PREC)
+        else:
+            later = tl.where(r[:, None] > r[None, :], gv[:, None], 0.0)  # [j, i]: g_j for tokens j after i
+            return tl.dot(tl.where(r[:, None] >= r[None, :], 1.0, 0.0), later, input_precision=PREC)
 
 
 @triton.jit
 def _decay_matrix(gv, r, PREC: tl.constexpr):
     """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal (``_log_decay``)."""
     causal = r[:, None] >= r[None, :]
-    return tl.where(causal, tl.exp(tl.minimum(_log_decay(gv, r, causal, PREC), 0.0)), 0.0)
+    return tl.where(causal, tl.exp(tl.minimum(_log_decay(gv, r, PREC, False), 0.0)), 0.0)
 
 
 @triton.jit
 def _decay_matrix_t(gv, r, PREC: tl.constexpr):
-    """The transpose of ``_decay_matrix`` (Dt[i, t] = D[t, i]), built on its own rather than by tl.trans: Triton 3.4
-    to 3.7.0 on Hopper miscompiles 16-bit products whose operand is the transpose of another product's result (fla
-    issue 640), which made the gated backward's bfloat16 gradients wrong by several percent."""
+    """The transpose of ``_decay_matrix`` (Dt[i, t] = D[t, i]), formed as such (``_log_decay``)."""
     causal_t = r[:, None] <= r[None, :]
-    if PREC == "tf32":
-        gc = tl.cumsum(gv, 0)
-        log_decay = gc[None, :] - gc[:, None]
-    else:
-        later_t = tl.where(r[None, :] > r[:, None], gv[None, :], 0.0)  # [i, j]: g_j for tokens j after i
-        log_decay = tl.dot(later_t, tl.where(causal_t, 1.0, 0.0), input_precision=PREC)
-    return tl.where(causal_t, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
+    return tl.where(causal_t, tl.exp(tl.minimum(_log_decay(gv, r, PREC, True), 0.0)), 0.0)
 
 
 @triton.jit
