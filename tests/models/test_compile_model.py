@@ -47,3 +47,26 @@ def test_block_on_packed_documents_is_one_graph():
     compiled_loss, compiled_grads = _loss_and_grads(model, ids, cu_seqlens)
     assert rel_err(compiled_loss, loss) < 1e-5
     assert max(rel_err(a, b) for a, b in zip(compiled_grads, grads, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("attn_backend", ["torch", "triton"])
+def test_new_document_counts_do_not_recompile(attn_backend):
+    """Packed batches with a different number of documents each run the compiled blocks without a recompilation
+    (the trainer's batches do; each recompilation costs seconds to minutes): the model traces cu_seqlens's length as a
+    symbol from the first batch, and the reference backend, which reads the lengths on the host, runs outside the
+    graph. (A batch of a single document compiles its own graph once on the CPU: the convolution's packed path
+    specialises on one sequence.)"""
+    device = require_triton_kernels() if attn_backend == "triton" else "cpu"
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    config = preset_config("tiny", attn_backend=attn_backend, chunk_size=16 if attn_backend == "torch" else 64)
+    model = EFLAForCausalLM(config).to(device).train()
+    for block in model.model.layers:
+        block.compile(backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for cuts in ([0, 30, 70], [0, 9, 40, 70], [0, 5, 20, 33, 61, 70], [0, 50, 70]):
+            ids = torch.randint(0, config.vocab_size, (1, 70), device=device)
+            cu_seqlens = torch.tensor(cuts, device=device, dtype=torch.int32)
+            loss = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
+            loss.backward()
+            assert torch.isfinite(loss)

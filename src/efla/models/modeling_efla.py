@@ -155,6 +155,9 @@ class EFLAModel(EFLAPreTrainedModel):
                                  "cache")
             inputs_embeds = inputs_embeds.reshape(1, B * T, -1)  # the documents run along the rows, one after another
             use_cache = False
+            # the number of documents changes from batch to batch: compiled blocks trace it as a symbol from the
+            # first batch on instead of recompiling when it first changes
+            torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None

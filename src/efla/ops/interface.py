@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +91,19 @@ def efla_attention(
         return _empty(q, v, initial_state, output_final_state, cu_seqlens)
     backend, chunk_size = _resolve_auto(backend, chunk_size, q)
     lengths_from = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
-    if g is None:
-        return _BACKENDS[backend]()(q, k, v, beta, float(scale), initial_state, output_final_state, cu_seqlens, mode,
-                                    chunk_size, lengths_from)
-    return _GATED_BACKENDS[backend]()(q, k, v, beta, g, float(scale), initial_state, output_final_state, cu_seqlens,
-                                      mode, chunk_size, lengths_from)
+    run = _BACKENDS[backend]() if g is None else functools.partial(_GATED_BACKENDS[backend](), g=g)
+    if cu_seqlens is not None and backend in ("recurrent", "torch"):
+        run = functools.partial(_outside_compile, run)
+    return run(q, k, v, beta, scale=float(scale), initial_state=initial_state, output_final_state=output_final_state,
+               cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size, lengths_from=lengths_from)
+
+
+@torch.compiler.disable
+def _outside_compile(run: Callable, *args: Any, **kwargs: Any) -> Any:
+    """run(*args, **kwargs), never traced: the reference backends read packed sequences' lengths on the host and
+    their shapes follow them, so traced they would recompile for every new set of lengths (torch.compile sees one
+    graph break here instead; the Triton backend reads the lengths inside its custom ops and needs none)."""
+    return run(*args, **kwargs)
 
 
 def efla_final_state(

@@ -169,10 +169,14 @@ class _Run:
         logger = MetricsLogger(self.out_dir, world.is_main, self.total_steps, self.step,
                                config.wandb_project if config.wandb else None, dataclasses.asdict(config))
         profiler = StepProfiler(self.out_dir, config.profile_steps, world.device, enabled=world.is_main)
+        window_steps, window_seconds = 0, 0.0  # the training steps since the last record, and their time
         try:
             while self.step < self.total_steps:
                 profiler.before_step()
+                start = time.perf_counter()
                 record = self._train_step()
+                window_seconds += time.perf_counter() - start
+                window_steps += 1
                 profiler.after_step()
                 self.step += 1
                 validate = config.val_every > 0 and (self.step % config.val_every == 0 or
@@ -180,7 +184,11 @@ class _Run:
                 if validate:
                     record["val_loss"] = self._validation_loss()
                 if validate or self.step % config.log_every == 0 or self.step == self.total_steps:
+                    # every step since the last record, not only this one: a slow step between records (a
+                    # recompilation, a data stall) shows in the rate
+                    record["tokens_per_s"] = window_steps * self.global_batch * config.seq_len / window_seconds
                     logger.log({"step": self.step, **record})
+                    window_steps, window_seconds = 0, 0.0
                 if any_rank(self.stop_signal is not None, world):
                     self._save()
                     self._stopped()
@@ -196,7 +204,6 @@ class _Run:
 
     def _train_step(self) -> dict[str, float]:
         config, world = self.config, self.world
-        start = time.perf_counter()
         indices = self.sampler.rank_rows(self.step, world.rank, world.size)
         num_targets = self.rows.num_targets(self.sampler.step_rows(self.step), self.flatten)
         total_loss = torch.zeros((), device=world.device)
@@ -221,8 +228,7 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = self.global_batch * config.seq_len
-        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": (self.step + 1) * tokens,
-                  "tokens_per_s": tokens / (time.perf_counter() - start)}
+        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": (self.step + 1) * tokens}
         if world.device.type == "cuda":  # this rank's peak since the start, for memory per GPU
             record["peak_gib"] = torch.cuda.max_memory_allocated(world.device) / 2**30
         return record
