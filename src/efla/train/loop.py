@@ -261,10 +261,10 @@ class _Run:
         (its chunked loss, without float32 logits for every token); num_items_in_batch=1 keeps it a sum, which the
         caller divides by the step's target count."""
         device = self.world.device
-        inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "use_cache": False,
-                                  "shift_labels": batch["targets"].to(device), "num_items_in_batch": 1}
+        inputs: dict[str, Any] = {"input_ids": _to_device(batch["input_ids"], device), "use_cache": False,
+                                  "shift_labels": _to_device(batch["targets"], device), "num_items_in_batch": 1}
         if batch["cu_seqlens"] is not None:
-            inputs["cu_seqlens"] = batch["cu_seqlens"].to(device)
+            inputs["cu_seqlens"] = _to_device(batch["cu_seqlens"], device)
         autocast = device.type == "cuda" and self.config.precision == "bf16"
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return self.model(**inputs).loss
@@ -481,6 +481,15 @@ def _check_override_keys(overrides: dict[str, Any], config_class: type) -> None:
     if unknown:
         raise ValueError(f"model_overrides has unknown key(s) {unknown} for {config_class.__name__}; known keys: "
                          f"{sorted(k for k in known if not k.startswith('_'))}")
+
+
+def _to_device(batch_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch tensor on ``device``. To a GPU through pinned memory without waiting: a copy from pageable memory
+    first waits for every kernel already queued (the previous step's optimizer), so the host could not queue the
+    next forward meanwhile."""
+    if device.type != "cuda":
+        return batch_tensor.to(device)
+    return batch_tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _adamw(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
