@@ -12,13 +12,17 @@
 #   kernels     benchmarks/kernels.py at the three low-parallelism shapes, per-kernel profile of the first
 #   gated       benchmarks/kernels.py --gated: gated EFLA / Gated DeltaNet vs fla's chunk_gated_delta_rule, and
 #               model_throughput.py --decay-gate at 8x2048 beside fla's Gated DeltaNet model (not a default stage)
+#   train       `efla train` at its defaults (340M, 8 x 2048, compiled blocks, bf16 autocast), 60 steps with a profile
+#               of 3; needs TRAIN_DATA (.jsonl or folder, e.g. from scripts/build_corpus.py) and TOKENIZER (a folder,
+#               e.g. from `efla tokenizer train`), carried to the machine (not a default stage)
+#   host        benchmarks/host_overhead.py: host time per call of each operator, ours and fla's (not a default stage)
 # On a machine with no network, carry fla's wheels (and transformers' if older there) and install them with
 #   python3 -m pip install --no-index --no-deps --target DIR WHEELS... && export PYTHONPATH=DIR:$PWD/src
 # without --no-index --no-deps pip tries to resolve dependencies over the network and can wait for minutes.
 # fla autotunes its kernels on first use, minutes per stage on a fresh machine; it caches the results in Triton's cache,
 # so point TRITON_CACHE_DIR at a folder that is carried from run to run (and brought back) to skip that.
-# Each step has a time limit (seconds: TESTS_S, THROUGHPUT_S, GENERATION_S, KERNELS_S, GATED_S); logs and JSON lines
-# go to OUT_DIR, a summary to stdout. A stage that fails or runs out of time says so and the next one still runs.
+# Each step has a time limit (seconds: TESTS_S, THROUGHPUT_S, GENERATION_S, KERNELS_S, GATED_S, TRAIN_S, HOST_S);
+# logs and JSON lines go to OUT_DIR, a summary to stdout. A stage that fails or runs out of time says so and the next one still runs.
 set -u
 out=${1:-runs/gpu_checks}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -67,6 +71,20 @@ for stage in $stages; do
         --variants efla delta fla --out "$out/throughput_gated.jsonl" > "$out/throughput_gated.log" 2>&1
       echo "gated model throughput: exit $?"
       grep -E "tokens/s|out of memory" "$out/throughput_gated.log" ;;
-    *) echo "unknown stage $stage (tests, throughput, generation, kernels, gated)"; exit 2 ;;
+    train)
+      if [ -z "${TRAIN_DATA:-}" ] || [ -z "${TOKENIZER:-}" ]; then
+        echo "train: set TRAIN_DATA and TOKENIZER (scripts/build_corpus.py, then efla tokenizer train)"; continue
+      fi
+      timeout "${TRAIN_S:-300}" python -m efla train --model 340M --tokenizer "$TOKENIZER" --data "$TRAIN_DATA" \
+        --seq-len 2048 --micro-batch-size 8 --max-steps 60 --warmup-steps 10 --log-every 10 --profile-steps 3 \
+        --out-dir "$out/train" > "$out/train.log" 2>&1
+      echo "efla train: exit $? (tokens/s over each 10 steps; profile in $out/train/profile.txt)"
+      grep -o '"step": [0-9]*\|"tokens_per_s": [0-9.]*\|"peak_gib": [0-9.]*' "$out/train/metrics.jsonl" | paste - - - ;;
+    host)
+      timeout "${HOST_S:-200}" python benchmarks/host_overhead.py --out "$out/host_overhead.jsonl" \
+        > "$out/host_overhead.log" 2>&1
+      echo "host overhead: exit $?"
+      grep "^|" "$out/host_overhead.log" ;;
+    *) echo "unknown stage $stage (tests, throughput, generation, kernels, gated, train, host)"; exit 2 ;;
   esac
 done
