@@ -102,6 +102,24 @@ def test_packed_plan_follows_cu_seqlens():
     assert rel_err(o, o_ref) <= 1e-5
 
 
+def test_dense_plan_is_built_once_per_shape():
+    """Equal-length batches reuse one kept chunk map per (batch, length, device), equal to a fresh one, and a new
+    shape gets its own: outputs stay right when batches of different shapes alternate."""
+    from efla.ops.triton.plan import Chunks, dense_cu, dense_plan
+
+    device = torch.device(DEVICE)
+    first, again, other = dense_plan(3, 100, device), dense_plan(3, 100, device), dense_plan(2, 150, device)
+    assert first[0] is again[0] and first[1] is again[1] and other[0] is not first[0]
+    fresh = Chunks(dense_cu(3, 100, device), None, 3, 100)
+    for name in ("seq", "t0", "first"):
+        assert torch.equal(getattr(first[0], name), getattr(fresh, name))
+    for B, T, seed in ((3, 100, 20), (2, 150, 21), (3, 100, 22)):
+        q, k, v, beta, _ = _inputs(B, T, 2, 16, 16, "efla", 1, seed=seed)
+        o, _ = efla_attention(q, k, v, beta, backend="triton")
+        o_ref, _ = efla_attention(q.double(), k.double(), v.double(), beta.double(), backend="torch")
+        assert rel_err(o, o_ref) <= 1e-5
+
+
 def test_float16_forward():
     _check(torch.float16, _inputs(2, 70, 2, 16, 32, "efla", 2, seed=3), "efla", tol=5e-3, grads=False)
 

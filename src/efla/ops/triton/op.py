@@ -19,7 +19,7 @@ import torch
 from efla.ops.triton.chunk_bwd import grad_qk, grad_wy, state_bwd
 from efla.ops.triton.chunk_fwd import output, state_fwd
 from efla.ops.triton.fused_recurrent import fused_recurrent
-from efla.ops.triton.plan import Chunks, dense_cu, packed_plan
+from efla.ops.triton.plan import Chunks, dense_cu, dense_plan, packed_plan
 from efla.ops.triton.wy import CHUNK, wy_fwd
 
 
@@ -27,9 +27,7 @@ def _chunk_map(k: torch.Tensor, cu_seqlens: torch.Tensor | None, cu_seqlens_cpu:
                batch: int) -> tuple[Chunks, torch.Tensor]:
     """The chunk map and int32 cu_seqlens of the packed tokens in k."""
     if cu_seqlens is None:
-        length = k.shape[0] // batch
-        cu = dense_cu(batch, length, k.device)
-        return Chunks(cu, None, batch, length), cu
+        return dense_plan(batch, k.shape[0] // batch, k.device)
     plan = packed_plan(cu_seqlens, k.shape[0], cu_seqlens_cpu)
     return plan.chunks(), plan.cu
 

@@ -2,11 +2,12 @@
 
 The chunk kernels run one program per chunk, so they need, per chunk, its sequence and first token, and per sequence
 the row of its first chunk in the per-chunk state tensors. For equal-length batches this map is built on the device
-without a sync; for packed sequences of different lengths it needs the lengths on the host.
+without a sync, once per shape; for packed sequences of different lengths it needs the lengths on the host.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -79,3 +80,20 @@ def packed_plan(cu_seqlens: torch.Tensor, T: int, cu_seqlens_cpu: torch.Tensor |
 def dense_cu(batch: int, length: int, device: torch.device) -> torch.Tensor:
     """cu_seqlens of ``batch`` sequences of ``length`` tokens each, [batch + 1] int32 (no sync)."""
     return torch.arange(0, batch + 1, device=device, dtype=torch.int32) * length
+
+
+def dense_plan(batch: int, length: int, device: torch.device) -> tuple[Chunks, torch.Tensor]:
+    """The chunk map and cu_seqlens of ``batch`` equal sequences of ``length`` tokens. Built once per shape and
+    device and kept (a few int32 per chunk): building them is eight small kernel launches, which on a slow host cost
+    about as much as the chunk kernels themselves at small shapes, in every forward and backward of every layer.
+    Not kept while a CUDA graph is being captured (the tensors would live in the graph's memory pool)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        cu = dense_cu(batch, length, device)
+        return Chunks(cu, None, batch, length), cu
+    return _kept_dense_plan(batch, length, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _kept_dense_plan(batch: int, length: int, device: torch.device) -> tuple[Chunks, torch.Tensor]:
+    cu = dense_cu(batch, length, device)
+    return Chunks(cu, None, batch, length), cu
