@@ -27,7 +27,7 @@ import triton.language as tl
 
 from efla import efla_attention
 from efla.ops.elementwise import l2_normalize, rms_norm, swiglu
-from efla.ops.triton.short_conv import short_conv_silu
+from efla.ops.triton.short_conv import short_conv_silu, short_conv_silu_many
 
 
 @triton.jit
@@ -70,6 +70,10 @@ def _operators(with_fla: bool) -> dict[str, Callable[[], object]]:
         "efla_attention fwd+bwd": lambda: torch.autograd.grad(attention("efla"), (q, k, v, beta), do),
         "short conv + SiLU fwd": lambda: short_conv_silu(x, conv_w, None),
         "short conv + SiLU fwd+bwd": lambda: backward(short_conv_silu(x, conv_w, None), (x, conv_w)),
+        "short conv q, k, v: 3 calls fwd+bwd": lambda: [backward(short_conv_silu(x, conv_w, None), (x, conv_w))
+                                                       for _ in range(3)],
+        "short conv q, k, v: 1 call fwd+bwd": lambda: torch.autograd.grad(
+            short_conv_silu_many([x] * 3, [conv_w] * 3, None), (x, conv_w), [torch.ones_like(x)] * 3),
         "RMSNorm fwd+bwd": lambda: backward(rms_norm(x, norm_w, 1e-6), (x, norm_w)),
         "SwiGLU fwd+bwd": lambda: backward(swiglu(a, b), (a, b)),
         "L2 norm fwd+bwd": lambda: backward(l2_normalize(x), (x,)),
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             rows.append(row)
-            print(f"{name:32s} host {row['host_us']:8.1f} us  gpu {row['gpu_us']:8.1f} us", flush=True)
+            print(f"{name:36s} host {row['host_us']:8.1f} us  gpu {row['gpu_us']:8.1f} us", flush=True)
     print("\n| operator | host us per call | GPU us per call | bound by |")
     print("|---|---|---|---|")
     for row in rows:

@@ -38,3 +38,37 @@ def test_kernels_match_the_float64_convolution(cu):
     assert rel_err(y, y_ref) < 1e-5
     for a, b in zip(grads, grads_ref, strict=True):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("cu", [None, [0, 3, 40, 99]])
+def test_three_inputs_in_one_call_match_each_alone(cu):
+    """short_conv_silu_many (a layer's q, k and v in one launch each way) gives each input's float64 convolution,
+    outputs and gradients (weights included), dense rows and packed sequences."""
+    from efla.ops.triton.short_conv import short_conv_silu_many
+
+    g = torch.Generator().manual_seed(4)
+    B, T, C, W = (2, 50, 70, 4) if cu is None else (1, 99, 70, 4)
+    xs = [torch.randn(B, T, C, generator=g) for _ in range(3)]
+    weights = [torch.randn(C, 1, W, generator=g) / 2 for _ in range(3)]
+    dys = [torch.randn(B, T, C, generator=g) for _ in range(3)]
+    cu_seqlens = None if cu is None else torch.tensor(cu)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (*xs, *weights)]
+    ys = short_conv_silu_many(leaves[:3], leaves[3:], None if cu_seqlens is None else cu_seqlens.to(DEVICE))
+    grads = torch.autograd.grad(ys, leaves, [dy.to(DEVICE) for dy in dys])
+    for i in range(3):
+        ref_leaves = [t.double().requires_grad_() for t in (xs[i], weights[i])]
+        y_ref = short_conv(*ref_leaves, None, cu_seqlens)
+        grads_ref = torch.autograd.grad(y_ref, ref_leaves, dys[i].double())
+        assert rel_err(ys[i], y_ref) < 1e-5
+        assert rel_err(grads[i], grads_ref[0]) < 1e-5
+        assert rel_err(grads[3 + i], grads_ref[1]) < 1e-5
+
+
+def test_many_rejects_a_wrong_count():
+    from efla.ops.triton.short_conv import short_conv_silu_many
+
+    x, w = torch.randn(1, 8, 4, device=DEVICE), torch.randn(4, 1, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="1 to 3 inputs"):
+        short_conv_silu_many([x] * 4, [w] * 4, None)
+    with pytest.raises(ValueError, match="one weight each"):
+        short_conv_silu_many([x, x], [w], None)

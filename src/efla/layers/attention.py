@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efla.layers.conv import ShortConvolution, short_conv, short_conv_state
+from efla.layers.conv import ShortConvolution, short_conv_many, short_conv_state
 from efla.layers.decode import can_step_in_place, decode_in_place
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
@@ -161,33 +161,32 @@ class EFLAttention(nn.Module):
         """q, k, v [B, T, H, head_dim] = silu(conv(W x)) (silu(W x) without the convolution), q (and k in mode
         "delta") L2-normalised; and, with keep_state, the new convolution state: q's, k's and v's [B, hidden_size,
         W - 1] concatenated along the channels."""
-        states = (None,) * 3 if conv_state is None else conv_state.chunk(3, dim=1)
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else (None,) * 3
-        normalized = (True, self.mode == "delta", False)
-        features, new_states = [], []
-        for proj, conv, state, l2 in zip((self.q_proj, self.k_proj, self.v_proj), convs, states, normalized,
-                                         strict=True):
-            projected = proj(x)
-            activate = partial(self._activate, state=state, cu_seqlens=cu_seqlens, l2=l2)
-            weights = () if conv is None else (conv.weight,)
-            features.append(recompute(activate, projected, *weights, enabled=self.recompute))
-            if keep_state and conv is not None:
-                new_states.append(short_conv_state(projected, conv.kernel_size[0], state, cu_seqlens))
-        return *features, (torch.cat(new_states, dim=1) if new_states else None)
+        projected = [proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        states = [None] * 3 if conv_state is None else list(conv_state.chunk(3, dim=1))
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
+        activate = partial(self._activate, states=states, cu_seqlens=cu_seqlens)
+        q, k, v = recompute(activate, *projected, *(conv.weight for conv in convs), enabled=self.recompute)
+        new_state = None
+        if keep_state and convs:
+            new_state = torch.cat([short_conv_state(p, conv.kernel_size[0], state, cu_seqlens)
+                                   for p, conv, state in zip(projected, convs, states, strict=True)], dim=1)
+        return q, k, v, new_state
 
     def _activate(
         self,
-        projected: torch.Tensor,
-        *conv_weight: torch.Tensor,
-        state: torch.Tensor | None,
+        *tensors: torch.Tensor,
+        states: list[torch.Tensor | None],
         cu_seqlens: torch.Tensor | None,
-        l2: bool,
-    ) -> torch.Tensor:
-        """[B, T, hidden_size] -> [B, T, H, head_dim]: silu(conv(projected)) (silu alone without a conv_weight),
-        L2-normalised per head when l2. Element-wise apart from the depthwise convolution: cheap to recompute."""
-        y = short_conv(projected, conv_weight[0], state, cu_seqlens) if conv_weight else F.silu(projected)
-        y = y.unflatten(-1, (self.num_heads, self.head_dim))
-        return l2_normalize(y) if l2 else y
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k, v projections [B, T, hidden_size] (followed by the three convolution weights, if any) ->
+        (q, k, v) [B, T, H, head_dim]: silu(conv(projected)) (silu alone without the convolution; the three
+        convolutions in one call, ``short_conv_many``), q (and k in mode "delta") L2-normalised per head.
+        Element-wise apart from the depthwise convolution: cheap to recompute."""
+        projected, weights = list(tensors[:3]), list(tensors[3:])
+        ys = short_conv_many(projected, weights, states, cu_seqlens) if weights else [F.silu(p) for p in projected]
+        heads = [y.unflatten(-1, (self.num_heads, self.head_dim)) for y in ys]
+        q, k, v = heads
+        return l2_normalize(q), (l2_normalize(k) if self.mode == "delta" else k), v
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

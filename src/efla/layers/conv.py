@@ -55,6 +55,22 @@ def short_conv(
     return F.silu(F.conv1d(seq, weight, groups=x.shape[-1])).transpose(1, 2)
 
 
+def short_conv_many(
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    initial_states: list[torch.Tensor | None],
+    cu_seqlens: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """``short_conv`` of each x with its weight and initial state (x's of one shape, as a layer's q, k and v). On a
+    GPU without states (training, prefill) all of them run in one fused custom op: one call and one launch each way
+    instead of one per input, which is what bounds a training step's host at small batches."""
+    if all(state is None for state in initial_states) and xs[0].is_cuda and _TRITON and len(xs) <= 3:
+        from efla.ops.triton.short_conv import short_conv_silu_many
+
+        return short_conv_silu_many(xs, weights, cu_seqlens)
+    return [short_conv(x, w, state, cu_seqlens) for x, w, state in zip(xs, weights, initial_states, strict=True)]
+
+
 def short_conv_state(
     x: torch.Tensor,
     kernel_size: int,

@@ -11,16 +11,17 @@ keep only their inputs in every mode (``efla.ops.elementwise``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
-def recompute(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+def recompute(fn: Callable[..., Any], *tensors: torch.Tensor, enabled: bool = True) -> Any:
     """fn(*tensors), saving only ``tensors`` for the backward and recomputing fn there.
 
-    fn must be a deterministic function of ``tensors`` alone: pass the parameters it uses among them (their
-    gradients flow through), anything else it closes over is not differentiated. Without gradients, or with
-    enabled=False, it is a plain call; under torch.compile too.
+    fn returns a tensor or a tuple of tensors, and must be a deterministic function of ``tensors`` alone: pass the
+    parameters it uses among them (their gradients flow through), anything else it closes over is not
+    differentiated. Without gradients, or with enabled=False, it is a plain call; under torch.compile too.
     """
     if not enabled or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return fn(*tensors)
@@ -39,12 +40,15 @@ class _Recomputed(torch.autograd.Function):
         return fn(*tensors)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, *grad_outputs):  # type: ignore[override]
         needs = ctx.needs_input_grad[1:]
         inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
-            output = ctx.fn(*inputs)
+            outputs = ctx.fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        used = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True) if grad is not None]
         wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
-        grads = iter(torch.autograd.grad(output, wanted, grad_output, allow_unused=True))
+        grads = iter(torch.autograd.grad([out for out, _ in used], wanted, [grad for _, grad in used],
+                                         allow_unused=True))
         return None, *(next(grads) if need else None for need in needs)

@@ -34,9 +34,24 @@ def _pre_activation(x, w, t, c, pos, tmask, cmask, C, W: tl.constexpr, BLOCK_T: 
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, pos_ptr, y, total, C, W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pick(i, a, b, c):
+    """The i-th (0, 1, 2) of three tensors: one launch serves up to three convolutions (q, k and v)."""
+    if i == 0:
+        chosen = a
+    elif i == 1:
+        chosen = b
+    else:
+        chosen = c
+    return chosen
+
+
+@triton.jit
+def _conv_fwd_kernel(x0, x1, x2, w, pos_ptr, y0, y1, y2, total, C, W: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = tl.program_id(2)
+    x, y, w = _pick(i, x0, x1, x2), _pick(i, y0, y1, y2), w + i * C * W
     tmask, cmask = t < total, c < C
     pos = tl.load(pos_ptr + t, mask=tmask, other=0)
     pre = _pre_activation(x, w, t, c, pos, tmask, cmask, C, W, BLOCK_T, BLOCK_C)
@@ -46,11 +61,15 @@ def _conv_fwd_kernel(x, w, pos_ptr, y, total, C, W: tl.constexpr, BLOCK_T: tl.co
 
 
 @triton.jit
-def _conv_bwd_pre_kernel(x, w, pos_ptr, dy, dpre, dw_part, total, C, W: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
-    """d_pre for a block of tokens, and the block's share of dw."""
+def _conv_bwd_pre_kernel(x0, x1, x2, w, pos_ptr, dy0, dy1, dy2, dpre, dw_part, total, C, W: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """d_pre for a block of tokens, and the block's share of dw (dpre [N, tokens, C], dw_part [N, blocks, W, C])."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = tl.program_id(2)
+    x, dy, w = _pick(i, x0, x1, x2), _pick(i, dy0, dy1, dy2), w + i * C * W
+    dpre += i.to(tl.int64) * total * C
+    dw_part += i.to(tl.int64) * tl.num_programs(0) * W * C
     tmask, cmask = t < total, c < C
     mask = tmask[:, None] & cmask[None, :]
     pos = tl.load(pos_ptr + t, mask=tmask, other=0)
@@ -68,10 +87,13 @@ def _conv_bwd_pre_kernel(x, w, pos_ptr, dy, dpre, dw_part, total, C, W: tl.const
 
 
 @triton.jit
-def _conv_bwd_x_kernel(w, pos_ptr, dpre, dx, total, C, W: tl.constexpr, BLOCK_T: tl.constexpr,
+def _conv_bwd_x_kernel(w, pos_ptr, dpre, dx0, dx1, dx2, total, C, W: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = tl.program_id(2)
+    dx, w = _pick(i, dx0, dx1, dx2), w + i * C * W
+    dpre += i.to(tl.int64) * total * C
     tmask, cmask = t < total, c < C
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
     for j in tl.static_range(W):
@@ -85,73 +107,95 @@ def _conv_bwd_x_kernel(w, pos_ptr, dpre, dx, total, C, W: tl.constexpr, BLOCK_T:
              mask=tmask[:, None] & cmask[None, :])
 
 
-def _grid(total: int, C: int) -> tuple[int, int]:
-    return triton.cdiv(total, _BLOCK_T), triton.cdiv(C, _BLOCK_C)
+def _grid(total: int, C: int, n: int) -> tuple[int, int, int]:
+    return triton.cdiv(total, _BLOCK_T), triton.cdiv(C, _BLOCK_C), n
+
+
+def _three(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The kernels' three pointer slots, the unused ones filled with the first tensor (never read: the launch's
+    third grid axis covers only the given ones)."""
+    return tensors + [tensors[0]] * (3 - len(tensors))
 
 
 @torch.library.custom_op("efla::short_conv_silu", mutates_args=())
-def short_conv_silu_op(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [tokens, C], weight [C, W], positions [tokens] int32 -> silu(causal depthwise conv(x)) [tokens, C]."""
-    y = torch.empty_like(x)
-    total, C = x.shape
-    with torch.cuda.device_of(x):
-        _conv_fwd_kernel[_grid(total, C)](x, weight, positions, y, total, C, W=weight.shape[1], BLOCK_T=_BLOCK_T,
-                                          BLOCK_C=_BLOCK_C, num_warps=4)
-    return y
+def short_conv_silu_op(xs: list[torch.Tensor], weight: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+    """xs: 1 to 3 tensors [tokens, C] (same shape and dtype), weight [len(xs), C, W], positions [tokens] int32 ->
+    silu(causal depthwise conv(xs[i]) with weight[i]) for each, in one launch."""
+    ys = [torch.empty_like(x) for x in xs]
+    total, C = xs[0].shape
+    with torch.cuda.device_of(xs[0]):
+        _conv_fwd_kernel[_grid(total, C, len(xs))](*_three(xs), weight, positions, *_three(ys), total, C,
+                                                    W=weight.shape[-1], BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
+                                                    num_warps=4)
+    return ys
 
 
 @short_conv_silu_op.register_fake
-def _short_conv_silu_fake(x, weight, positions):
-    return torch.empty_like(x)
+def _short_conv_silu_fake(xs, weight, positions):
+    return [torch.empty_like(x) for x in xs]
 
 
 @torch.library.custom_op("efla::short_conv_silu_backward", mutates_args=())
-def short_conv_silu_backward(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
-                             dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx like x, dweight [C, W] float32)."""
-    total, C = x.shape
-    W = weight.shape[1]
-    grid = _grid(total, C)
-    dpre = torch.empty(total, C, device=x.device, dtype=torch.float32)
-    dw_part = torch.empty(grid[0], W, C, device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x)
-    with torch.cuda.device_of(x):
-        _conv_bwd_pre_kernel[grid](x, weight, positions, dy, dpre, dw_part, total, C, W=W, BLOCK_T=_BLOCK_T,
-                                   BLOCK_C=_BLOCK_C, num_warps=4)
-        _conv_bwd_x_kernel[grid](weight, positions, dpre, dx, total, C, W=W, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
-                                 num_warps=4)
-    return dx, dw_part.sum(0).t().contiguous()
+def short_conv_silu_backward(xs: list[torch.Tensor], weight: torch.Tensor, positions: torch.Tensor,
+                             dys: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(dxs like xs, dweight [len(xs), C, W] float32)."""
+    total, C = xs[0].shape
+    n, W = len(xs), weight.shape[-1]
+    grid = _grid(total, C, n)
+    dpre = torch.empty(n, total, C, device=xs[0].device, dtype=torch.float32)
+    dw_part = torch.empty(n, grid[0], W, C, device=xs[0].device, dtype=torch.float32)
+    dxs = [torch.empty_like(x) for x in xs]
+    with torch.cuda.device_of(xs[0]):
+        _conv_bwd_pre_kernel[grid](*_three(xs), weight, positions, *_three(dys), dpre, dw_part, total, C, W=W,
+                                   BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4)
+        _conv_bwd_x_kernel[grid](weight, positions, dpre, *_three(dxs), total, C, W=W, BLOCK_T=_BLOCK_T,
+                                 BLOCK_C=_BLOCK_C, num_warps=4)
+    return dxs, dw_part.sum(1).transpose(1, 2).contiguous()
 
 
 @short_conv_silu_backward.register_fake
-def _short_conv_silu_backward_fake(x, weight, positions, dy):
-    return torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32)
+def _short_conv_silu_backward_fake(xs, weight, positions, dys):
+    return [torch.empty_like(x) for x in xs], weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, positions = inputs
-    ctx.save_for_backward(x, weight, positions)
+    xs, weight, positions = inputs
+    ctx.save_for_backward(*xs, weight, positions)
 
 
-def _backward(ctx, dy):
-    x, weight, positions = ctx.saved_tensors
-    dx, dw = short_conv_silu_backward(x, weight, positions, dy.contiguous())
-    return dx, dw.to(weight.dtype), None
+def _backward(ctx, dys):
+    *xs, weight, positions = ctx.saved_tensors
+    dys = [torch.zeros_like(x) if dy is None else dy.contiguous() for x, dy in zip(xs, dys, strict=True)]
+    dxs, dw = short_conv_silu_backward(xs, weight, positions, dys)
+    return dxs, dw.to(weight.dtype), None
 
 
 short_conv_silu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """silu(causal depthwise conv(x)) for x [B, T, C] (each row a sequence) or packed sequences x [1, T, C] with
-    cu_seqlens; weight [C, 1, W] (nn.Conv1d's). Zeros before each sequence's start; no host sync."""
-    B, T, C = x.shape
-    index = torch.arange(B * T, device=x.device, dtype=torch.int32)
+def short_conv_silu_many(xs: list[torch.Tensor], weights: list[torch.Tensor],
+                         cu_seqlens: torch.Tensor | None) -> list[torch.Tensor]:
+    """silu(causal depthwise conv(x)) of 1 to 3 inputs of one shape [B, T, C] (each row a sequence, or packed
+    sequences [1, T, C] with cu_seqlens), each with its weight [C, 1, W] (nn.Conv1d's), in one custom op and one
+    launch each way: a layer's q, k and v convolutions cost the host one call instead of three. Zeros before each
+    sequence's start; no host sync."""
+    if not 1 <= len(xs) <= 3 or len(weights) != len(xs):
+        raise ValueError(f"short_conv_silu_many takes 1 to 3 inputs and one weight each (got {len(xs)} inputs, "
+                         f"{len(weights)} weights)")
+    B, T, C = xs[0].shape
+    index = torch.arange(B * T, device=xs[0].device, dtype=torch.int32)
     if cu_seqlens is None:
         positions = index % T
     else:
-        starts = cu_seqlens.to(device=x.device, dtype=torch.int32)
+        starts = cu_seqlens.to(device=xs[0].device, dtype=torch.int32)
         document = torch.searchsorted(starts[1:], index, right=True)
         positions = index - starts[document]
-    y = short_conv_silu_op(x.reshape(B * T, C).contiguous(), weight[:, 0].contiguous(), positions.to(torch.int32))
-    return y.view(B, T, C)
+    weight = torch.stack([w[:, 0] for w in weights])  # [N, C, W]
+    ys = short_conv_silu_op([x.reshape(B * T, C).contiguous() for x in xs], weight, positions.to(torch.int32))
+    return [y.view(B, T, C) for y in ys]
+
+
+def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """silu(causal depthwise conv(x)) for x [B, T, C] (each row a sequence) or packed sequences x [1, T, C] with
+    cu_seqlens; weight [C, 1, W] (nn.Conv1d's). Zeros before each sequence's start; no host sync."""
+    return short_conv_silu_many([x], [weight], cu_seqlens)[0]
