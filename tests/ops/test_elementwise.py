@@ -159,3 +159,23 @@ def test_l2_normalize_matches_float64_and_keeps_its_input_only(dtype):
     (grad_ref,) = torch.autograd.grad(ref, ref_leaf, dy.double())
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     assert out.dtype == dtype and rel_err(out, ref) < tol and rel_err(grad, grad_ref) < tol
+
+
+@triton_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_norm_kernels_match_float64(dtype):
+    """The fused q/k L2 norm: rows not a multiple of the rows per program, a head dim not a power of two, norms from
+    1e-4 to 1e2 (so eps matters in some rows)."""
+    from efla.ops.triton.l2norm import l2_norm_bwd, l2_norm_fwd
+
+    g = torch.Generator().manual_seed(10)
+    y = (torch.randn(37, 48, generator=g) * torch.logspace(-4, 2, 37)[:, None]).to(DEVICE, dtype)
+    dn = torch.randn(37, 48, generator=g).to(DEVICE, dtype)
+    n, r = l2_norm_fwd(y, 1e-6)
+    dy = l2_norm_bwd(y, r, dn)
+    ref_leaf = y.detach().double().requires_grad_()
+    ref = l2_normalize_reference(ref_leaf)
+    (dy_ref,) = torch.autograd.grad(ref, ref_leaf, dn.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert n.dtype == dtype and dy.dtype == dtype and r.dtype == torch.float32
+    assert rel_err(n, ref) < tol and rel_err(dy, dy_ref) < tol

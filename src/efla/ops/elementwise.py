@@ -3,8 +3,9 @@ silu(gate)), SwiGLU (alone or with the linear layer after it) and the q/k L2 nor
 
 Eager PyTorch keeps what each small op needs (x in float32, the normalised x, silu(a), ...): about 10 KB per token for
 a 1024-wide RMSNorm and 16 KB for a 2816-wide SwiGLU. These functions keep their inputs in the input dtype (and one
-float32 per row for RMSNorm) and recompute the rest in the backward: on CUDA through fused Triton kernels
-(``ops/triton/rmsnorm.py``, ``ops/triton/swiglu.py``), elsewhere through the same formulas in PyTorch. Under
+float32 per row for RMSNorm and the L2 norm) and recompute the rest in the backward: on CUDA through fused Triton
+kernels (``ops/triton/rmsnorm.py``, ``ops/triton/swiglu.py``, ``ops/triton/l2norm.py``), elsewhere through the same
+formulas in PyTorch. Under
 torch.compile they are the plain formulas, which the compiler fuses and recomputes itself.
 """
 
@@ -99,10 +100,18 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _L2Normalize(torch.autograd.Function):
-    """With r = (||y||^2 + eps)^(-1/2) and n = y r: dy_in = r (dn - n (n . dn))."""
+    """With r = (||y||^2 + eps)^(-1/2) and n = y r: dy_in = r (dn - n (n . dn)). On CUDA (float64 aside) one fused
+    Triton pass each way (``ops/triton/l2norm.py``); elsewhere the same formulas in PyTorch."""
 
     @staticmethod
     def forward(ctx, y, eps):
+        if _fused(y) and y.dtype != torch.float64:
+            from efla.ops.triton.l2norm import l2_norm_fwd
+
+            y2 = y.reshape(-1, y.shape[-1]).contiguous()
+            n, r = l2_norm_fwd(y2, eps)
+            ctx.save_for_backward(y2, r)
+            return n.view(y.shape)
         y32 = y.to(torch.promote_types(y.dtype, torch.float32))
         r = torch.rsqrt(y32.square().sum(-1, keepdim=True) + eps)
         ctx.save_for_backward(y, r)
@@ -112,6 +121,10 @@ class _L2Normalize(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dn):
         y, r = ctx.saved_tensors
+        if _fused(y) and y.dtype != torch.float64:
+            from efla.ops.triton.l2norm import l2_norm_bwd
+
+            return l2_norm_bwd(y, r, dn.reshape(y.shape).contiguous()).view(dn.shape), None
         n = y.to(r.dtype) * r
         d = dn.to(r.dtype)
         return (r * (d - n * (n * d).sum(-1, keepdim=True))).to(y.dtype), None
