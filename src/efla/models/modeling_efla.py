@@ -157,7 +157,8 @@ class EFLAModel(EFLAPreTrainedModel):
             use_cache = False
             # the number of documents changes from batch to batch: compiled blocks trace it as a symbol from the
             # first batch on instead of recompiling when it first changes
-            torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+            if isinstance(cu_seqlens, torch.Tensor):  # anything else gets efla_attention's argument error
+                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
