@@ -184,8 +184,7 @@ class EFLAttention(nn.Module):
         Element-wise apart from the depthwise convolution: cheap to recompute."""
         projected, weights = list(tensors[:3]), list(tensors[3:])
         ys = short_conv_many(projected, weights, states, cu_seqlens) if weights else [F.silu(p) for p in projected]
-        heads = [y.unflatten(-1, (self.num_heads, self.head_dim)) for y in ys]
-        q, k, v = heads
+        q, k, v = (y.unflatten(-1, (self.num_heads, self.head_dim)) for y in ys)
         return l2_normalize(q), (l2_normalize(k) if self.mode == "delta" else k), v
 
 
