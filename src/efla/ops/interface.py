@@ -91,19 +91,11 @@ def efla_attention(
         return _empty(q, v, initial_state, output_final_state, cu_seqlens)
     backend, chunk_size = _resolve_auto(backend, chunk_size, q)
     lengths_from = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
-    run = _BACKENDS[backend]() if g is None else functools.partial(_GATED_BACKENDS[backend](), g=g)
-    if cu_seqlens is not None and backend in ("recurrent", "torch"):
-        run = functools.partial(_outside_compile, run)
-    return run(q, k, v, beta, scale=float(scale), initial_state=initial_state, output_final_state=output_final_state,
-               cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size, lengths_from=lengths_from)
-
-
-@torch.compiler.disable
-def _outside_compile(run: Callable, *args: Any, **kwargs: Any) -> Any:
-    """run(*args, **kwargs), never traced: the reference backends read packed sequences' lengths on the host and
-    their shapes follow them, so traced they would recompile for every new set of lengths (torch.compile sees one
-    graph break here instead; the Triton backend reads the lengths inside its custom ops and needs none)."""
-    return run(*args, **kwargs)
+    if g is None:
+        return _BACKENDS[backend]()(q, k, v, beta, float(scale), initial_state, output_final_state, cu_seqlens, mode,
+                                    chunk_size, lengths_from)
+    return _GATED_BACKENDS[backend]()(q, k, v, beta, g, float(scale), initial_state, output_final_state, cu_seqlens,
+                                      mode, chunk_size, lengths_from)
 
 
 def efla_final_state(
@@ -191,15 +183,9 @@ def _reference_backend(kernel: Callable) -> Callable:
         else:
             alpha = step_sizes(k, beta, mode)
         alpha = alpha.to(torch.promote_types(q.dtype, torch.float32))
-        lengths = None
-        if cu_seqlens is not None:
-            lengths = sequence_lengths(lengths_from, q.shape[1])
-            q, k, v, alpha = (varlen.unpack(x, lengths) for x in (q, k, v, alpha))
-        o, state = kernel(q, k, v, alpha, scale, initial_state, chunk_size)
+        o, state = _per_sequence(kernel, cu_seqlens, lengths_from, (q, k, v, alpha), scale, initial_state, chunk_size)
         if o is None:  # a state-only kernel (efla_final_state)
             return None, state
-        if lengths is not None:
-            o = varlen.pack(o, lengths)
         return o.to(out_dtype), (state if output_final_state else None)
 
     return run
@@ -212,18 +198,37 @@ def _gated_reference_backend(kernel: Callable) -> Callable:
         dtype = torch.promote_types(q.dtype, torch.float32)
         alpha, eta = (x.to(dtype) for x in gated_step_sizes(k, beta, g, mode))
         g = g.to(dtype)
-        lengths = None
-        if cu_seqlens is not None:
-            lengths = sequence_lengths(lengths_from, q.shape[1])
-            q, k, v, alpha, eta, g = (varlen.unpack(x, lengths) for x in (q, k, v, alpha, eta, g))
-        o, state = kernel(q, k, v, alpha, scale, initial_state, chunk_size, g=g, eta=eta)
+
+        def gated(q, k, v, alpha, g, eta, *args):
+            return kernel(q, k, v, alpha, *args, g=g, eta=eta)
+
+        o, state = _per_sequence(gated, cu_seqlens, lengths_from, (q, k, v, alpha, g, eta), scale, initial_state,
+                                 chunk_size)
         if o is None:  # a state-only kernel (efla_final_state)
             return None, state
-        if lengths is not None:
-            o = varlen.pack(o, lengths)
         return o.to(v.dtype), (state if output_final_state else None)
 
     return run
+
+
+def _per_sequence(kernel: Callable, cu_seqlens: torch.Tensor | None, lengths_from: torch.Tensor | None,
+                  tokens: tuple[torch.Tensor, ...], *args: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """kernel(*tokens, *args) for per-token tensors [B, T, ...]; with packed sequences (cu_seqlens) each sequence
+    becomes a padded row first and the output is packed back (``_per_packed_sequence``)."""
+    if cu_seqlens is None:
+        return kernel(*tokens, *args)
+    return _per_packed_sequence(kernel, lengths_from, tokens, *args)
+
+
+@torch.compiler.disable
+def _per_packed_sequence(kernel: Callable, lengths_from: torch.Tensor, tokens: tuple[torch.Tensor, ...],
+                         *args: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``_per_sequence`` on packed sequences, never traced: the lengths are read on the host and the shapes follow
+    them, so traced it would recompile for every new set of lengths (torch.compile sees one graph break here; the
+    Triton backend reads the lengths inside its custom ops and needs none)."""
+    lengths = sequence_lengths(lengths_from, tokens[0].shape[1])
+    o, state = kernel(*(varlen.unpack(x, lengths) for x in tokens), *args)
+    return (None if o is None else varlen.pack(o, lengths)), state
 
 
 def _gated_triton_backend() -> Callable:
