@@ -19,7 +19,7 @@ import torch
 from efla.ops.triton.chunk_bwd import grad_qk, grad_wy, state_bwd
 from efla.ops.triton.chunk_fwd import output, state_fwd
 from efla.ops.triton.fused_recurrent import fused_recurrent
-from efla.ops.triton.plan import Chunks, dense_cu, dense_plan, packed_plan
+from efla.ops.triton.plan import Chunks, dense_plan, packed_plan
 from efla.ops.triton.wy import CHUNK, wy_fwd
 
 
@@ -124,7 +124,7 @@ def fused_recurrent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, final states [N, H, K, V] float32 or empty), one token at a time; inference only."""
     with torch.cuda.device_of(q):
-        cu = dense_cu(batch, k.shape[0] // batch, k.device) if cu_seqlens is None else cu_seqlens.to(torch.int32)
+        cu = dense_plan(batch, k.shape[0] // batch, k.device)[1] if cu_seqlens is None else cu_seqlens.to(torch.int32)
         o, ht = fused_recurrent(q=q, k=k, v=v, beta=beta, g=g, h0=h0, cu=cu, scale=scale, efla=efla,
                                 output_final_state=output_final_state)
     return o, _or_empty(ht, q)

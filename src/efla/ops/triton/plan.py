@@ -87,13 +87,13 @@ def dense_plan(batch: int, length: int, device: torch.device) -> tuple[Chunks, t
     device and kept (a few int32 per chunk): building them is eight small kernel launches, which on a slow host cost
     about as much as the chunk kernels themselves at small shapes, in every forward and backward of every layer.
     Not kept while a CUDA graph is being captured (the tensors would live in the graph's memory pool)."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        cu = dense_cu(batch, length, device)
-        return Chunks(cu, None, batch, length), cu
-    return _kept_dense_plan(batch, length, device)
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return (_build_dense_plan if capturing else _kept_dense_plan)(batch, length, device)
 
 
-@functools.lru_cache(maxsize=32)
-def _kept_dense_plan(batch: int, length: int, device: torch.device) -> tuple[Chunks, torch.Tensor]:
+def _build_dense_plan(batch: int, length: int, device: torch.device) -> tuple[Chunks, torch.Tensor]:
     cu = dense_cu(batch, length, device)
     return Chunks(cu, None, batch, length), cu
+
+
+_kept_dense_plan = functools.lru_cache(maxsize=32)(_build_dense_plan)
