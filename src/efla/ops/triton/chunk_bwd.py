@@ -51,7 +51,6 @@ from efla.ops.triton.wy import (
     _chunk_decay,
     _chunk_t,
     _decay_matrix,
-    _decay_matrix_t,
     _erase_scale,
     _gram,
     _step_size_slopes,
@@ -82,7 +81,7 @@ def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first,
         kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
         if GATED:
             gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
-            kq *= _decay_matrix_t(gv, r, PREC)
+            kq *= _decay_matrix(gv, r, PREC, TRANSPOSE=True)
             k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
             q_tile = (tl.exp(gc)[:, None] * q_tile.to(tl.float32)).to(w_tile.dtype)
         du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
@@ -145,7 +144,7 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     if not GATED:  # loaded only now: the tile is not live while dq is formed
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
     if GATED:
-        PT = scale * tl.where(r[:, None] <= r[None, :], PT, 0.0) * _decay_matrix_t(gv, r, PREC)
+        PT = scale * tl.where(r[:, None] <= r[None, :], PT, 0.0) * _decay_matrix(gv, r, PREC, TRANSPOSE=True)
         dk_acc += tl.dot(PT.to(q_tile.dtype), q_tile, input_precision=PREC)
     else:
         dk_acc += tl.dot(tl.trans(P.to(q_tile.dtype)), q_tile, input_precision=PREC)

@@ -141,17 +141,11 @@ def _log_decay(gv, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _decay_matrix(gv, r, PREC: tl.constexpr):
-    """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal (``_log_decay``)."""
-    causal = r[:, None] >= r[None, :]
-    return tl.where(causal, tl.exp(tl.minimum(_log_decay(gv, r, PREC, False), 0.0)), 0.0)
-
-
-@triton.jit
-def _decay_matrix_t(gv, r, PREC: tl.constexpr):
-    """The transpose of ``_decay_matrix`` (Dt[i, t] = D[t, i]), formed as such (``_log_decay``)."""
-    causal_t = r[:, None] <= r[None, :]
-    return tl.where(causal_t, tl.exp(tl.minimum(_log_decay(gv, r, PREC, True), 0.0)), 0.0)
+def _decay_matrix(gv, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr = False):
+    """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal; with TRANSPOSE its
+    transpose, formed as such (``_log_decay``)."""
+    causal = r[:, None] <= r[None, :] if TRANSPOSE else r[:, None] >= r[None, :]
+    return tl.where(causal, tl.exp(tl.minimum(_log_decay(gv, r, PREC, TRANSPOSE), 0.0)), 0.0)
 
 
 @triton.jit
