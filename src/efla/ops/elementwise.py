@@ -105,7 +105,8 @@ class _L2Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, eps):
-        if _fused(y) and y.dtype != torch.float64:
+        ctx.fused = _fused(y) and y.dtype != torch.float64
+        if ctx.fused:
             from efla.ops.triton.l2norm import l2_norm_fwd
 
             y2 = y.reshape(-1, y.shape[-1]).contiguous()
@@ -121,7 +122,7 @@ class _L2Normalize(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dn):
         y, r = ctx.saved_tensors
-        if _fused(y) and y.dtype != torch.float64:
+        if ctx.fused:
             from efla.ops.triton.l2norm import l2_norm_bwd
 
             return l2_norm_bwd(y, r, dn.reshape(y.shape).contiguous()).view(dn.shape), None
