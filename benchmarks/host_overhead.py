@@ -27,7 +27,7 @@ import triton.language as tl
 
 from efla import efla_attention
 from efla.ops.elementwise import l2_normalize, rms_norm, swiglu
-from efla.ops.triton.short_conv import short_conv_silu, short_conv_silu_many
+from efla.ops.triton.short_conv import short_conv_silu, short_conv_silu_split
 
 
 @triton.jit
@@ -55,7 +55,9 @@ def _operators(with_fla: bool) -> dict[str, Callable[[], object]]:
     x = torch.randn(1, T, 256, device=dev, dtype=bf16, requires_grad=True)
     conv_w = torch.randn(256, 1, 4, device=dev, dtype=bf16, requires_grad=True)
     norm_w = torch.ones(256, device=dev, dtype=bf16, requires_grad=True)
-    a, b = (torch.randn(T, 256, device=dev, dtype=bf16, requires_grad=True) for _ in range(2))
+    gate_up = torch.randn(T, 512, device=dev, dtype=bf16, requires_grad=True)
+    x3 = torch.randn(1, T, 3 * 256, device=dev, dtype=bf16, requires_grad=True)
+    conv_w3 = torch.randn(3 * 256, 1, 4, device=dev, dtype=bf16, requires_grad=True)
     m1, m2 = torch.randn(64, 64, device=dev, dtype=bf16), torch.randn(64, 64, device=dev, dtype=bf16)
     out = torch.empty(1, device=dev, dtype=torch.float32)
 
@@ -73,9 +75,9 @@ def _operators(with_fla: bool) -> dict[str, Callable[[], object]]:
         "short conv q, k, v: 3 calls fwd+bwd": lambda: [backward(short_conv_silu(x, conv_w, None), (x, conv_w))
                                                        for _ in range(3)],
         "short conv q, k, v: 1 call fwd+bwd": lambda: torch.autograd.grad(
-            short_conv_silu_many([x] * 3, [conv_w] * 3, None), (x, conv_w), [torch.ones_like(x)] * 3),
+            short_conv_silu_split(x3, conv_w3, 3, None), (x3, conv_w3), [torch.ones_like(x)] * 3),
         "RMSNorm fwd+bwd": lambda: backward(rms_norm(x, norm_w, 1e-6), (x, norm_w)),
-        "SwiGLU fwd+bwd": lambda: backward(swiglu(a, b), (a, b)),
+        "SwiGLU fwd+bwd": lambda: backward(swiglu(gate_up), (gate_up,)),
         "L2 norm fwd+bwd": lambda: backward(l2_normalize(x), (x,)),
         "Triton kernel, 4 arguments": lambda: _touch4[(1,)](out, 1, 2, 3),
         "Triton kernel, 24 arguments": lambda: _touch24[(1,)](out, *([out] * 11), *range(8), C1=1, C2=2, C3=3,

@@ -41,34 +41,36 @@ def test_kernels_match_the_float64_convolution(cu):
 
 
 @pytest.mark.parametrize("cu", [None, [0, 3, 40, 99]])
-def test_three_inputs_in_one_call_match_each_alone(cu):
-    """short_conv_silu_many (a layer's q, k and v in one launch each way) gives each input's float64 convolution,
-    outputs and gradients (weights included), dense rows and packed sequences."""
-    from efla.ops.triton.short_conv import short_conv_silu_many
+def test_three_inputs_side_by_side_match_each_alone(cu):
+    """short_conv_silu_split (a layer's q, k and v projections side by side, one launch each way) gives each input's
+    float64 convolution, outputs and gradients (the packed input's and the stacked weight's), dense rows and packed
+    sequences."""
+    from efla.ops.triton.short_conv import short_conv_silu_split
 
     g = torch.Generator().manual_seed(4)
     B, T, C, W = (2, 50, 70, 4) if cu is None else (1, 99, 70, 4)
-    xs = [torch.randn(B, T, C, generator=g) for _ in range(3)]
-    weights = [torch.randn(C, 1, W, generator=g) / 2 for _ in range(3)]
+    x = torch.randn(B, T, 3 * C, generator=g)
+    weight = torch.randn(3 * C, 1, W, generator=g) / 2
     dys = [torch.randn(B, T, C, generator=g) for _ in range(3)]
     cu_seqlens = None if cu is None else torch.tensor(cu)
-    leaves = [t.to(DEVICE).requires_grad_() for t in (*xs, *weights)]
-    ys = short_conv_silu_many(leaves[:3], leaves[3:], None if cu_seqlens is None else cu_seqlens.to(DEVICE))
-    grads = torch.autograd.grad(ys, leaves, [dy.to(DEVICE) for dy in dys])
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, weight)]
+    ys = short_conv_silu_split(*leaves, 3, None if cu_seqlens is None else cu_seqlens.to(DEVICE))
+    assert all(y.is_contiguous() and y.shape == (B, T, C) for y in ys)
+    dx, dw = torch.autograd.grad(ys, leaves, [dy.to(DEVICE) for dy in dys])
     for i in range(3):
-        ref_leaves = [t.double().requires_grad_() for t in (xs[i], weights[i])]
-        y_ref = short_conv(*ref_leaves, None, cu_seqlens)
-        grads_ref = torch.autograd.grad(y_ref, ref_leaves, dys[i].double())
+        ref_leaves = [t[..., i * C:(i + 1) * C].double().requires_grad_() for t in (x, weight.transpose(0, 2))]
+        y_ref = short_conv(ref_leaves[0], ref_leaves[1].transpose(0, 2), None, cu_seqlens)
+        dx_ref, dw_ref = torch.autograd.grad(y_ref, ref_leaves, dys[i].double())
         assert rel_err(ys[i], y_ref) < 1e-5
-        assert rel_err(grads[i], grads_ref[0]) < 1e-5
-        assert rel_err(grads[3 + i], grads_ref[1]) < 1e-5
+        assert rel_err(dx[..., i * C:(i + 1) * C], dx_ref) < 1e-5
+        assert rel_err(dw[i * C:(i + 1) * C], dw_ref.transpose(0, 2)) < 1e-5
 
 
-def test_many_rejects_a_wrong_count():
-    from efla.ops.triton.short_conv import short_conv_silu_many
+def test_split_rejects_a_wrong_count():
+    from efla.ops.triton.short_conv import short_conv_silu_split
 
-    x, w = torch.randn(1, 8, 4, device=DEVICE), torch.randn(4, 1, 4, device=DEVICE)
+    x, w = torch.randn(1, 8, 12, device=DEVICE), torch.randn(12, 1, 4, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 3 inputs"):
-        short_conv_silu_many([x] * 4, [w] * 4, None)
-    with pytest.raises(ValueError, match="one weight each"):
-        short_conv_silu_many([x, x], [w], None)
+        short_conv_silu_split(x, w, 4, None)
+    with pytest.raises(ValueError, match="weight per channel"):
+        short_conv_silu_split(x, w[:6], 3, None)

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efla.layers.conv import ShortConvolution, short_conv_many, short_conv_state
+from efla.layers.conv import ShortConvolution, short_conv_split, short_conv_state
 from efla.layers.decode import can_step_in_place, decode_in_place
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
+from efla.layers.projection import project
 from efla.layers.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
@@ -160,30 +161,33 @@ class EFLAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q, k, v [B, T, H, head_dim] = silu(conv(W x)) (silu(W x) without the convolution), q (and k in mode
         "delta") L2-normalised; and, with keep_state, the new convolution state: q's, k's and v's [B, hidden_size,
-        W - 1] concatenated along the channels."""
-        projected = [proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj)]
-        states = [None] * 3 if conv_state is None else list(conv_state.chunk(3, dim=1))
+        W - 1] concatenated along the channels. The three projections are one matrix product whose output [B, T,
+        3 hidden_size] the convolutions read as it is (``project``, ``short_conv_split``)."""
+        projected = project(x, (self.q_proj, self.k_proj, self.v_proj))
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
-        activate = partial(self._activate, states=states, cu_seqlens=cu_seqlens)
-        q, k, v = recompute(activate, *projected, *(conv.weight for conv in convs), enabled=self.recompute)
+        weights = (torch.cat([conv.weight for conv in convs]),) if convs else ()
+        activate = partial(self._activate, state=conv_state, cu_seqlens=cu_seqlens)
+        q, k, v = recompute(activate, projected, *weights, enabled=self.recompute)
         new_state = None
         if keep_state and convs:
-            new_state = torch.cat([short_conv_state(p, conv.kernel_size[0], state, cu_seqlens)
-                                   for p, conv, state in zip(projected, convs, states, strict=True)], dim=1)
+            new_state = short_conv_state(projected, convs[0].kernel_size[0], conv_state, cu_seqlens)
         return q, k, v, new_state
 
     def _activate(
         self,
-        *tensors: torch.Tensor,
-        states: list[torch.Tensor | None],
+        projected: torch.Tensor,
+        *weight: torch.Tensor,
+        state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The q, k, v projections [B, T, hidden_size] (followed by the three convolution weights, if any) ->
-        (q, k, v) [B, T, H, head_dim]: silu(conv(projected)) (silu alone without the convolution; the three
-        convolutions in one call, ``short_conv_many``), q (and k in mode "delta") L2-normalised per head.
-        Element-wise apart from the depthwise convolution: cheap to recompute."""
-        projected, weights = list(tensors[:3]), list(tensors[3:])
-        ys = short_conv_many(projected, weights, states, cu_seqlens) if weights else [F.silu(p) for p in projected]
+        """The q, k, v projections side by side [B, T, 3 hidden_size] (and the three convolutions' weights stacked,
+        if any) -> (q, k, v) [B, T, H, head_dim]: silu(conv(projected)) (silu alone without the convolution), q (and
+        k in mode "delta") L2-normalised per head. Element-wise apart from the depthwise convolution: cheap to
+        recompute."""
+        if weight:
+            ys = short_conv_split(projected, weight[0], 3, state, cu_seqlens)
+        else:
+            ys = F.silu(projected).chunk(3, dim=-1)
         q, k, v = (y.unflatten(-1, (self.num_heads, self.head_dim)) for y in ys)
         return l2_normalize(q), (l2_normalize(k) if self.mode == "delta" else k), v
 

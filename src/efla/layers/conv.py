@@ -55,20 +55,23 @@ def short_conv(
     return F.silu(F.conv1d(seq, weight, groups=x.shape[-1])).transpose(1, 2)
 
 
-def short_conv_many(
-    xs: list[torch.Tensor],
-    weights: list[torch.Tensor],
-    initial_states: list[torch.Tensor | None],
+def short_conv_split(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    n: int,
+    initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """``short_conv`` of each x with its weight and initial state (x's of one shape, as a layer's q, k and v). On a
-    GPU without states (training, prefill) all of them run in one fused custom op: one call and one launch each way
-    instead of one per input, which is what bounds a training step's host at small batches."""
-    if all(state is None for state in initial_states) and xs[0].is_cuda and _TRITON and len(xs) <= 3:
-        from efla.ops.triton.short_conv import short_conv_silu_many
+    """``short_conv`` of n inputs side by side in x [B, T, n C] (a layer's q, k and v projections from one matrix
+    product), weight [n C, 1, W] and initial_state [B, n C, W - 1] holding theirs in the same order; returned as n
+    tensors [B, T, C]. A depthwise convolution treats each channel alone, so this is the n convolutions. On a GPU
+    without a state (training, prefill) it is one fused custom op: one call and one launch each way, which is what
+    bounds a training step's host at small batches, and x's gradient comes back as one tensor."""
+    if initial_state is None and x.is_cuda and _TRITON and n <= 3:
+        from efla.ops.triton.short_conv import short_conv_silu_split
 
-        return short_conv_silu_many(xs, weights, cu_seqlens)
-    return [short_conv(x, w, state, cu_seqlens) for x, w, state in zip(xs, weights, initial_states, strict=True)]
+        return short_conv_silu_split(x, weight, n, cu_seqlens)
+    return list(short_conv(x, weight, initial_state, cu_seqlens).chunk(n, dim=-1))
 
 
 def short_conv_state(

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
 from efla.layers.attention import decay_gate_init
+from efla.layers.projection import is_plain_linear, project
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
 from efla.models.loss import causal_lm_loss
@@ -35,7 +36,8 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalL
 
 
 class EFLAMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), keeping only gate(x) and up(x) for the backward."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up as one matrix product (``project``), keeping
+    only their output for the backward."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -44,11 +46,10 @@ class EFLAMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        down = self.down_proj
-        if type(down) is nn.Linear and not (down._forward_hooks or down._forward_pre_hooks):
-            return swiglu_linear(gate, up, down.weight)  # silu(gate) * up is formed again in the backward
-        return self.down_proj(swiglu(gate, up))  # a wrapped down_proj (LoRA, hooks) runs as itself
+        gate_up = project(x, (self.gate_proj, self.up_proj))
+        if is_plain_linear(self.down_proj):
+            return swiglu_linear(gate_up, self.down_proj.weight)  # silu(gate) * up is formed again in the backward
+        return self.down_proj(swiglu(gate_up))  # a wrapped down_proj (LoRA, hooks) runs as itself
 
 
 class EFLABlock(GradientCheckpointingLayer):

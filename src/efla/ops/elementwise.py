@@ -35,9 +35,10 @@ def l2_normalize_reference(y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (y32 * torch.rsqrt(y32.square().sum(-1, keepdim=True) + eps)).to(y.dtype)
 
 
-def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b."""
-    return F.silu(a) * b
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim (the MLP's two projections side by side)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,11 +56,11 @@ def l2_normalize(y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return _L2Normalize.apply(y, eps)
 
 
-def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b, saving only a and b."""
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``swiglu_reference``, saving only gate_up; its gradient is one tensor like it (no concatenation)."""
     if torch.compiler.is_compiling():
-        return swiglu_reference(a, b)
-    return _SwiGLU.apply(a, b)
+        return swiglu_reference(gate_up)
+    return _SwiGLU.apply(gate_up)
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -148,30 +149,31 @@ def _rms_norm_backward(x, weight, gate, rstd, dy):
     return dx.to(x.dtype), dw, dg
 
 
-def _swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if _fused(a):
+def _swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    if _fused(gate_up):
         from efla.ops.triton.swiglu import swiglu_fwd
 
-        return swiglu_fwd(a, b)
-    return F.silu(a) * b
+        return swiglu_fwd(gate_up)
+    return swiglu_reference(gate_up)
 
 
-def _swiglu_backward(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _fused(a):
+def _swiglu_backward(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    if _fused(gate_up):
         from efla.ops.triton.swiglu import swiglu_bwd
 
-        return swiglu_bwd(a, b, dy.contiguous())
-    a32, b32, g = a.float(), b.float(), dy.float()
-    s = torch.sigmoid(a32)
-    return (g * b32 * s * (1 + a32 * (1 - s))).to(a.dtype), (g * a32 * s).to(b.dtype)
+        return swiglu_bwd(gate_up, dy.contiguous())
+    a, b = gate_up.float().chunk(2, dim=-1)
+    g = dy.float()
+    s = torch.sigmoid(a)
+    return torch.cat([g * b * s * (1 + a * (1 - s)), g * a * s], dim=-1).to(gate_up.dtype)
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b):
-        a, b = a.contiguous(), b.contiguous()
-        ctx.save_for_backward(a, b)
-        return _swiglu_forward(a, b)
+    def forward(ctx, gate_up):
+        gate_up = gate_up.contiguous()
+        ctx.save_for_backward(gate_up)
+        return _swiglu_forward(gate_up)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -179,27 +181,27 @@ class _SwiGLU(torch.autograd.Function):
         return _swiglu_backward(*ctx.saved_tensors, dy)
 
 
-def swiglu_linear(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(silu(a) * b) @ weight^T, the SwiGLU MLP's down projection, saving a, b and weight but not silu(a) * b (the
-    backward forms it again). weight is used in a's dtype (as autocast would) and gets its gradient in its own."""
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(silu(gate) * up) @ weight^T for gate_up = [gate | up], the SwiGLU MLP's down projection, saving gate_up and
+    weight but not silu(gate) * up (the backward forms it again). weight is used in gate_up's dtype (as autocast
+    would) and gets its gradient in its own."""
     if torch.compiler.is_compiling():
-        return F.linear(swiglu_reference(a, b), weight.to(a.dtype))
-    return _SwiGLULinear.apply(a, b, weight)
+        return F.linear(swiglu_reference(gate_up), weight.to(gate_up.dtype))
+    return _SwiGLULinear.apply(gate_up, weight)
 
 
 class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, weight):
-        a, b = a.contiguous(), b.contiguous()
-        ctx.save_for_backward(a, b, weight)
-        return F.linear(_swiglu_forward(a, b), weight.to(a.dtype))
+    def forward(ctx, gate_up, weight):
+        gate_up = gate_up.contiguous()
+        ctx.save_for_backward(gate_up, weight)
+        return F.linear(_swiglu_forward(gate_up), weight.to(gate_up.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        a, b, weight = ctx.saved_tensors
-        w = weight.to(a.dtype)
-        product = _swiglu_forward(a, b)
+        gate_up, weight = ctx.saved_tensors
+        w = weight.to(gate_up.dtype)
+        product = _swiglu_forward(gate_up)
         dw = dy.flatten(0, -2).t().mm(product.flatten(0, -2)).to(weight.dtype)
-        da, db = _swiglu_backward(a, b, dy.matmul(w))
-        return da, db, dw
+        return _swiglu_backward(gate_up, dy.matmul(w)), dw

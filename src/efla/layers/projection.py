@@ -1,0 +1,26 @@
+"""Input projections of one tensor through several linear layers at once (``efla.ops.linear.linear_many``), with a
+fallback for layers that must run as themselves (LoRA adapters, quantised or hooked linears)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from efla.ops.linear import linear_many
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (no subclass or wrapper) without bias or hooks: its output is x @ weight^T, so its
+    weight can be used directly."""
+    return (type(module) is nn.Linear and module.bias is None
+            and not (module._forward_hooks or module._forward_pre_hooks))
+
+
+def project(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tensor:
+    """[..., sum of the outputs]: each linear's output of x side by side, one matrix product when all are plain
+    ``nn.Linear`` layers, else each module's own call concatenated."""
+    if all(is_plain_linear(m) for m in linears):
+        return linear_many(x, [m.weight for m in linears])
+    return torch.cat([m(x) for m in linears], dim=-1)
