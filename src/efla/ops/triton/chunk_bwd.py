@@ -1,5 +1,4 @@
-"""Chunkwise backward: the reverse state pass (sequential, after the part of du that needs no state, which is
-parallel), then two per-chunk gradient passes (parallel).
+"""Chunkwise backward: the reverse state pass (sequential), then two per-chunk gradient passes (parallel).
 
 Per chunk, with S the entering state, dS' the gradient of the leaving state and P = tril(dO u^T):
 
@@ -59,32 +58,10 @@ from efla.ops.triton.wy import (
 
 
 @triton.jit
-def _local_du_kernel(q, k, g, do, du, chunk_seq, chunk_t0, cu_seqlens, scale, H, K: tl.constexpr, V: tl.constexpr,
-                     BV: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, head, V-block): the part of du that needs no state, scale triu(K Q^T) dO (decayed if
-    GATED), written to du for the reverse state pass to complete. Every chunk at once, so the sequential pass keeps
-    only the products on its chain."""
-    i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
-    _ov, _vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
-    kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
-    k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
-    kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
-    if GATED:
-        gv, _gc, _to_end, _g_end = _chunk_decay(g, tok, r, rmask, H)
-        kq *= _decay_matrix(gv, r, PREC, TRANSPOSE=True)
-    du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
-    tl.store(du + tok * V + vv, du_tile.to(du.dtype.element_ty), mask=m)
-
-
-@triton.jit
 def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, scale, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
-    """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and completing du
-    (which holds ``_local_du_kernel``'s part) with K dS'."""
+    """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and du."""
     n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
     ov, vmask = _v_cols(i_v, V, BV)
@@ -101,11 +78,13 @@ def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first,
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
         w_tile = tl.load(w + tok * K + kk, mask=rmask[:, None], other=0.0)
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
-        du_tile = tl.load(du + tok * V + vv, mask=m, other=0.0).to(tl.float32)
+        kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
         if GATED:
-            _gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
+            gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
+            kq *= _decay_matrix(gv, r, PREC, TRANSPOSE=True)
             k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
             q_tile = (tl.exp(gc)[:, None] * q_tile.to(tl.float32)).to(w_tile.dtype)
+        du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
         du_tile += tl.dot(k_tile, dS.to(k_tile.dtype), input_precision=PREC)
         tl.store(du + tok * V + vv, du_tile.to(du.dtype.element_ty), mask=m)
         if GATED:
@@ -257,20 +236,15 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
 
 
 def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, prec: str, g=None):
-    """Launch the reverse state pass (after the per-chunk part of du that needs no state): the gradient dh of every
-    chunk's entering state (like ``h``), du of the state-pass input u, and the initial states' gradient [N, H, K, V]
-    float32 if ``has_h0`` (else None). Gated when g ([TT, H] log decay) is given."""
+    """Launch the reverse state pass: the gradient dh of every chunk's entering state (like ``h``), du of the
+    state-pass input u, and the initial states' gradient [N, H, K, V] float32 if ``has_h0`` (else None). Gated when g
+    ([TT, H] log decay) is given."""
     H, K = k.shape[1:]
     V = do.shape[-1]
     N = cu.numel() - 1
     dh = torch.empty_like(h)
     du = torch.empty_like(do)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None
-    local = launch("local_du", K, V, q.element_size())
-    _local_du_kernel[(chunks.total, H, triton.cdiv(V, local.bv))](q, k, g, do, du, chunks.seq, chunks.t0, cu, scale,
-                                                                  H, K=K, V=V, BV=local.bv, GATED=g is not None,
-                                                                  PREC=prec, num_warps=local.warps,
-                                                                  num_stages=local.stages)
     cfg = launch("state_bwd", K, V, q.element_size(), N * H)
     _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, g, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
                                                       K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,

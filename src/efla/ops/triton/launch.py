@@ -22,7 +22,7 @@ class Launch:
     stages: int
 
 
-KERNELS = ("wy_fwd", "state_fwd", "out", "local_du", "state_bwd", "grad_qk", "grad_wy")
+KERNELS = ("wy_fwd", "state_fwd", "out", "state_bwd", "grad_qk", "grad_wy")
 OVERRIDES: dict[str, Launch] = {}
 SAVE_T = True
 """Whether the training forward keeps T (64 values per token and head, input dtype) for the backward, whose kernels
@@ -45,7 +45,7 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
     tuned = dtype_bytes == 2 and not small and K <= 128 and V <= 128
     if kernel == "wy_fwd":
         return Launch(min(V, 128), 4, 2) if tuned else Launch(min(V, 64), 2 if small else 4, 3)
-    if kernel in ("out", "local_du"):  # the same tiles and products (Q, K, a V-block of one [64, V] tile)
+    if kernel == "out":
         return Launch(min(V, 128), 4, 2) if tuned else Launch(min(V, 128 if K <= 128 else 64), 2 if small else 8, 3)
     if kernel in ("grad_qk", "grad_wy"):
         return Launch(min(V, 64), 2 if small else 8, 2 if tuned else 1)

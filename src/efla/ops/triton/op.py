@@ -3,8 +3,8 @@
 Each op is a chain of named stages, each launched by the function beside its kernel:
 
     forward   wy_fwd (W, U0, T) -> state_fwd (h, u, final state) -> output (o)
-    backward  wy_fwd (loading T) -> state_fwd -> state_bwd (local du, then dh, du, dh0) -> grad_qk (dq, dk and dg
-              parts) -> grad_wy (dk, dv, dbeta, dg)
+    backward  wy_fwd (loading T) -> state_fwd -> state_bwd (dh, du, dh0) -> grad_qk (dq, dk and dg parts) -> grad_wy
+              (dk, dv, dbeta, dg)
     decode    fused_recurrent (o, final state)
 
 Everything that reads values on the host (the sequence lengths behind cu_seqlens) happens inside the ops, which the
