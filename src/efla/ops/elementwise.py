@@ -50,7 +50,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
 
 
 def l2_normalize(y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``l2_normalize_reference``, saving only y and one scale per row (autograd would keep y in float32 too)."""
+    """``l2_normalize_reference``, saving only its output and one scale per row (autograd would keep y in float32
+    and more)."""
     if torch.compiler.is_compiling():
         return l2_normalize_reference(y, eps)
     return _L2Normalize.apply(y, eps)
@@ -101,8 +102,10 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _L2Normalize(torch.autograd.Function):
-    """With r = (||y||^2 + eps)^(-1/2) and n = y r: dy_in = r (dn - n (n . dn)). On CUDA (float64 aside) one fused
-    Triton pass each way (``ops/triton/l2norm.py``); elsewhere the same formulas in PyTorch."""
+    """With r = (||y||^2 + eps)^(-1/2) and n = y r: dy_in = r (dn - n (n . dn)), from the output n and r alone. n is
+    what the attention after the norm keeps too (one tensor, saved once), so the norm adds only r to a step's
+    activations where saving its input would add a second [tokens, H, head_dim] copy. On CUDA (float64 aside) one
+    fused Triton pass each way (``ops/triton/l2norm.py``); elsewhere the same formulas in PyTorch."""
 
     @staticmethod
     def forward(ctx, y, eps):
@@ -110,26 +113,27 @@ class _L2Normalize(torch.autograd.Function):
         if ctx.fused:
             from efla.ops.triton.l2norm import l2_norm_fwd
 
-            y2 = y.reshape(-1, y.shape[-1]).contiguous()
-            n, r = l2_norm_fwd(y2, eps)
-            ctx.save_for_backward(y2, r)
-            return n.view(y.shape)
-        y32 = y.to(torch.promote_types(y.dtype, torch.float32))
-        r = torch.rsqrt(y32.square().sum(-1, keepdim=True) + eps)
-        ctx.save_for_backward(y, r)
-        return (y32 * r).to(y.dtype)
+            n, r = l2_norm_fwd(y.reshape(-1, y.shape[-1]).contiguous(), eps)
+            n = n.view(y.shape)
+        else:
+            y32 = y.to(torch.promote_types(y.dtype, torch.float32))
+            r = torch.rsqrt(y32.square().sum(-1, keepdim=True) + eps)
+            n = (y32 * r).to(y.dtype)
+        ctx.save_for_backward(n, r)
+        return n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dn):
-        y, r = ctx.saved_tensors
+        n, r = ctx.saved_tensors
         if ctx.fused:
             from efla.ops.triton.l2norm import l2_norm_bwd
 
-            return l2_norm_bwd(y, r, dn.reshape(y.shape).contiguous()).view(dn.shape), None
-        n = y.to(r.dtype) * r
+            rows = n.reshape(-1, n.shape[-1])
+            return l2_norm_bwd(rows, r, dn.reshape(rows.shape).contiguous()).view(dn.shape), None
+        n32 = n.to(r.dtype)
         d = dn.to(r.dtype)
-        return (r * (d - n * (n * d).sum(-1, keepdim=True))).to(y.dtype), None
+        return (r * (d - n32 * (n32 * d).sum(-1, keepdim=True))).to(n.dtype), None
 
 
 def _rms_norm_backward(x, weight, gate, rstd, dy):

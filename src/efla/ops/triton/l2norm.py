@@ -2,7 +2,8 @@
 
     r = (||y||^2 + eps)^(-1/2),   n = y r
 
-The forward keeps only r per row (float32); the backward recomputes n from y (saved by the caller in the input dtype):
+The backward needs only n (the output, which the attention that follows keeps anyway, so saving it costs nothing) and
+r per row (float32):
 
     dy = r (dn - n (n . dn))
 
@@ -33,14 +34,14 @@ def _l2_norm_fwd_kernel(y, n, r_out, rows, D, eps, ROWS: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
-def _l2_norm_bwd_kernel(y, r_in, dn, dy, rows, D, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _l2_norm_bwd_kernel(n, r_in, dn, dy, rows, D, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     cmask = cols < D
     for i in range(ROWS):
         row = tl.program_id(0).to(tl.int64) * ROWS + i
         if row < rows:
             r = tl.load(r_in + row)
-            nr = tl.load(y + row * D + cols, mask=cmask, other=0.0).to(tl.float32) * r
+            nr = tl.load(n + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
             d = tl.load(dn + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
             grad = r * (d - nr * tl.sum(nr * d, axis=0))
             tl.store(dy + row * D + cols, grad.to(dy.dtype.element_ty), mask=cmask)
@@ -57,11 +58,12 @@ def l2_norm_fwd(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     return n, r
 
 
-def l2_norm_bwd(y: torch.Tensor, r: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``l2_norm_fwd`` with respect to y (y's dtype), for the output gradient dn [rows, D]."""
-    rows, D = y.shape
-    dy = torch.empty_like(y)
-    with torch.cuda.device_of(y):
-        _l2_norm_bwd_kernel[(triton.cdiv(rows, _ROWS),)](y, r, dn, dy, rows, D, ROWS=_ROWS,
+def l2_norm_bwd(n: torch.Tensor, r: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``l2_norm_fwd`` with respect to its input (n's dtype), from its outputs n [rows, D] and r and
+    the output gradient dn [rows, D]."""
+    rows, D = n.shape
+    dy = torch.empty_like(n)
+    with torch.cuda.device_of(n):
+        _l2_norm_bwd_kernel[(triton.cdiv(rows, _ROWS),)](n, r, dn, dy, rows, D, ROWS=_ROWS,
                                                         BLOCK=triton.next_power_of_2(D), num_warps=4)
     return dy
