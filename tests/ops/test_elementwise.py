@@ -14,6 +14,7 @@ from efla.ops.elementwise import (
     l2_normalize,
     l2_normalize_reference,
     rms_norm,
+    rms_norm_linear,
     rms_norm_reference,
     swiglu,
     swiglu_linear,
@@ -142,6 +143,36 @@ def test_swiglu_linear_matches_float64_and_keeps_no_product(dtype):
     assert grads[1].dtype == torch.float32
     for x, r in zip(grads, grads_ref, strict=True):
         assert rel_err(x, r) < tol
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_linear_matches_float64_and_keeps_no_product(gated, dtype):
+    """The output norm and o_proj in one: per-head RMSNorm of x [B, T, H, D] (gated or not), flattened, times a
+    float32 weight (as under autocast); values and every gradient against float64 autograd, and what it keeps."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 5, 3, 16, generator=g) * 3).to(DEVICE, dtype)
+    gate = torch.randn(2, 5, 3, 16, generator=g).to(DEVICE, dtype) if gated else None
+    norm_w = (1 + torch.randn(16, generator=g) / 5).to(DEVICE)
+    proj_w = (torch.randn(24, 48, generator=g) / 7).to(DEVICE)
+    dy = torch.randn(2, 5, 24, generator=g).to(DEVICE, dtype)
+    tensors = (x, norm_w, proj_w) + ((gate,) if gated else ())
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = rms_norm_linear(leaves[0], leaves[1], 1e-6, leaves[2], leaves[3] if gated else None)
+    rows = x.numel() // 16
+    assert sum(t.numel() for t in saved) == x.numel() * (2 if gated else 1) + rows + 16 + proj_w.numel()
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = [t.detach().double().requires_grad_() for t in tensors]
+    normed = rms_norm_reference(ref[0], ref[1], 1e-6, ref[3] if gated else None)
+    y_ref = normed.flatten(-2) @ ref[2].t()
+    grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and y.shape == (2, 5, 24) and rel_err(y, y_ref) < tol
+    assert grads[1].dtype == grads[2].dtype == torch.float32
+    for got, r in zip(grads, grads_ref, strict=True):
+        assert rel_err(got, r) < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

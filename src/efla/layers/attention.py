@@ -37,11 +37,11 @@ from efla.layers.conv import ShortConvolution, short_conv_split, short_conv_stat
 from efla.layers.decode import can_step_in_place, decode_in_place
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
-from efla.layers.projection import project
+from efla.layers.projection import is_plain_linear, project
 from efla.layers.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
-from efla.ops.elementwise import l2_normalize
+from efla.ops.elementwise import l2_normalize, rms_norm_linear
 
 # the fused weights of state dicts saved before q, k and v were separated, and the names they split into (dim 0)
 FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d", "k_conv1d", "v_conv1d")}
@@ -145,12 +145,14 @@ class EFLAttention(nn.Module):
         return o if padding is None else repad(o, padding)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y = W_o RMSNorm(o) [* silu(W_g x)] for attention outputs o [..., H, head_dim] of the inputs x."""
-        if self.g_proj is None:
-            o = self.o_norm(o)
-        else:
-            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
-        return self.o_proj(o.flatten(-2))
+        """y = W_o RMSNorm(o) [* silu(W_g x)] for attention outputs o [..., H, head_dim] of the inputs x. With a plain
+        o_proj and an unhooked norm, one function (``rms_norm_linear``) that keeps o, not the normalised product."""
+        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        norm = self.o_norm
+        if is_plain_linear(self.o_proj) and not (norm._forward_hooks or norm._forward_pre_hooks):
+            return rms_norm_linear(o, norm.weight, norm.eps, self.o_proj.weight, gate)
+        o = norm(o) if gate is None else norm(o, gate)
+        return self.o_proj(o.flatten(-2))  # a wrapped o_proj (LoRA, hooks) runs as itself
 
     def _qkv(
         self,

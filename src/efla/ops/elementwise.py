@@ -1,5 +1,6 @@
 """The layers' element-wise pieces that keep only their inputs for the backward: RMSNorm (optionally gated by
-silu(gate)), SwiGLU (alone or with the linear layer after it) and the q/k L2 normalisation.
+silu(gate); alone or with the linear layer after it), SwiGLU (alone or with the linear layer after it) and the q/k L2
+normalisation (which keeps its output, the tensor the attention keeps anyway).
 
 Eager PyTorch keeps what each small op needs (x in float32, the normalised x, silu(a), ...): about 10 KB per token for
 a 1024-wide RMSNorm and 16 KB for a 2816-wide SwiGLU. These functions keep their inputs in the input dtype (and one
@@ -68,37 +69,83 @@ def _fused(x: torch.Tensor) -> bool:
     return _TRITON and x.is_cuda
 
 
+def _rms_norm_rows(x2: torch.Tensor, weight: torch.Tensor, g2: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y in x2's dtype, rstd float32 per row) for rows x2 [rows, N] (and gate rows g2)."""
+    if _fused(x2):
+        from efla.ops.triton.rmsnorm import rms_norm_fwd
+
+        return rms_norm_fwd(x2, weight.contiguous(), eps, g2)
+    x32 = x2.float()
+    rstd = torch.rsqrt(x32.square().mean(-1) + eps)
+    y = x32 * rstd[:, None] * weight.float()
+    return (y if g2 is None else y * F.silu(g2.float())).to(x2.dtype), rstd
+
+
+def _rms_norm_rows_backward(x2, weight, g2, rstd, dy2):
+    """(dx, dweight float32, dgate or None) of ``_rms_norm_rows`` for the output gradient rows dy2."""
+    if _fused(x2):
+        from efla.ops.triton.rmsnorm import rms_norm_bwd
+
+        return rms_norm_bwd(x2, weight.contiguous(), g2, rstd, dy2.contiguous())
+    return _rms_norm_backward(x2, weight, g2, rstd, dy2)
+
+
+def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gate, eps):
-        shape, N = x.shape, x.shape[-1]
-        x2 = x.reshape(-1, N).contiguous()
-        g2 = None if gate is None else gate.reshape(-1, N).contiguous()
-        if _fused(x):
-            from efla.ops.triton.rmsnorm import rms_norm_fwd
-
-            y, rstd = rms_norm_fwd(x2, weight.contiguous(), eps, g2)
-        else:
-            x32 = x2.float()
-            rstd = torch.rsqrt(x32.square().mean(-1) + eps)
-            y = x32 * rstd[:, None] * weight.float()
-            y = (y if g2 is None else y * F.silu(g2.float())).to(x.dtype)
+        x2, g2 = _rows(x), _rows(gate)
+        y, rstd = _rms_norm_rows(x2, weight, g2, eps)
         ctx.save_for_backward(x2, weight, g2, rstd)
-        return y.view(shape)
+        return y.view(x.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, weight, g2, rstd = ctx.saved_tensors
-        dy2 = dy.reshape(x2.shape).contiguous()
-        if _fused(x2):
-            from efla.ops.triton.rmsnorm import rms_norm_bwd
-
-            dx, dw, dg = rms_norm_bwd(x2, weight.contiguous(), g2, rstd, dy2)
-        else:
-            dx, dw, dg = _rms_norm_backward(x2, weight, g2, rstd, dy2)
+        dx, dw, dg = _rms_norm_rows_backward(x2, weight, g2, rstd, dy.reshape(x2.shape))
         shape = dy.shape
         return dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None
+
+
+def rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, proj_weight: torch.Tensor,
+                    gate: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over x's last dim (weight [N], optionally times silu(gate)), its rows of proj_weight.shape[1] values
+    (x [..., H, N] -> [..., H N]) @ proj_weight^T: the attention's per-head output norm and o_proj as one function
+    that keeps x (and gate), one float32 per norm row and the weights, not the normalised product, which the backward
+    forms again (one element-wise pass). proj_weight is used in x's dtype (as autocast would) and gets its gradient
+    in its own."""
+    if torch.compiler.is_compiling():
+        normed = rms_norm_reference(x, weight, eps, gate)
+        return F.linear(normed.reshape(*normed.shape[:-2], -1), proj_weight.to(x.dtype))
+    return _RMSNormLinear.apply(x, weight, gate, eps, proj_weight)
+
+
+class _RMSNormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, gate, eps, proj_weight):
+        x2, g2 = _rows(x), _rows(gate)
+        y, rstd = _rms_norm_rows(x2, weight, g2, eps)
+        ctx.save_for_backward(x2, weight, g2, rstd, proj_weight)
+        ctx.eps, ctx.shape = eps, x.shape
+        out = F.linear(y.view(-1, proj_weight.shape[1]), proj_weight.to(x.dtype))
+        return out.view(*x.shape[:-2], proj_weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x2, weight, g2, rstd, proj_weight = ctx.saved_tensors
+        y, _ = _rms_norm_rows(x2, weight, g2, ctx.eps)
+        dout2 = dout.reshape(-1, proj_weight.shape[0])
+        dproj = dout2.t().mm(y.view(-1, proj_weight.shape[1])).to(proj_weight.dtype)
+        dy = dout2.mm(proj_weight.to(x2.dtype))
+        dx, dw, dg = _rms_norm_rows_backward(x2, weight, g2, rstd, dy.view(x2.shape))
+        shape = ctx.shape
+        return dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None, dproj
 
 
 class _L2Normalize(torch.autograd.Function):
