@@ -24,6 +24,18 @@ from efla.ops.elementwise import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _use_kernels(fused: bool, monkeypatch) -> None:
+    """fused: run the functions' Triton path (what a GPU runs; the interpreter on CPU), else their PyTorch formulas."""
+    if not fused:
+        return
+    if importlib.util.find_spec("triton") is None or (not torch.cuda.is_available()
+                                                        and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("the Triton kernels need triton and a GPU or TRITON_INTERPRET=1")
+    import efla.ops.elementwise as elementwise
+
+    monkeypatch.setattr(elementwise, "_fused", lambda x: True)
+
+
 def _norm_inputs(rows, n, gated, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, n, generator=g) * 3
@@ -123,8 +135,10 @@ def test_swiglu_kernels_match_float64():
     assert rel_err(y, y_ref) < 1e-6 and rel_err(d_gate_up, d_ref) < 1e-6
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_linear_matches_float64_and_keeps_no_product(dtype):
+def test_swiglu_linear_matches_float64_and_keeps_no_product(dtype, fused, monkeypatch):
+    _use_kernels(fused, monkeypatch)
     g = torch.Generator().manual_seed(6)
     gate_up = torch.randn(2, 9, 96, generator=g).to(DEVICE, dtype)
     weight = (torch.randn(16, 48, generator=g) / 7).to(DEVICE)  # float32 weight, as under autocast
@@ -145,11 +159,14 @@ def test_swiglu_linear_matches_float64_and_keeps_no_product(dtype):
         assert rel_err(x, r) < tol
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_linear_matches_float64_and_keeps_no_product(gated, dtype):
+def test_rms_norm_linear_matches_float64_and_keeps_no_product(gated, dtype, fused, monkeypatch):
     """The output norm and o_proj in one: per-head RMSNorm of x [B, T, H, D] (gated or not), flattened, times a
-    float32 weight (as under autocast); values and every gradient against float64 autograd, and what it keeps."""
+    float32 weight (as under autocast); values and every gradient against float64 autograd, and what it keeps; through
+    the PyTorch formulas and (fused) the RMSNorm Triton kernels, which a GPU runs."""
+    _use_kernels(fused, monkeypatch)
     g = torch.Generator().manual_seed(11)
     x = (torch.randn(2, 5, 3, 16, generator=g) * 3).to(DEVICE, dtype)
     gate = torch.randn(2, 5, 3, 16, generator=g).to(DEVICE, dtype) if gated else None
@@ -175,8 +192,10 @@ def test_rms_norm_linear_matches_float64_and_keeps_no_product(gated, dtype):
         assert rel_err(got, r) < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_l2_normalize_matches_float64_and_keeps_its_output_only(dtype):
+@pytest.mark.parametrize(("dtype", "fused"), [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
+                                              (torch.float32, True), (torch.bfloat16, True)])  # float64: never fused
+def test_l2_normalize_matches_float64_and_keeps_its_output_only(dtype, fused, monkeypatch):
+    _use_kernels(fused, monkeypatch)
     g = torch.Generator().manual_seed(9)
     y = (torch.randn(5, 3, 32, generator=g) * torch.logspace(-4, 2, 5)[:, None, None]).to(DEVICE, dtype)
     dy = torch.randn(5, 3, 32, generator=g).to(DEVICE, dtype)
