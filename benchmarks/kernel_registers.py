@@ -1,14 +1,16 @@
-"""Registers and spills of the gradient kernel through the WY system, compiled offline for Hopper (no GPU needed).
+"""Registers and spills of the chunk kernels that hold the most state, compiled offline for Hopper (no GPU needed).
 
-    python benchmarks/kernel_registers.py [--modes efla delta] [--gated 0 1] [--bv 64] [--warps 8] [--stages 2]
+    python benchmarks/kernel_registers.py [--kernels grad_wy state_fwd state_bwd] [--modes efla delta] [--gated 0 1]
+                                          [--bv 64] [--warps 8] [--stages 2]
 
-Compiles ``_grad_wy_kernel`` (bf16 inputs, K = V = 128, T loaded from the forward, the settings of a training step)
-for sm_90a with the installed Triton and its bundled ptxas, and prints what ``cuobjdump --dump-resource-usage`` reads
-from the binary: registers per thread and STACK, the bytes per thread spilled to local memory. A kernel at 255
-registers with a large stack waits on local-memory traffic; the count is exact and the same on every machine with the
-same Triton, so a change that should relieve register pressure can be checked here before it is timed on a GPU
-(install the GPU's Triton version for numbers that match it: ``pip install --target DIR triton==X`` and put DIR first
-on PYTHONPATH).
+Compiles each kernel (bf16 inputs, K = V = 128, the gradient pass loading T from the forward: the settings of a
+training step; --bv / --warps / --stages override the launch defaults of ``efla/ops/triton/launch.py``) for sm_90a
+with the installed Triton and its bundled ptxas, and prints what ``cuobjdump --dump-resource-usage`` reads from the
+binary: registers per thread and STACK, the bytes per thread spilled to local memory. A kernel at 255 registers with
+a large stack waits on local-memory traffic, and in the sequential state passes that wait is on the critical path of
+every chunk; the count is exact and the same on every machine with the same Triton, so a change that should relieve
+register pressure can be checked here before it is timed on a GPU (install the GPU's Triton version for numbers that
+match it: ``pip install --target DIR triton==X`` and put DIR first on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -22,26 +24,35 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from efla.ops.triton.chunk_bwd import _grad_wy_kernel
+from efla.ops.triton import launch
+from efla.ops.triton.chunk_bwd import _grad_wy_kernel, _state_bwd_kernel
+from efla.ops.triton.chunk_fwd import _state_fwd_kernel
 
-_INPUT_DTYPE = ("k", "v", "t_in", "du", "h", "dk_part", "dk", "dv")  # bf16 tensors; the others are float32 or int32
-_INT_POINTERS = ("chunk_seq", "chunk_t0", "cu_seqlens")
+KERNELS = {"grad_wy": _grad_wy_kernel, "state_fwd": _state_fwd_kernel, "state_bwd": _state_bwd_kernel}
+# bf16 tensors; every other pointer is float32 (states of float32 passes, beta, g, scratch) or int32 (chunk maps)
+_INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "h", "do", "du", "du_local", "dh", "t_in", "dk_part", "dk", "dv"}
+_INT_POINTERS = {"chunk_seq", "chunk_t0", "cu_seqlens", "chunk_first"}
+_FLAGS_OFF = ("HAS_H0", "STORE_HT", "HAS_DHT", "STORE_DH0", "KS_IN_LOOP")
 
 
-def resource_usage(efla: bool, gated: bool, bv: int, warps: int, stages: int) -> str:
-    """cuobjdump's resource line (REG, STACK, SHARED, ...) of one compiled configuration."""
-    constants = {"K": 128, "V": 128, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": True, "KS_IN_LOOP": False,
-                 "PREC": "tf32"}
+def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, stages: int) -> str:
+    """cuobjdump's resource line (REG, STACK, SHARED) of one compiled configuration."""
+    fn = KERNELS[kernel]
+    constants = {"K": 128, "V": 128, "BK": 64, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": True,
+                 "PREC": "tf32", **dict.fromkeys(_FLAGS_OFF, False)}
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
-    for name in _grad_wy_kernel.arg_names:
+    for name in fn.arg_names:
         if name in constants:
             signature[name] = "constexpr"
         elif name == "H":
             signature[name] = "i32"
+        elif name == "scale":
+            signature[name] = "fp32"
         else:
             signature[name] = "*i32" if name in _INT_POINTERS else "*bf16" if name in _INPUT_DTYPE else "*fp32"
-    source = ASTSource(fn=_grad_wy_kernel, signature=signature,
-                       constexprs={(_grad_wy_kernel.arg_names.index(k),): v for k, v in constants.items()})
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -55,18 +66,24 @@ def resource_usage(efla: bool, gated: bool, bv: int, warps: int, stages: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--modes", nargs="+", default=["efla", "delta"], choices=("efla", "delta"))
     parser.add_argument("--gated", nargs="+", type=int, default=[0, 1], choices=(0, 1))
-    parser.add_argument("--bv", type=int, default=64, help="V-block (the default launch: 64)")
-    parser.add_argument("--warps", type=int, default=8, help="warps (the default launch: 8)")
-    parser.add_argument("--stages", type=int, default=2, help="pipeline stages (the default launch: 2)")
+    parser.add_argument("--bv", type=int, default=None, help="V-block (default: the launch default at K = V = 128)")
+    parser.add_argument("--warps", type=int, default=None, help="warps (default: the launch default)")
+    parser.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the launch default)")
     args = parser.parse_args()
-    print(f"_grad_wy_kernel, bf16, K = V = 128, sm_90a, Triton {triton.__version__}, V-block {args.bv}, "
-          f"{args.warps} warps, {args.stages} stages")
-    for mode in args.modes:
-        for gated in args.gated:
-            usage = resource_usage(mode == "efla", bool(gated), args.bv, args.warps, args.stages)
-            print(f"  {'gated ' if gated else ''}{mode}: {usage}", flush=True)
+    print(f"bf16, K = V = 128, sm_90a, Triton {triton.__version__}")
+    for kernel in args.kernels:
+        chosen = launch.launch(kernel, 128, 128, 2)
+        bv, warps, stages = (args.bv or chosen.bv, args.warps or chosen.warps, args.stages or chosen.stages)
+        # the state passes do not depend on the mode (alpha enters through W and U0)
+        modes = args.modes if kernel == "grad_wy" else args.modes[:1]
+        for mode in modes:
+            for gated in args.gated:
+                usage = resource_usage(kernel, mode == "efla", bool(gated), bv, warps, stages)
+                label = f"{kernel} ({mode if kernel == 'grad_wy' else 'either mode'}{', gated' if gated else ''})"
+                print(f"  {label}, V-block {bv}, {warps} warps, {stages} stages: {usage}", flush=True)
 
 
 if __name__ == "__main__":
