@@ -29,7 +29,8 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _stacked(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
+    """The weights one under the other, in dtype: one concatenation, then one cast (not a cast per weight)."""
+    return (torch.cat(weights) if len(weights) > 1 else weights[0]).to(dtype)
 
 
 class _LinearMany(torch.autograd.Function):
