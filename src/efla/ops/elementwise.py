@@ -125,6 +125,13 @@ def rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, proj_weig
     return _RMSNormLinear.apply(x, weight, gate, eps, proj_weight)
 
 
+def _linear_grads(dout: torch.Tensor, inputs: torch.Tensor,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of inputs @ weight^T from dout (rows [M, in] and [M, out]; weight used in inputs' dtype): the
+    inputs' and the weight's, the latter in the weight's own dtype."""
+    return dout.mm(weight.to(inputs.dtype)), dout.t().mm(inputs).to(weight.dtype)
+
+
 class _RMSNormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gate, eps, proj_weight):
@@ -140,9 +147,8 @@ class _RMSNormLinear(torch.autograd.Function):
     def backward(ctx, dout):
         x2, weight, g2, rstd, proj_weight = ctx.saved_tensors
         y, _ = _rms_norm_rows(x2, weight, g2, ctx.eps)
-        dout2 = dout.reshape(-1, proj_weight.shape[0])
-        dproj = dout2.t().mm(y.view(-1, proj_weight.shape[1])).to(proj_weight.dtype)
-        dy = dout2.mm(proj_weight.to(x2.dtype))
+        dy, dproj = _linear_grads(dout.reshape(-1, proj_weight.shape[0]), y.view(-1, proj_weight.shape[1]),
+                                  proj_weight)
         dx, dw, dg = _rms_norm_rows_backward(x2, weight, g2, rstd, dy.view(x2.shape))
         shape = ctx.shape
         return dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None, dproj
@@ -160,7 +166,7 @@ class _L2Normalize(torch.autograd.Function):
         if ctx.fused:
             from efla.ops.triton.l2norm import l2_norm_fwd
 
-            n, r = l2_norm_fwd(y.reshape(-1, y.shape[-1]).contiguous(), eps)
+            n, r = l2_norm_fwd(_rows(y), eps)
             n = n.view(y.shape)
         else:
             y32 = y.to(torch.promote_types(y.dtype, torch.float32))
@@ -176,8 +182,7 @@ class _L2Normalize(torch.autograd.Function):
         if ctx.fused:
             from efla.ops.triton.l2norm import l2_norm_bwd
 
-            rows = n.reshape(-1, n.shape[-1])
-            return l2_norm_bwd(rows, r, dn.reshape(rows.shape).contiguous()).view(dn.shape), None
+            return l2_norm_bwd(_rows(n), r, _rows(dn)).view(dn.shape), None
         n32 = n.to(r.dtype)
         d = dn.to(r.dtype)
         return (r * (d - n32 * (n32 * d).sum(-1, keepdim=True))).to(n.dtype), None
@@ -252,7 +257,5 @@ class _SwiGLULinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         gate_up, weight = ctx.saved_tensors
-        w = weight.to(gate_up.dtype)
-        product = _swiglu_forward(gate_up)
-        dw = dy.flatten(0, -2).t().mm(product.flatten(0, -2)).to(weight.dtype)
-        return _swiglu_backward(gate_up, dy.matmul(w)), dw
+        dproduct, dw = _linear_grads(dy.flatten(0, -2), _swiglu_forward(gate_up).flatten(0, -2), weight)
+        return _swiglu_backward(gate_up, dproduct.view(*dy.shape[:-1], -1)), dw
