@@ -30,7 +30,7 @@ from efla.ops.triton.chunk_fwd import _state_fwd_kernel
 
 KERNELS = {"grad_wy": _grad_wy_kernel, "state_fwd": _state_fwd_kernel, "state_bwd": _state_bwd_kernel}
 # bf16 tensors; every other pointer is float32 (states of float32 passes, beta, g, scratch) or int32 (chunk maps)
-_INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "h", "do", "du", "du_local", "dh", "t_in", "dk_part", "dk", "dv"}
+_INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "h", "do", "du", "dh", "t_in", "dk_part", "dk", "dv"}
 _INT_POINTERS = {"chunk_seq", "chunk_t0", "cu_seqlens", "chunk_first"}
 _FLAGS_OFF = ("HAS_H0", "STORE_HT", "HAS_DHT", "STORE_DH0", "KS_IN_LOOP")
 
