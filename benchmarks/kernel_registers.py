@@ -73,6 +73,10 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=None, help="warps (default: the launch default)")
     parser.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the launch default)")
     args = parser.parse_args()
+    for flag in ("bv", "warps", "stages"):
+        value = getattr(args, flag)
+        if value is not None and (value < 1 or (flag != "stages" and value & (value - 1))):
+            parser.error(f"--{flag} must be a positive{'' if flag == 'stages' else ' power of two'} (got {value})")
     print(f"bf16, K = V = 128, sm_90a, Triton {triton.__version__}")
     for kernel in args.kernels:
         chosen = launch.launch(kernel, 128, 128, 2)
@@ -81,7 +85,10 @@ def main() -> None:
         modes = args.modes if kernel == "grad_wy" else args.modes[:1]
         for mode in modes:
             for gated in args.gated:
-                usage = resource_usage(kernel, mode == "efla", bool(gated), bv, warps, stages)
+                try:
+                    usage = resource_usage(kernel, mode == "efla", bool(gated), bv, warps, stages)
+                except Exception as err:  # Triton raises several types (out of shared memory, bad layouts)
+                    usage = f"does not compile: {type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
                 label = f"{kernel} ({mode if kernel == 'grad_wy' else 'either mode'}{', gated' if gated else ''})"
                 print(f"  {label}, V-block {bv}, {warps} warps, {stages} stages: {usage}", flush=True)
 
