@@ -35,12 +35,13 @@ SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (32, 1024, 16, 128), (8, 4096
 KERNEL_NAMES = {"wy_fwd": "_wy_fwd_kernel", "state_fwd": "_state_fwd_kernel", "out": "_out_kernel",
                 "state_bwd": "_state_bwd_kernel", "grad_qk": "_grad_qk_kernel", "grad_wy": "_grad_wy_kernel"}
 # (V-blocks, warps, stages) tried per kernel. The state passes leave out one stage: with 4 warps and V-blocks of 16 or
-# 32 Triton 3.6 miscompiled them on an H200 (wrong results, then an illegal address that ends the process).
+# 32 Triton 3.6 miscompiled them on an H200 (wrong results, then an illegal address that ends the process). Deeper
+# pipelines matter most to them: each chunk's loads are on the sequential pass's critical path.
 GRID = {
     "wy_fwd": ((64, 128), (4, 8), (1, 2)),
-    "state_fwd": ((16, 32, 64), (2, 4), (2, 3)),
+    "state_fwd": ((16, 32, 64), (4, 8), (2, 3, 4)),
     "out": ((64, 128), (4, 8), (1, 2, 3)),
-    "state_bwd": ((16, 32, 64), (2, 4, 8), (2,)),
+    "state_bwd": ((16, 32, 64), (4, 8), (2, 3, 4)),
     "grad_qk": ((32, 64, 128), (4, 8), (1, 2)),
     "grad_wy": ((32, 64), (4, 8), (1, 2)),
 }

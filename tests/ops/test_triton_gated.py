@@ -167,17 +167,41 @@ def test_gpu_gated_auto_is_triton():
     assert torch.equal(auto, triton)
 
 
+def _fla_refuses_gated_backward() -> bool:
+    """fla raises in its gated backward on Hopper with Triton 3.4 to 3.7.0 (a Triton miscompile, fla issue 640)."""
+    if importlib.util.find_spec("fla") is None or not torch.cuda.is_available():
+        return False
+    from fla.utils import env
+
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    return hopper and getattr(env, "TRITON_ABOVE_3_4_0", True) and not getattr(env, "TRITON_ABOVE_3_7_1", True)
+
+
 @gpu
 @needs_cuda
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla-core")
 @pytest.mark.parametrize("mode", ["efla", "delta"])
 def test_gpu_gated_matches_fla(mode):
-    """fla's chunk_gated_delta_rule (alpha and eta in PyTorch) as a second, independent oracle in bfloat16."""
+    """fla's chunk_gated_delta_rule (alpha and eta in PyTorch) as a second, independent oracle in bfloat16: output and
+    final state."""
     inputs = _inputs(2, 4096, 4, 128, 128, mode, 2, seed=30, decay=0.1)
-    o, ht, dx = _run("triton", torch.bfloat16, inputs, mode)
-    o_fla, ht_fla, dx_fla = _run("fla", torch.bfloat16, inputs, mode)
-    errors = [rel_err(o, o_fla), rel_err(ht, ht_fla)] + [rel_err(a, b) for a, b in zip(dx, dx_fla, strict=True)]
-    assert max(errors) <= 2e-2, errors
+    o, ht, _ = _run("triton", torch.bfloat16, inputs, mode, grads=False)
+    o_fla, ht_fla, _ = _run("fla", torch.bfloat16, inputs, mode, grads=False)
+    assert max(rel_err(o, o_fla), rel_err(ht, ht_fla)) <= 2e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla-core")
+@pytest.mark.skipif(_fla_refuses_gated_backward(), reason="fla refuses its gated backward on Hopper with Triton "
+                    "< 3.7.1 (fla issue 640); the float64 tests above check these gradients")
+@pytest.mark.parametrize("mode", ["efla", "delta"])
+def test_gpu_gated_gradients_match_fla(mode):
+    """The gradients too, where fla runs its gated backward."""
+    inputs = _inputs(2, 4096, 4, 128, 128, mode, 2, seed=30, decay=0.1)
+    _, _, dx = _run("triton", torch.bfloat16, inputs, mode)
+    _, _, dx_fla = _run("fla", torch.bfloat16, inputs, mode)
+    assert max(rel_err(a, b) for a, b in zip(dx, dx_fla, strict=True)) <= 2e-2
 
 
 @gpu
