@@ -55,3 +55,9 @@ def test_low_parallelism_splits_v_only_where_it_stays_safe(K, V, dtype_bytes, mo
             else:
                 expected = launch.Launch(32, default.warps, default.stages)
             assert few == expected, (kernel, K, V, pairs, few)
+
+
+def test_reverse_state_pass_keeps_four_warps_when_gated():
+    """The 8-warp, 3-stage reverse pass was tuned and checked on the GPU ungated only; the gated form keeps 4 warps."""
+    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=512) == launch.Launch(64, 8, 3)
+    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=512, gated=True) == launch.Launch(64, 4, 2)

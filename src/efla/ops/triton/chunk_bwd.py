@@ -245,7 +245,7 @@ def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, pr
     dh = torch.empty_like(h)
     du = torch.empty_like(do)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None
-    cfg = launch("state_bwd", K, V, q.element_size(), N * H)
+    cfg = launch("state_bwd", K, V, q.element_size(), N * H, gated=g is not None)
     _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, g, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
                                                       K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
                                                       STORE_DH0=has_h0, GATED=g is not None, PREC=prec,

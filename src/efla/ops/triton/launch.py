@@ -29,7 +29,7 @@ SAVE_T = True
 then load it instead of inverting the triangular system twice more."""
 
 
-def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
+def _default(kernel: str, K: int, V: int, dtype_bytes: int, gated: bool = False) -> Launch:
     if kernel in ("state_fwd", "state_bwd"):
         # split V for parallelism and keep S [K, BV] in registers; load the next chunk's tiles during this one's
         # (two stages) unless float32 K = 256 tiles overflow shared memory. Triton 3.6 on Hopper miscompiled these
@@ -37,8 +37,9 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
         # so K = 256 gets 8 warps, or with a V-block of 16 (V = 16) the 2 warps that ran correctly there.
         bv = min(V, 64 if K <= 128 else 32)
         warps = 4 if K <= 128 else (2 if bv <= 16 else 8)
-        if kernel == "state_bwd" and dtype_bytes == 2 and K == 128 and V >= 64:
-            return Launch(64, 8, 3)  # tune_kernels.py, bf16 8 x 4096 x 16 x 128, H200: 397 -> 350 us (2026-12-02)
+        if kernel == "state_bwd" and not gated and dtype_bytes == 2 and K == 128 and V >= 64:
+            # tune_kernels.py, bf16 8 x 4096 x 16 x 128, H200: 397 -> 350 us (2026-12-02); not yet run gated
+            return Launch(64, 8, 3)
         return Launch(bv, warps, 2 if K <= 128 or dtype_bytes == 2 else 1)
     # K = 16 gave wrong outputs with 4-8 warps (H200, Triton 3.6) and 2 warps fixed it; V = 16 is treated alike
     small = K <= 16 or V <= 16
@@ -54,12 +55,13 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int) -> Launch:
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 
-def launch(kernel: str, K: int, V: int, dtype_bytes: int, sequences_x_heads: int | None = None) -> Launch:
-    """The settings ``kernel`` runs with for head dims K, V and inputs of ``dtype_bytes`` bytes per element:
-    ``OVERRIDES[kernel]`` if set (its V-block capped at V), else the default. For the state passes, which run one
-    program per (sequence, head, V-block), ``sequences_x_heads`` lets a launch with fewer programs than the GPU has
-    multiprocessors (long context at small batch) split V finer."""
-    chosen = OVERRIDES.get(kernel) or _default(kernel, K, V, dtype_bytes)
+def launch(kernel: str, K: int, V: int, dtype_bytes: int, sequences_x_heads: int | None = None,
+           gated: bool = False) -> Launch:
+    """The settings ``kernel`` runs with for head dims K, V and inputs of ``dtype_bytes`` bytes per element (``gated``:
+    the decay-gated form): ``OVERRIDES[kernel]`` if set (its V-block capped at V), else the default. For the state
+    passes, which run one program per (sequence, head, V-block), ``sequences_x_heads`` lets a launch with fewer
+    programs than the GPU has multiprocessors (long context at small batch) split V finer."""
+    chosen = OVERRIDES.get(kernel) or _default(kernel, K, V, dtype_bytes, gated)
     if kernel in OVERRIDES or kernel not in ("state_fwd", "state_bwd") or sequences_x_heads is None:
         return Launch(min(chosen.bv, V), chosen.warps, chosen.stages)
     return _fill_the_gpu(kernel, chosen, K, V, dtype_bytes, sequences_x_heads)
