@@ -36,7 +36,8 @@ KERNEL_NAMES = {"wy_fwd": "_wy_fwd_kernel", "state_fwd": "_state_fwd_kernel", "o
                 "state_bwd": "_state_bwd_kernel", "grad_qk": "_grad_qk_kernel", "grad_wy": "_grad_wy_kernel"}
 # (V-blocks, warps, stages) tried per kernel. The state passes leave out one stage: with 4 warps and V-blocks of 16 or
 # 32 Triton 3.6 miscompiled them on an H200 (wrong results, then an illegal address that ends the process). Deeper
-# pipelines matter most to them: each chunk's loads are on the sequential pass's critical path.
+# pipelines matter most to them: each chunk's loads are on the sequential pass's critical path. 2 warps never won
+# for them at D = 64 or 128 (H200, 2026-12-02), so it is not compiled.
 GRID = {
     "wy_fwd": ((64, 128), (4, 8), (1, 2)),
     "state_fwd": ((16, 32, 64), (4, 8), (2, 3, 4)),

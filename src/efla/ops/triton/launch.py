@@ -72,8 +72,9 @@ def _fill_the_gpu(kernel: str, chosen: Launch, K: int, V: int, dtype_bytes: int,
     V-block 32, then 16 while that still fits in one wave, on 4 warps with a deeper pipeline (4 stages forward, 3
     reverse; with few programs each chunk's loads wait on memory, and the next chunks' loads are issued early). On an
     H200 at bf16 K = V = 128 (tune_kernels.py, 2026-12-02, us per forward+backward): forward 1341 -> 729 at 1 x 32768
-    x 8 heads, 900 -> 511 at 2 x 16384 x 16; reverse 965 -> 613 and 588 -> 392. float32 inputs, whose tiles would
-    overflow shared memory in deeper pipelines: V-block 32 with the default's warps and stages."""
+    x 8 heads, 900 -> 511 at 2 x 16384 x 16; reverse 965 -> 613 and 588 -> 392. float32 inputs (not tuned; their
+    tiles are twice the size, and deeper pipelines hold more of them in shared memory): V-block 32 with the
+    default's warps and stages."""
     bv = min(chosen.bv, V)
     sms = _multiprocessors()
     if K > 128 or bv != 64 or chosen.stages < 2 or sequences_x_heads * -(-V // bv) >= sms:
