@@ -8,9 +8,10 @@ then timed: one forward+backward per step under the PyTorch profiler, the kernel
 (the forward kernels also run in the backward's recomputation), median over --steps steps. Candidates of different
 kernels are timed in the same steps, since each kernel's time depends only on its own settings. It prints, per shape,
 each kernel's default and best time and setting, then forward and forward+backward medians (triton.testing.do_bench)
-with the defaults and with each shape's best settings, beside fla's chunk_delta_rule when fla-core is installed.
-Copy the winners into ``_default`` in ``efla/ops/triton/launch.py``. --kernels sweeps only those kernels (the others
-keep their defaults), e.g. the two state passes at a low-parallelism shape, the only kernels whose programs are few.
+with the defaults and with each shape's best settings, beside fla's chunk_delta_rule when fla-core is installed
+(unless --no-fla). Copy the winners into ``_default`` in ``efla/ops/triton/launch.py``. --kernels sweeps only those
+kernels (the others keep their defaults), e.g. the two state passes at a low-parallelism shape, the only kernels whose
+programs are few.
 --gated sweeps the decay-gated kernels (gated EFLA, log decay as in ``kernels.py --gated``) beside fla's
 chunk_gated_delta_rule.
 """
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(KERNEL_NAMES), choices=list(KERNEL_NAMES),
                         help="the kernels to sweep (default: all)")
     parser.add_argument("--gated", action="store_true", help="the decay-gated kernels (gated EFLA)")
+    parser.add_argument("--no-fla", action="store_true",
+                        help="leave out fla's times (fla autotunes on first use: minutes on a fresh machine)")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -175,7 +178,7 @@ def main() -> None:
         row["best, T recomputed"] = measure(ours, x, do)[:2]
         launch.SAVE_T = True
         launch.OVERRIDES.clear()
-        row["fla"] = fla_times(x, do, args.gated)
+        row["fla"] = None if args.no_fla else fla_times(x, do, args.gated)
         summary.append(row)
         del x, do
     print("\nshape | settings | fwd ms | fwd+bwd ms | vs fla fwd | vs fla f+b")
