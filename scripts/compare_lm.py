@@ -31,13 +31,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from queue import Queue
 
-MODES = {  # model overrides of each mode
-    "efla": {"attn_mode": "efla"},
-    "delta": {"attn_mode": "delta"},
-    "gated-efla": {"attn_mode": "efla", "use_decay_gate": True},
-    "gated-delta": {"attn_mode": "delta", "use_decay_gate": True},
-}
-NAMES = {"efla": "EFLA", "delta": "DeltaNet", "gated-efla": "gated EFLA", "gated-delta": "Gated DeltaNet"}
+from efla.variants import DISPLAY_NAMES, VARIANTS, variant_fields
+
 COLOURS = {"efla": "tab:blue", "delta": "tab:orange", "gated-efla": "tab:green", "gated-delta": "tab:red"}
 RECORD = "record.json"  # a finished run's results, in its folder
 
@@ -57,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="rows of --seq-len tokens per step")
     p.add_argument("--max-tokens", type=int, default=None, help="training tokens per run (default: one epoch)")
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--modes", nargs="+", default=["efla", "delta"], choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=["efla", "delta"], choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed of every (mode, lr)")
     args = p.parse_args(argv)
     for name in ("modes", "seeds", "lrs"):
@@ -70,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_command(args: argparse.Namespace, mode: str, lr: float, seed: int, out_dir: Path, max_steps: int | None,
                   overwrite: bool = False) -> list[str]:
     overrides = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_heads": args.heads,
-                 **MODES[mode]}
+                 **variant_fields(mode)}
     budget = (["--max-steps", str(max_steps)] if max_steps is not None
               else ["--max-tokens", str(args.max_tokens or epoch_tokens(args))])
     return [sys.executable, "-m", "efla", "train", "--model", "340M", "--model-overrides", json.dumps(overrides),
@@ -204,7 +199,7 @@ def plot_curves(runs: list[dict], best: dict[str, dict], path: Path) -> None:
         per_seed = [dict(r["curve"]) for r in group]
         losses = [[curve[step] for curve in per_seed] for step in steps]
         is_best = lr == best[mode]["lr"]
-        label = f"{NAMES[mode]} lr {lr:g}" + (" (best)" if is_best else "") + f", {len(group)} seeds"
+        label = f"{DISPLAY_NAMES[mode]} lr {lr:g}" + (" (best)" if is_best else "") + f", {len(group)} seeds"
         ax.plot(steps, [statistics.fmean(x) for x in losses], color=COLOURS[mode], lw=1.8 if is_best else 0.7,
                 alpha=1.0 if is_best else 0.45, label=label)
         if len(group) > 1:

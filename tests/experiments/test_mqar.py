@@ -113,3 +113,30 @@ def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv, message
         main(["mqar", *argv, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_gated_modes_train_with_the_decay_gate_and_equal_sizes(tmp_path):
+    """--modes takes the gated variants: each model has the decay gate, the two gated ones are the same size, and the
+    table names them."""
+    from efla.experiments.mqar.train import build_model
+
+    task = RecallTask(16, 2, 64)
+    config = SweepConfig(d_model=16)
+    models = {mode: build_model(mode, task, config) for mode in ("efla", "gated-efla", "gated-delta")}
+    assert not models["efla"].config.use_decay_gate
+    assert models["gated-efla"].config.use_decay_gate and models["gated-efla"].config.attn_mode == "efla"
+    assert models["gated-delta"].config.use_decay_gate and models["gated-delta"].config.attn_mode == "delta"
+    sizes = {mode: sum(p.numel() for p in model.parameters()) for mode, model in models.items()}
+    assert sizes["gated-efla"] == sizes["gated-delta"] > sizes["efla"]
+    with pytest.raises(ValueError, match="model variant must be one of"):
+        build_model("gated", task, config)
+    threads = torch.get_num_threads()
+    try:
+        main(["mqar", *TINY, "--modes", "gated-efla", "gated-delta", "--lrs", "1e-3", "--out", str(tmp_path / "g")])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert {r["mode"] for r in results["runs"]} == {"gated-efla", "gated-delta"}
+    assert all(r["status"] == "finished" for r in results["runs"])
+    table = (tmp_path / "g" / "table.md").read_text()
+    assert "gated EFLA" in table and "Gated DeltaNet" in table

@@ -1,4 +1,5 @@
-"""``efla mqar``: multi-query associative recall (Zoology's MQAR) for 2-layer EFLA and DeltaNet language models.
+"""``efla mqar``: multi-query associative recall (Zoology's MQAR) for 2-layer EFLA and DeltaNet language models, and
+their decay-gated forms (--modes gated-efla gated-delta).
 
 Each example lists key-value pairs, then asks for every key once; a model scores the share of answers it predicts
 exactly. Examples are generated on the fly from the seed (no data files). With no arguments it runs a CPU smoke sweep
@@ -30,13 +31,13 @@ from efla.experiments.study_cli import (
     write_json_atomic,
     write_text_atomic,
 )
+from efla.variants import VARIANTS
 
 DEFAULTS = SweepConfig()
 FULL = dataclasses.replace(
     DEFAULTS, seq_lens=(64, 128, 256, 512, 1024), num_pairs=(4, 16, 64), vocab_size=256, d_model=128, steps=1500,
     batch_size=64, lrs=(3e-3, 1e-2), eval_examples=1024,
 )  # fmt: skip
-MODES = ("efla", "delta")  # the attention modes a model config accepts today
 OUTPUTS = ("results.json", "table.md", "recall.png")
 _SWEPT = ("seq_lens", "num_pairs", "lrs", "modes")  # list-valued options
 
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**dict.fromkeys(f.name for f in dataclasses.fields(SweepConfig)))  # None: not given
     sweep = parser.add_argument_group("sweep (defaults: the CPU smoke run; --full: the GPU sweep)")
     sweep.add_argument("--full", action="store_true", help="the GPU sweep: " + _describe(FULL))
-    sweep.add_argument("--modes", nargs="+", choices=MODES, help=f"attention modes (default {_join(DEFAULTS.modes)})")
+    sweep.add_argument("--modes", nargs="+", choices=list(VARIANTS),
+                       help=f"token mixers (default {_join(DEFAULTS.modes)})")
     sweep.add_argument("--seq-lens", nargs="+", type=positive_int, help=f"default {_join(DEFAULTS.seq_lens)}")
     sweep.add_argument("--num-pairs", nargs="+", type=positive_int, help=f"key-value pairs (default "
                        f"{_join(DEFAULTS.num_pairs)}; settings with 4 * pairs > length are skipped)")  # fmt: skip

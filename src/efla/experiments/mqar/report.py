@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-NAMES = {"efla": "EFLA", "delta": "DeltaNet"}
+from efla.variants import DISPLAY_NAMES
 
 
 def best_accuracies(results: dict) -> dict[tuple[int, int, str], tuple[list[float], float | None]]:
@@ -41,7 +41,7 @@ def markdown_table(results: dict) -> str:
     best = best_accuracies(results)
     lines = ["Recall accuracy in % on held-out examples (answer positions only), mean ± std over seeds at each "
              "setting's best learning rate.", "",
-             "| seq len | pairs | " + " | ".join(NAMES.get(m, m) for m in modes) + " |",
+             "| seq len | pairs | " + " | ".join(DISPLAY_NAMES.get(m, m) for m in modes) + " |",
              "|---|---|" + "---|" * len(modes)]  # fmt: skip
     for seq_len, num_pairs in sorted({(T, P) for T, P, _ in best}):
         cells = []
@@ -69,7 +69,8 @@ def plot_results(results: dict, path: Path) -> Path:
                             if num_pairs == P and mode == m and acc)  # fmt: skip
             if points:
                 lengths, mean, std = (np.array(column) for column in zip(*points, strict=True))
-                ax.errorbar(lengths, mean, yerr=std, marker="o", markersize=3, capsize=2, label=NAMES.get(mode, mode))
+                ax.errorbar(lengths, mean, yerr=std, marker="o", markersize=3, capsize=2,
+                            label=DISPLAY_NAMES.get(mode, mode))
         ax.set_xscale("log", base=2)
         ax.set(xlabel="sequence length", ylabel="recall accuracy (%)", ylim=(0, 102),
                title=f"{num_pairs} key-value pairs")  # fmt: skip

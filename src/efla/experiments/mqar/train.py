@@ -1,4 +1,4 @@
-"""Train a small EFLA / DeltaNet language model on MQAR and score its recall, for a sweep of settings."""
+"""Train a small EFLA / DeltaNet (or gated) language model on MQAR and score its recall, for a sweep of settings."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ _EVAL_STREAM = 1_000_003  # offset of the evaluation examples' seed from the tra
 class SweepConfig:
     """Everything a sweep depends on (saved verbatim into results.json). The defaults are the CPU smoke run."""
 
-    modes: tuple[str, ...] = ("efla", "delta")  # the model's attn_mode; gated modes join when the config has them
+    modes: tuple[str, ...] = ("efla", "delta")  # model variants (efla.variants), the gated ones too
     seq_lens: tuple[int, ...] = (64, 128)
     num_pairs: tuple[int, ...] = (16,)
     vocab_size: int = 64
@@ -45,13 +45,16 @@ class SweepConfig:
 
 
 def build_model(mode: str, task: RecallTask, config: SweepConfig) -> torch.nn.Module:
-    """A ``num_layers``-layer EFLAForCausalLM (short convolution, SwiGLU of width 2 d) in attention mode ``mode``."""
+    """A ``num_layers``-layer EFLAForCausalLM (short convolution, SwiGLU of width 2 d) of variant ``mode`` ("efla",
+    "delta", "gated-efla" or "gated-delta")."""
     from efla.models import EFLAForCausalLM, preset_config
+    from efla.variants import variant_fields
 
     model_config = preset_config(
-        "tiny", attn_mode=mode, vocab_size=config.vocab_size, hidden_size=config.d_model, num_heads=config.num_heads,
-        num_hidden_layers=config.num_layers, intermediate_size=2 * config.d_model, max_position_embeddings=task.seq_len,
-        attn_backend=config.backend, chunk_size=config.chunk_size, use_cache=False,
+        "tiny", **variant_fields(mode), vocab_size=config.vocab_size, hidden_size=config.d_model,
+        num_heads=config.num_heads, num_hidden_layers=config.num_layers, intermediate_size=2 * config.d_model,
+        max_position_embeddings=task.seq_len, attn_backend=config.backend, chunk_size=config.chunk_size,
+        use_cache=False,
     )  # fmt: skip
     return EFLAForCausalLM(model_config)
 
