@@ -36,24 +36,26 @@ def test_unknown_kernel_is_an_error():
 
 @pytest.mark.parametrize(("K", "V", "dtype_bytes"), list(itertools.product(HEAD_DIMS, HEAD_DIMS, (2, 4))))
 def test_low_parallelism_splits_v_only_where_it_stays_safe(K, V, dtype_bytes, monkeypatch):
-    """Few (sequence, head) pairs on a 132-multiprocessor GPU: state passes at K <= 128 split V finer (16-bit inputs:
-    down to 16 while one wave holds the programs, 4 warps, deeper pipelines; float32: 32 with the default's warps and
-    stages), never in a setting that miscompiled; a full GPU keeps the default."""
+    """Few (sequence, head) pairs on a 132-multiprocessor GPU: state passes at K <= 128 split V to 32 on 4 warps and
+    2 stages; 16-bit inputs whose programs then fit in one wave go down to 16 while they still do, with deeper
+    pipelines; never a setting that miscompiled; a full GPU keeps the default."""
     monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)
     for kernel in ("state_fwd", "state_bwd"):
         default = launch.launch(kernel, K, V, dtype_bytes)
         assert launch.launch(kernel, K, V, dtype_bytes, sequences_x_heads=512) == default
         splits = K <= 128 and default.bv == 64 and default.stages >= 2
         stages = 4 if kernel == "state_fwd" else 3
-        for pairs, finest in ((8, 16), (32, 16 if V == 64 else 32)):  # halve while pairs x V-blocks <= 132
+        for pairs in (8, 32, 64):
             few = launch.launch(kernel, K, V, dtype_bytes, sequences_x_heads=pairs)
             assert not (few.warps == 4 and few.stages == 1 and few.bv <= 32), (kernel, K, V, few)
-            if not splits:
+            one_wave = pairs * -(-V // 32) <= 132
+            if not splits or pairs * -(-V // 64) >= 132:
                 expected = default
-            elif dtype_bytes == 2:
+            elif dtype_bytes == 4 or not one_wave:
+                expected = launch.Launch(32, 4, 2)
+            else:  # halve while pairs x V-blocks <= 132
+                finest = 32 if pairs * -(-V // 16) > 132 else 16
                 expected = launch.Launch(finest, 4, stages)
-            else:
-                expected = launch.Launch(32, default.warps, default.stages)
             assert few == expected, (kernel, K, V, pairs, few)
 
 
