@@ -70,12 +70,12 @@ def launch(kernel: str, K: int, V: int, dtype_bytes: int, sequences_x_heads: int
 def _fill_the_gpu(kernel: str, chosen: Launch, K: int, V: int, dtype_bytes: int, sequences_x_heads: int) -> Launch:
     """A state pass at K <= 128 whose programs would not cover the multiprocessors splits V finer: V-block 32 on 4
     warps and 2 stages (a setting Triton 3.6 compiled correctly on Hopper). At 16-bit inputs, when the programs then
-    fit in one wave, it goes on to 16 while they still do, with a deeper pipeline (4 stages forward, 3 reverse): with
-    few programs each chunk's loads wait on memory, and the next chunks' loads are issued early. The deeper pipeline
-    holds more tiles in shared memory, leaving room for one program per multiprocessor, hence one wave only. On an
-    H200 at bf16 K = V = 128 (tune_kernels.py, 2026-12-02, us per forward+backward): forward 1341 -> 729 at 1 x 32768
-    x 8 heads, 900 -> 511 at 2 x 16384 x 16; reverse 965 -> 613 and 588 -> 392. float32 (not tuned) takes the
-    V-block 32 split."""
+    number at most one per multiprocessor, it goes on to 16 while they still do, with a deeper pipeline (4 stages
+    forward, 3 reverse): with so few programs each chunk's loads wait on memory, and the next chunks' loads are issued
+    early. On an H200 at bf16 K = V = 128 (tune_kernels.py, 2026-12-02, us per forward+backward): forward 1341 -> 729
+    at 1 x 32768 x 8 heads, 900 -> 511 at 2 x 16384 x 16; reverse 965 -> 613 and 588 -> 392. Every shape tuned had at
+    most one program per multiprocessor; with more (8 x 2048 x 8 heads: 256), the split stays as it was until timed.
+    float32 (not tuned) takes the V-block 32 split."""
     bv = min(chosen.bv, V)
     sms = _multiprocessors()
     if K > 128 or bv != 64 or chosen.stages < 2 or sequences_x_heads * -(-V // bv) >= sms:
