@@ -37,7 +37,7 @@ from efla.layers.conv import ShortConvolution, short_conv_split, short_conv_stat
 from efla.layers.decode import can_step_in_place, decode_in_place
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
-from efla.layers.projection import is_plain_linear, project
+from efla.layers.projection import has_hooks, is_plain_linear, project
 from efla.layers.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
@@ -149,7 +149,7 @@ class EFLAttention(nn.Module):
         o_proj and an unhooked norm, one function (``rms_norm_linear``) that keeps o, not the normalised product."""
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         norm = self.o_norm
-        if is_plain_linear(self.o_proj) and not (norm._forward_hooks or norm._forward_pre_hooks):
+        if is_plain_linear(self.o_proj) and not has_hooks(norm):
             return rms_norm_linear(o, norm.weight, norm.eps, self.o_proj.weight, gate)
         o = norm(o) if gate is None else norm(o, gate)
         return self.o_proj(o.flatten(-2))  # a wrapped o_proj (LoRA, hooks) runs as itself

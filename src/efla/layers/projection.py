@@ -11,11 +11,15 @@ from torch import nn
 from efla.ops.linear import linear_many
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks are registered on the module: then its own call must run, not its weights directly."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` itself (no subclass or wrapper) without bias or hooks: its output is x @ weight^T, so its
     weight can be used directly."""
-    return (type(module) is nn.Linear and module.bias is None
-            and not (module._forward_hooks or module._forward_pre_hooks))
+    return type(module) is nn.Linear and module.bias is None and not has_hooks(module)
 
 
 def project(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tensor:
