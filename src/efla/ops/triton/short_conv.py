@@ -199,11 +199,10 @@ def short_conv_silu_split(x: torch.Tensor, weight: torch.Tensor, n: int,
     if cu_seqlens is None:
         positions = index % T
     else:
-        starts = cu_seqlens.to(device=x.device, dtype=torch.int32)
+        starts = cu_seqlens.to(device=x.device, dtype=torch.int32)  # int32 positions, as index
         document = torch.searchsorted(starts[1:], index, right=True)
         positions = index - starts[document]
-    ys = short_conv_silu_op(x.reshape(B * T, NC).contiguous(), weight[:, 0].reshape(n, C, -1),
-                            positions.to(torch.int32))
+    ys = short_conv_silu_op(x.reshape(B * T, NC).contiguous(), weight[:, 0].reshape(n, C, -1), positions)
     return [y.view(B, T, C) for y in ys]
 
 
