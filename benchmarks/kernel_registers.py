@@ -1,12 +1,15 @@
-"""Registers and spills of the chunk kernels that hold the most state, compiled offline for Hopper (no GPU needed).
+"""Registers, spills and instruction counts of the chunk kernels, compiled offline for Hopper (no GPU needed).
 
-    python benchmarks/kernel_registers.py [--kernels grad_wy state_fwd state_bwd] [--modes efla delta] [--gated 0 1]
-                                          [--bv 64] [--warps 8] [--stages 2]
+    python benchmarks/kernel_registers.py [--kernels wy_fwd grad_wy state_fwd state_bwd] [--modes efla delta]
+                                          [--gated 0 1] [--bv 64] [--warps 8] [--stages 2]
 
-Compiles each kernel (bf16 inputs, K = V = 128, the gradient pass loading T from the forward: the settings of a
-training step; --bv / --warps / --stages override the launch defaults of ``efla/ops/triton/launch.py``) for sm_90a
-with the installed Triton and its bundled ptxas, and prints what ``cuobjdump --dump-resource-usage`` reads from the
-binary: registers per thread and STACK, the bytes per thread spilled to local memory. A kernel at 255 registers with
+Compiles each kernel (bf16 inputs, K = V = 128, the WY kernel as the training forward runs it, inverting and storing
+T, the gradient pass loading T: the settings of a training step; --bv / --warps / --stages override the launch
+defaults of ``efla/ops/triton/launch.py``) for sm_90a with the installed Triton and its bundled ptxas, and prints
+what ``cuobjdump`` reads from the binary: registers per thread, STACK (the bytes per thread spilled to local memory)
+and the number of SASS instructions. The WY and gradient kernels are compiled in both modes: EFLA's step size is
+per-row math beside the same products, so EFLA's count far above delta's means that math runs in a layout where
+every thread computes every row. A kernel at 255 registers with
 a large stack waits on local-memory traffic, and in the sequential state passes that wait is on the critical path of
 every chunk; the count is exact and the same on every machine with the same Triton, so a change that should relieve
 register pressure can be checked here before it is timed on a GPU (install the GPU's Triton version for numbers that
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import tempfile
 
@@ -27,19 +31,23 @@ from triton.compiler import ASTSource
 from efla.ops.triton import launch
 from efla.ops.triton.chunk_bwd import _grad_wy_kernel, _state_bwd_kernel
 from efla.ops.triton.chunk_fwd import _state_fwd_kernel
+from efla.ops.triton.wy import _wy_fwd_kernel
 
-KERNELS = {"grad_wy": _grad_wy_kernel, "state_fwd": _state_fwd_kernel, "state_bwd": _state_bwd_kernel}
+KERNELS = {"wy_fwd": _wy_fwd_kernel, "grad_wy": _grad_wy_kernel, "state_fwd": _state_fwd_kernel,
+           "state_bwd": _state_bwd_kernel}
+MODAL = ("wy_fwd", "grad_wy")  # the kernels that compute EFLA's step size; the state passes do not depend on the mode
 # bf16 tensors; every other pointer is float32 (states of float32 passes, beta, g, scratch) or int32 (chunk maps)
-_INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "h", "do", "du", "dh", "t_in", "dk_part", "dk", "dv"}
+_INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "t", "h", "do", "du", "dh", "t_in", "dk_part", "dk", "dv"}
 _INT_POINTERS = {"chunk_seq", "chunk_t0", "cu_seqlens", "chunk_first"}
 _FLAGS_OFF = ("HAS_H0", "STORE_HT", "HAS_DHT", "STORE_DH0", "KS_IN_LOOP")
 
 
 def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, stages: int) -> str:
-    """cuobjdump's resource line (REG, STACK, SHARED) of one compiled configuration."""
+    """cuobjdump's resource line (REG, STACK, SHARED) of one compiled configuration and its SASS instruction count."""
     fn = KERNELS[kernel]
-    constants = {"K": 128, "V": 128, "BK": 64, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": True,
-                 "PREC": "tf32", **dict.fromkeys(_FLAGS_OFF, False)}
+    forward = kernel == "wy_fwd"
+    constants = {"K": 128, "V": 128, "BK": 64, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": not forward,
+                 "STORE_T": forward, "PREC": "tf32", **dict.fromkeys(_FLAGS_OFF, False)}
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
@@ -61,7 +69,10 @@ def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, st
         binary.flush()
         report = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", binary.name],
                                 capture_output=True, text=True, check=True).stdout
-    return " ".join(report.strip().splitlines()[-1].split()[:3])
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", binary.name],
+                              capture_output=True, text=True, check=True).stdout
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))
+    return " ".join(report.strip().splitlines()[-1].split()[:3]) + f" INSTRUCTIONS:{instructions}"
 
 
 def main() -> None:
@@ -81,15 +92,14 @@ def main() -> None:
     for kernel in args.kernels:
         chosen = launch.launch(kernel, 128, 128, 2)
         bv, warps, stages = (args.bv or chosen.bv, args.warps or chosen.warps, args.stages or chosen.stages)
-        # the state passes do not depend on the mode (alpha enters through W and U0)
-        modes = args.modes if kernel == "grad_wy" else args.modes[:1]
+        modes = args.modes if kernel in MODAL else args.modes[:1]
         for mode in modes:
             for gated in args.gated:
                 try:
                     usage = resource_usage(kernel, mode == "efla", bool(gated), bv, warps, stages)
                 except Exception as err:  # Triton raises several types (out of shared memory, bad layouts)
                     usage = f"does not compile: {type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
-                label = f"{kernel} ({mode if kernel == 'grad_wy' else 'either mode'}{', gated' if gated else ''})"
+                label = f"{kernel} ({mode if kernel in MODAL else 'either mode'}{', gated' if gated else ''})"
                 print(f"  {label}, V-block {bv}, {warps} warps, {stages} stages: {usage}", flush=True)
 
 
