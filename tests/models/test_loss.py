@@ -1,12 +1,30 @@
-"""The chunked linear + cross-entropy: loss and gradients equal the plain all-logits computation; the model uses it."""
+"""The chunked linear + cross-entropy: loss and gradients equal the plain all-logits computation, through PyTorch
+and through the fused Triton kernel (what CUDA runs; the interpreter on CPU); the model uses it."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import pytest
 import torch
 from helpers import rel_err
 
+import efla.models.loss as loss_module
 from efla.models.loss import causal_lm_loss, linear_cross_entropy, linear_cross_entropy_reference
+
+PATHS = ["torch", "triton"]
+
+
+def _use_path(path: str, monkeypatch) -> None:
+    """path "triton": the fused kernel (needs triton and a GPU or TRITON_INTERPRET=1), else the PyTorch formulas."""
+    if path == "torch":
+        monkeypatch.setattr(loss_module, "_fused", lambda x: False)
+        return
+    if importlib.util.find_spec("triton") is None or (not torch.cuda.is_available()
+                                                        and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("the Triton kernel needs triton and a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(loss_module, "_fused", lambda x: True)
 
 
 def _inputs(dtype: torch.dtype, N: int = 37, D: int = 24, V: int = 53):
@@ -22,8 +40,10 @@ def _loss_and_grads(fn, hidden, weight, targets):
     return (loss, *torch.autograd.grad(loss * 1.7, (hidden, weight)))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
-def test_float32_equals_the_plain_computation(chunk_size):
+def test_float32_equals_the_plain_computation(chunk_size, path, monkeypatch):
+    _use_path(path, monkeypatch)
     for _ in range(3):  # fresh inputs each time
         hidden, weight, targets = _inputs(torch.float32)
         ours = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_size=chunk_size), hidden, weight, targets)
@@ -33,9 +53,11 @@ def test_float32_equals_the_plain_computation(chunk_size):
             assert rel_err(x, ref) < 1e-6, name
 
 
-def test_bfloat16_is_as_accurate_as_the_plain_computation():
+@pytest.mark.parametrize("path", PATHS)
+def test_bfloat16_is_as_accurate_as_the_plain_computation(path, monkeypatch):
     """bf16 inputs: the same bf16 logits as the plain computation, so the same loss to float32 rounding; the
     gradients are as close to the float64 truth as the plain ones (the weight's is summed in float32)."""
+    _use_path(path, monkeypatch)
     hidden, weight, targets = _inputs(torch.bfloat16, N=64)
     ours = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_size=7), hidden, weight, targets)
     plain = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, targets)
@@ -58,7 +80,9 @@ def test_causal_lm_loss_divides_by_num_items_in_batch():
         linear_cross_entropy(hidden, weight, targets[:-1])
 
 
-def test_no_gradient_is_formed_without_grad():
+@pytest.mark.parametrize("path", PATHS)
+def test_no_gradient_is_formed_without_grad(path, monkeypatch):
+    _use_path(path, monkeypatch)
     hidden, weight, targets = _inputs(torch.float32)
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
@@ -105,3 +129,42 @@ def test_model_training_loss_skips_logits_and_equals_the_plain_loss():
         evaluated = model(ids, labels=labels)
     torch.testing.assert_close(evaluated.logits, logits.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(evaluated.loss, plain.detach(), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_matches_float64(dtype, monkeypatch):
+    """The kernel alone over rows wider than its lane block (5,000 logits, two blocks and a ragged tail), logits up
+    to +-3,000 (exp overflows without the running max), ignored rows: loss and gradient against float64."""
+    _use_path("triton", monkeypatch)
+    from efla.ops.triton.cross_entropy import cross_entropy_rows_
+
+    rows, V = 6, 5000
+    logits = (torch.randn(rows, V) * torch.tensor([1.0, 30.0, 3000.0, 1.0, 5.0, 0.1])[:, None]).to(dtype)
+    targets = torch.randint(0, V, (rows,))
+    targets[3] = -100
+    truth = logits.double()
+    log_p = truth.log_softmax(-1)
+    counted = targets != -100
+    want_loss = torch.where(counted, -log_p.gather(1, targets.clamp(min=0)[:, None])[:, 0], 0.0)
+    want_grad = (log_p.exp() - torch.nn.functional.one_hot(targets.clamp(min=0), V)) * counted[:, None]
+    loss = torch.empty(rows)
+    grad = logits.clone()
+    cross_entropy_rows_(grad, targets, loss)
+    assert rel_err(loss, want_loss) < 1e-6
+    assert loss[3] == 0 and (grad[3] == 0).all()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(grad, want_grad) < tolerance
+    loss_only = torch.empty(rows)
+    untouched = logits.clone()
+    cross_entropy_rows_(untouched, targets, loss_only, write_grad=False)
+    assert torch.equal(untouched, logits) and torch.equal(loss_only, loss)
+
+
+def test_cross_entropy_kernel_gives_nan_for_a_target_outside_the_vocabulary(monkeypatch):
+    _use_path("triton", monkeypatch)
+    from efla.ops.triton.cross_entropy import cross_entropy_rows_
+
+    logits = torch.randn(3, 10)
+    loss = torch.empty(3)
+    cross_entropy_rows_(logits, torch.tensor([2, 10, -100]), loss)
+    assert loss[0].isfinite() and loss[1].isnan() and loss[2] == 0
