@@ -21,8 +21,10 @@
 # On a machine with no network, carry fla's wheels (and transformers' if older there) and install them with
 #   python3 -m pip install --no-index --no-deps --target DIR WHEELS... && export PYTHONPATH=DIR:$PWD/src
 # without --no-index --no-deps pip tries to resolve dependencies over the network and can wait for minutes.
-# fla autotunes its kernels on first use, minutes per stage on a fresh machine; it caches the results in Triton's cache,
-# so point TRITON_CACHE_DIR at a folder that is carried from run to run (and brought back) to skip that.
+# fla autotunes its kernels on first use, minutes per stage on a fresh machine. This script sets
+# TRITON_CACHE_AUTOTUNING=1 (Triton >= 3.4), so the winners are kept as small *.autotune.json files in TRITON_CACHE_DIR;
+# carry those files from run to run (`cd $TRITON_CACHE_DIR && find . -name '*.autotune.json' | tar czf at.tgz -T -`,
+# tens of KB for every stage; unpack into the next machine's TRITON_CACHE_DIR) and fla compiles only its winners.
 # Each step has a time limit (seconds: TESTS_S, THROUGHPUT_S, GENERATION_S, KERNELS_S, LOSS_S, GATED_S, TRAIN_S,
 # HOST_S);
 # logs and JSON lines go to OUT_DIR, a summary to stdout. A stage that fails or runs out of time says so and the next one still runs.
@@ -31,7 +33,7 @@ out=${1:-runs/gpu_checks}
 shift $(( $# > 0 ? 1 : 0 ))
 stages=${*:-tests throughput generation kernels}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 
 for stage in $stages; do
