@@ -42,8 +42,8 @@ for stage in $stages; do
       # -vv (pyproject's addopts has -q): a line per test, so a run cut by its time limit still says what failed.
       # The gated kernel tests run alone in one process first: they wait minutes for fla's gated kernels to autotune.
       timeout "${TESTS_S:-480}" bash -c "
-        python -m pytest -p no:xdist -p no:cacheprovider -vv -rf -m gpu tests/ops/test_triton_gated.py;
-        python -m pytest $workers -p no:cacheprovider -vv -rf tests/ops tests/layers \
+        python -m pytest -p no:xdist -p no:cacheprovider -vv -rf --durations=10 -m gpu tests/ops/test_triton_gated.py;
+        python -m pytest $workers -p no:cacheprovider -vv -rf --durations=15 tests/ops tests/layers \
           tests/models/test_generation_static.py tests/models/test_convert.py tests/models/test_modeling.py \
           --ignore tests/ops/test_triton_gated.py" > "$out/tests.log" 2>&1
       echo "tests: exit $? ($(grep -cE ' PASSED' "$out/tests.log") passed)"
