@@ -120,6 +120,34 @@ def test_dense_plan_is_built_once_per_shape():
         assert rel_err(o, o_ref) <= 1e-5
 
 
+def test_backward_fills_no_gradient_for_outputs_that_got_none():
+    """Only o carries a gradient: the backward gets None for the kept T and the final state (never a zero-filled
+    [tokens, heads, 64] tensor per layer and step), and the gradients still match float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(name in func.__name__ for name in ("zero", "fill")) and isinstance(out, torch.Tensor):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    q, k, v, beta, _ = (x.requires_grad_() for x in _inputs(1, 80, 2, 16, 16, "efla", 1, seed=15))
+    o, _ = efla_attention(q, k, v, beta, backend="triton")
+    do = torch.randn_like(o)
+    with Fills() as fills:
+        o.backward(do)
+    assert (80, 2, 64) not in fills.shapes, fills.shapes
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, beta)]
+    efla_attention(*leaves, backend="torch")[0].backward(do.double())
+    for x, ref in zip((q, k, v, beta), leaves, strict=True):
+        assert rel_err(x.grad, ref.grad) <= 1e-5
+
+
 def test_float16_forward():
     _check(torch.float16, _inputs(2, 70, 2, 16, 32, "efla", 2, seed=3), "efla", tol=5e-3, grads=False)
 

@@ -97,6 +97,9 @@ _FORWARD_ARGS = ("q", "k", "v", "beta", "h0", "cu_seqlens", "cu_seqlens_cpu", "b
 
 
 def _setup_context(ctx, inputs, output):
+    # outputs that get no gradient (T, always; the final state, mostly) pass None to the backward instead of
+    # zeros autograd would allocate and fill: a [tokens, heads, 64] tensor per layer and step for T
+    ctx.set_materialize_grads(False)
     args = dict(zip(_FORWARD_ARGS, inputs, strict=True))
     ctx.save_for_backward(args["q"], args["k"], args["v"], args["beta"], args["h0"], args["cu_seqlens"],
                           args["cu_seqlens_cpu"], output[2] if args["store_t"] else None, args["g"])
