@@ -160,6 +160,16 @@ def test_cross_entropy_kernel_matches_float64(dtype, monkeypatch):
     assert torch.equal(untouched, logits) and torch.equal(loss_only, loss)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_targets_are_read_as_given(path, monkeypatch):
+    """Targets as a strided view (every other label), as a caller may slice them."""
+    _use_path(path, monkeypatch)
+    hidden, weight, _ = _inputs(torch.float32, N=20)
+    every_other = torch.randint(0, weight.shape[0], (40,))[::2]
+    ours = linear_cross_entropy(hidden, weight, every_other, chunk_size=7)
+    torch.testing.assert_close(ours, linear_cross_entropy_reference(hidden, weight, every_other), atol=0, rtol=1e-6)
+
+
 def test_cross_entropy_kernel_gives_nan_for_a_target_outside_the_vocabulary(monkeypatch):
     _use_path("triton", monkeypatch)
     from efla.ops.triton.cross_entropy import cross_entropy_rows_

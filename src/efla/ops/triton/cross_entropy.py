@@ -58,6 +58,9 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, loss: torch
     """Write each row's cross-entropy into ``loss`` [rows] (float32) and, if ``write_grad``, replace ``logits``
     [rows, V] (contiguous) by the gradient of the summed loss with respect to them; ``targets`` [rows] int."""
     rows, V = logits.shape
+    if not (logits.is_contiguous() and loss.is_contiguous()):
+        raise ValueError("cross_entropy_rows_ writes logits and loss in place: both must be contiguous")
+    targets = targets.contiguous()  # a strided view of the targets (labels[::2]) is read as rows of stride 1
     with torch.cuda.device_of(logits):
         _cross_entropy_rows_kernel[(rows,)](logits, targets, loss, V, IGNORE=IGNORE_INDEX, WRITE_GRAD=write_grad,
                                             BLOCK=min(_BLOCK, triton.next_power_of_2(V)), num_warps=8)
