@@ -149,14 +149,14 @@ def test_cross_entropy_kernel_matches_float64(dtype, monkeypatch):
     want_grad = (log_p.exp() - torch.nn.functional.one_hot(targets.clamp(min=0), V)) * counted[:, None]
     loss = torch.empty(rows)
     grad = logits.clone()
-    cross_entropy_rows_(grad, targets, loss)
+    cross_entropy_rows_(grad, targets, loss, ignore_index=-100)
     assert rel_err(loss, want_loss) < 1e-6
     assert loss[3] == 0 and (grad[3] == 0).all()
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     assert rel_err(grad, want_grad) < tolerance
     loss_only = torch.empty(rows)
     untouched = logits.clone()
-    cross_entropy_rows_(untouched, targets, loss_only, write_grad=False)
+    cross_entropy_rows_(untouched, targets, loss_only, ignore_index=-100, write_grad=False)
     assert torch.equal(untouched, logits) and torch.equal(loss_only, loss)
 
 
@@ -176,5 +176,5 @@ def test_cross_entropy_kernel_gives_nan_for_a_target_outside_the_vocabulary(monk
 
     logits = torch.randn(3, 10)
     loss = torch.empty(3)
-    cross_entropy_rows_(logits, torch.tensor([2, 10, -100]), loss)
+    cross_entropy_rows_(logits, torch.tensor([2, 10, -100]), loss, ignore_index=-100)
     assert loss[0].isfinite() and loss[1].isnan() and loss[2] == 0

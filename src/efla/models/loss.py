@@ -18,14 +18,13 @@ inputs'), so the logits and the loss are the plain ones; the gradient of W is su
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
+from efla.ops import elementwise
+
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 2**27  # logits per chunk as they are held: 1,048 tokens of float32 (2,097 of bf16) at 32,000 words
-_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def causal_lm_loss(
@@ -64,13 +63,14 @@ def linear_cross_entropy(
         raise ValueError(f"weight must be [vocab, {hidden.shape[-1]}] (got {tuple(weight.shape)})")
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    fused = _fused(hidden)
     if chunk_size is None:
-        held_bytes = compute_dtype.itemsize if _fused(hidden) else 4
+        held_bytes = compute_dtype.itemsize if fused else 4
         chunk_size = max(1, _CHUNK_BYTES // (held_bytes * weight.shape[0]))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                     targets.reshape(-1).to(hidden.device), chunk_size, compute_dtype)
+                                     targets.reshape(-1).to(hidden.device), chunk_size, compute_dtype, fused)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,18 +80,20 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
 
 
 def _fused(x: torch.Tensor) -> bool:
-    """The Triton kernel on CUDA; under torch.compile the PyTorch formulas, which the compiler fuses itself."""
-    return _TRITON and x.is_cuda and not torch.compiler.is_compiling()
+    """The Triton kernel where the other fused kernels run (CUDA); under torch.compile the PyTorch formulas, which
+    the compiler fuses itself."""
+    return elementwise._fused(x) and not torch.compiler.is_compiling()
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, row_loss: torch.Tensor,
-                         need_grad: bool) -> torch.Tensor | None:
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, row_loss: torch.Tensor, need_grad: bool,
+                         fused: bool) -> torch.Tensor | None:
     """Write the chunk's token losses into row_loss [chunk] and return d loss / d logits in the logits' dtype (None
-    if not need_grad): softmax minus the one-hot target, zero where the target is ignored."""
-    if _fused(logits):
+    if not need_grad): softmax minus the one-hot target, zero where the target is ignored. ``fused``: through the
+    Triton kernel, in place of the logits."""
+    if fused:
         from efla.ops.triton.cross_entropy import cross_entropy_rows_
 
-        cross_entropy_rows_(logits, targets, row_loss, write_grad=need_grad)
+        cross_entropy_rows_(logits, targets, row_loss, ignore_index=IGNORE_INDEX, write_grad=need_grad)
         return logits if need_grad else None
     counted = targets != IGNORE_INDEX
     y = torch.where(counted, targets, 0)[:, None]
@@ -109,7 +111,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and both gradients chunk by chunk in the forward (see the module docstring); hidden [N, D]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, fused):  # type: ignore[override]
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
@@ -119,7 +121,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 grad_logits = _chunk_loss_and_grad(h[rows] @ w.t(), targets[rows], row_loss[rows],
-                                                   need_hidden or need_weight)
+                                                   need_hidden or need_weight, fused)
                 if need_hidden:
                     grad_hidden[rows] = grad_logits @ w
                 if need_weight:
@@ -136,4 +138,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None

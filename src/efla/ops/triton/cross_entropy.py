@@ -1,6 +1,6 @@
 """Cross-entropy over rows of logits in one kernel: each row's loss, and the logits overwritten by their gradient.
 
-For logits x [rows, V] (float32 or 16-bit, read in float32) and targets y [rows] (-100: ignored), per row
+For logits x [rows, V] (float32 or 16-bit, read in float32) and targets y [rows] (ignore_index: ignored), per row
 
     lse = log sum_j exp(x_j),    loss = lse - x_y,    d loss / d x_j = exp(x_j - lse) - [j == y]
 
@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
 _BLOCK = 4096  # logits per lane block: 16 per thread at 8 warps
 
 
@@ -53,14 +52,15 @@ def _cross_entropy_rows_kernel(x, y, loss, V, IGNORE: tl.constexpr, WRITE_GRAD: 
             tl.store(x_row + c, tl.where(counted, grad, 0.0).to(x.dtype.element_ty), mask=c < V)
 
 
-def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
+def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, *, ignore_index: int,
                         write_grad: bool = True) -> None:
     """Write each row's cross-entropy into ``loss`` [rows] (float32) and, if ``write_grad``, replace ``logits``
-    [rows, V] (contiguous) by the gradient of the summed loss with respect to them; ``targets`` [rows] int."""
+    [rows, V] (contiguous) by the gradient of the summed loss with respect to them; ``targets`` [rows] int, rows
+    whose target is ``ignore_index`` count 0."""
     rows, V = logits.shape
     if not (logits.is_contiguous() and loss.is_contiguous()):
         raise ValueError("cross_entropy_rows_ writes logits and loss in place: both must be contiguous")
     targets = targets.contiguous()  # a strided view of the targets (labels[::2]) is read as rows of stride 1
     with torch.cuda.device_of(logits):
-        _cross_entropy_rows_kernel[(rows,)](logits, targets, loss, V, IGNORE=IGNORE_INDEX, WRITE_GRAD=write_grad,
+        _cross_entropy_rows_kernel[(rows,)](logits, targets, loss, V, IGNORE=ignore_index, WRITE_GRAD=write_grad,
                                             BLOCK=min(_BLOCK, triton.next_power_of_2(V)), num_warps=8)
