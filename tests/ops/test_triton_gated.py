@@ -137,6 +137,26 @@ def test_gated_zero_decay_is_the_ungated_kernel():
     assert rel_err(gated, plain) <= 1e-6 and rel_err(gated_state, plain_state) <= 1e-6
 
 
+def test_wy_pass_stores_the_chunk_sums_of_g():
+    """The WY pass stores, per token, G_t (g summed from its chunk's start) and G_C - G_t (summed over the chunk's
+    later tokens), which the state passes read: both against float64 sums, chunks restarting at each sequence of a
+    packed batch (a sequence of 70 tokens, an empty one, one of 150)."""
+    from efla.ops.triton.op import _chunk_map
+    from efla.ops.triton.wy import CHUNK, wy_fwd
+
+    cu = torch.tensor([0, 70, 70, 220], device=DEVICE)
+    _q, k, v, beta, g, _h0 = _inputs(1, 220, 3, 16, 16, "efla", 1, seed=27, decay=STRONG)
+    k, v, beta, g = k[0], v[0], beta[0], g[0].contiguous()
+    chunks, cu32 = _chunk_map(k, cu, cu.cpu(), 1)
+    sums = wy_fwd(k=k, v=v, beta=beta, g=g, chunks=chunks, cu=cu32, efla=True, prec="ieee")[3]
+    for bos, eos in ((0, 70), (70, 220)):
+        for start in range(bos, eos, CHUNK):
+            chunk = g[start:min(start + CHUNK, eos)].double()
+            running = chunk.cumsum(0)
+            assert rel_err(sums[start:start + len(chunk), :, 0], running) <= 1e-6
+            assert rel_err(sums[start:start + len(chunk), :, 1], running[-1] - running) <= 1e-6
+
+
 # ---- GPU: real sizes, most important first ---------------------------------------------------------------------
 
 

@@ -51,17 +51,20 @@ from efla.ops.triton.wy import (
     _chunk_decay,
     _chunk_t,
     _decay_matrix,
+    _decay_matrix_of,
     _erase_scale,
     _gram,
     _step_size_slopes,
+    _stored_decay,
 )
 
 
 @triton.jit
-def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, scale, H,
+def _state_bwd_kernel(q, k, g, sums, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first, scale, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
-    """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and du."""
+    """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and du. Gated, it
+    reads the chunk sums of the log decays the WY pass stored, and g itself only at float32 accuracy."""
     n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
     ov, vmask = _v_cols(i_v, V, BV)
@@ -80,8 +83,11 @@ def _state_bwd_kernel(q, k, g, w, do, du, dh, dht, dh0, cu_seqlens, chunk_first,
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
         kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
         if GATED:
-            gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
-            kq *= _decay_matrix(gv, r, PREC, TRANSPOSE=True)
+            gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
+            if PREC == "tf32":
+                kq *= _decay_matrix_of(gc, gc, r, PREC, TRANSPOSE=True)  # the log decays themselves are not used
+            else:
+                kq *= _decay_matrix_of(_token_values(g, tok, r, rmask, H), gc, r, PREC, TRANSPOSE=True)
             k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
             q_tile = (tl.exp(gc)[:, None] * q_tile.to(tl.float32)).to(w_tile.dtype)
         du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
@@ -235,10 +241,10 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
     tl.store(dbeta + tok + r * H, db.to(dbeta.dtype.element_ty), mask=rmask)
 
 
-def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, prec: str, g=None):
+def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, prec: str, g=None, sums=None):
     """Launch the reverse state pass: the gradient dh of every chunk's entering state (like ``h``), du of the
     state-pass input u, and the initial states' gradient [N, H, K, V] float32 if ``has_h0`` (else None). Gated when g
-    ([TT, H] log decay) is given."""
+    ([TT, H] log decay) is given, with the WY pass's sums of it (``wy_fwd``)."""
     H, K = k.shape[1:]
     V = do.shape[-1]
     N = cu.numel() - 1
@@ -246,8 +252,8 @@ def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, pr
     du = torch.empty_like(do)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None
     cfg = launch("state_bwd", K, V, q.element_size(), N * H, gated=g is not None)
-    _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, g, w, do, du, dh, dht, dh0, cu, chunks.first, scale, H,
-                                                      K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
+    _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, g, sums, w, do, du, dh, dht, dh0, cu, chunks.first,
+                                                      scale, H, K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
                                                       STORE_DH0=has_h0, GATED=g is not None, PREC=prec,
                                                       num_warps=cfg.warps, num_stages=cfg.stages)
     return dh, du, dh0

@@ -7,7 +7,8 @@ With W, U0 from ``_wy_fwd_kernel`` and S the state entering a chunk (derivation 
 The state pass keeps S [K, BV] in registers for one (sequence, head, V-block), stores every chunk's entering state h
 and its u, and the final state. The output pass reads them back, one program per (chunk, head, V-block).
 
-Gated (GATED, G the chunk's cumulative log decay, D[t, i] = exp(G_t - G_i) for t >= i, G_C its value at the end):
+Gated (GATED, G the chunk's cumulative log decay, D[t, i] = exp(G_t - G_i) for t >= i, G_C its value at the end;
+the state pass reads G_C - G and G_C as the WY pass stored them):
 
     S' = exp(G_C) S + K^T diag(exp(G_C - G)) u,    O = scale (diag(exp(G)) Q S + (tril(Q K^T) * D) u)
 """
@@ -30,11 +31,11 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_decay, _decay_matrix
+from efla.ops.triton.wy import _chunk_decay, _decay_matrix, _stored_decay
 
 
 @triton.jit
-def _state_fwd_kernel(k, g, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
+def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over the sequence's chunks in order."""
@@ -55,7 +56,7 @@ def _state_fwd_kernel(k, g, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
         u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
         tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
         if GATED:
-            _gv, _gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
+            _gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
             k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
             S *= tl.exp(g_end)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)
@@ -85,10 +86,10 @@ def _out_kernel(q, k, g, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
     tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)
 
 
-def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, g=None):
+def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, sums=None):
     """Launch the state pass: every chunk's entering state h ([chunks, H, K, V]; float32 for float32 inputs, else the
-    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None). Gated when g
-    ([TT, H] log decay) is given."""
+    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None). Gated when
+    the WY pass's sums of the log decays ([TT, H, 2] float32) are given."""
     H, K = k.shape[1:]
     V = u0.shape[-1]
     N = cu.numel() - 1
@@ -96,10 +97,10 @@ def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, g=None):
     u = torch.empty_like(u0)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
     cfg = launch("state_fwd", K, V, k.element_size(), N * H)
-    _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, g, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K,
+    _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, sums, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K,
                                                       V=V, BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
-                                                      GATED=g is not None, PREC=prec, num_warps=cfg.warps,
-                                                      num_stages=cfg.stages)
+                                                      GATED=sums is not None, PREC=prec,
+                                                      num_warps=cfg.warps, num_stages=cfg.stages)
     return h, u, ht
 
 

@@ -2,7 +2,7 @@
 
 Each op is a chain of named stages, each launched by the function beside its kernel:
 
-    forward   wy_fwd (W, U0, T) -> state_fwd (h, u, final state) -> output (o)
+    forward   wy_fwd (W, U0, T; gated: the chunk sums of g) -> state_fwd (h, u, final state) -> output (o)
     backward  wy_fwd (loading T) -> state_fwd -> state_bwd (dh, du, dh0) -> grad_qk (dq, dk and dg parts) -> grad_wy
               (dk, dv, dbeta, dg)
     decode    fused_recurrent (o, final state)
@@ -48,9 +48,9 @@ def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     """(o, final states [N, H, K, V] float32 or empty, T [TT, H, 64] or empty); T is kept for the backward."""
     with torch.cuda.device_of(q):  # kernels launch on the current device
         chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
-        w, u0, t = wy_fwd(k=k, v=v, beta=beta, g=g, chunks=chunks, cu=cu, efla=efla, prec=prec,
-                          store_t=store_t)
-        h, u, ht = state_fwd(k=k, w=w, u0=u0, h0=h0, g=g, chunks=chunks, cu=cu, store_ht=output_final_state,
+        w, u0, t, sums = wy_fwd(k=k, v=v, beta=beta, g=g, chunks=chunks, cu=cu, efla=efla, prec=prec,
+                                store_t=store_t)
+        h, u, ht = state_fwd(k=k, w=w, u0=u0, h0=h0, sums=sums, chunks=chunks, cu=cu, store_ht=output_final_state,
                              prec=prec)
         o = output(q=q, k=k, u=u, h=h, g=g, chunks=chunks, cu=cu, scale=scale, prec=prec)
     return o, _or_empty(ht, q), _or_empty(t, k)
@@ -75,13 +75,14 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     given), then the reverse state pass and the per-chunk gradients (derivation in ``chunk_bwd.py``)."""
     with torch.cuda.device_of(q):
         chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
-        common = {"chunks": chunks, "cu": cu, "prec": prec, "g": g}
-        w, u0, t = wy_fwd(k=k, v=v, beta=beta, efla=efla, t=t, **common)
-        h, u, _ = state_fwd(k=k, w=w, u0=u0, h0=h0, store_ht=False, **common)
-        dh, du, dh0 = state_bwd(q=q, k=k, w=w, do=do, dht=dht, h=h, has_h0=h0 is not None, scale=scale, **common)
-        dq, dk_part, dg_part = grad_qk(q=q, k=k, u=u, do=do, h=h, dh=dh, scale=scale, **common)
+        common = {"chunks": chunks, "cu": cu, "prec": prec}
+        w, u0, t, sums = wy_fwd(k=k, v=v, beta=beta, efla=efla, t=t, g=g, **common)
+        h, u, _ = state_fwd(k=k, w=w, u0=u0, h0=h0, store_ht=False, sums=sums, **common)
+        dh, du, dh0 = state_bwd(q=q, k=k, w=w, do=do, dht=dht, h=h, has_h0=h0 is not None, scale=scale, g=g,
+                                sums=sums, **common)
+        dq, dk_part, dg_part = grad_qk(q=q, k=k, u=u, do=do, h=h, dh=dh, scale=scale, g=g, **common)
         dk, dv, dbeta, dg = grad_wy(k=k, v=v, beta=beta, t=t, du=du, h=h, dk_part=dk_part, dg_part=dg_part,
-                                    efla=efla, **common)
+                                    efla=efla, g=g, **common)
     return dq, dk, dv, dbeta, _or_empty(dh0, q), _or_empty(dg, q)
 
 

@@ -116,17 +116,17 @@ def _chunk_decay(g, tok, r, rmask, H):
 
 
 @triton.jit
-def _log_decay(gv, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """[t, i] = g_{i+1} + ... + g_t for t >= i (callers mask the rest), laid out as [i, t] if TRANSPOSE. At float32
-    accuracy ("tf32x3" or "ieee", float32 inputs) the sums are formed directly, as one 64 x 64 product of the causal
-    ones and the g's after each column: a difference of running sums G_t - G_i loses float32 accuracy once the chunk's
-    total decay is large. At "tf32" (16-bit inputs, or tf32 chosen) that loss, about 1e-7 of |G| in the exponent, is
-    far below the inputs' rounding, so the difference is taken: no product, no layout changes, a few instructions (the
+def _log_decay(gv, gc, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """[t, i] = g_{i+1} + ... + g_t for t >= i (callers mask the rest), laid out as [i, t] if TRANSPOSE, from the
+    chunk's log decays gv and their running sums gc (G_t = g_0 + ... + g_t). At float32 accuracy ("tf32x3" or
+    "ieee", float32 inputs) the sums are formed directly from gv, as one 64 x 64 product of the causal ones and the
+    g's after each column: a difference of running sums G_t - G_i loses float32 accuracy once the chunk's total decay
+    is large. At "tf32" (16-bit inputs, or tf32 chosen) that loss, about 1e-7 of |G| in the exponent, is far below
+    the inputs' rounding, so the difference of gc is taken: no product, no layout changes, a few instructions (the
     state passes run this once per chunk on their sequential path). The transpose is built on its own rather than by
     tl.trans: Triton 3.4 to 3.7.0 on Hopper miscompiles 16-bit products whose operand is the transpose of another
     product's result (fla issue 640), which made the gated backward's bfloat16 gradients wrong by several percent."""
     if PREC == "tf32":
-        gc = tl.cumsum(gv, 0)
         if TRANSPOSE:
             return gc[None, :] - gc[:, None]
         else:
@@ -144,8 +144,26 @@ def _log_decay(gv, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr):
 def _decay_matrix(gv, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr = False):
     """D[t, i] = exp(g_{i+1} + ... + g_t) for t >= i (every exponent <= 0), 0 above the diagonal; with TRANSPOSE its
     transpose, formed as such (``_log_decay``)."""
+    return _decay_matrix_of(gv, tl.cumsum(gv, 0), r, PREC, TRANSPOSE)
+
+
+@triton.jit
+def _decay_matrix_of(gv, gc, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr = False):
+    """``_decay_matrix`` from the log decays gv and their running sums gc, when both are at hand."""
     causal = r[:, None] <= r[None, :] if TRANSPOSE else r[:, None] >= r[None, :]
-    return tl.where(causal, tl.exp(tl.minimum(_log_decay(gv, r, PREC, TRANSPOSE), 0.0)), 0.0)
+    return tl.where(causal, tl.exp(tl.minimum(_log_decay(gv, gc, r, PREC, TRANSPOSE), 0.0)), 0.0)
+
+
+@triton.jit
+def _stored_decay(sums, tok, r, rmask, rows, H):
+    """The chunk's sums of log decays as the WY pass stored them (``_wy_fwd_kernel``, [TT, H, 2] float32):
+    (G_t = g_0 + ... + g_t, G_C - G_t = the sum over the tokens after t, G_C) for its ``rows`` tokens. The
+    sequential state passes read them rather than scan g each chunk: the scans' cross-warp round trips sat on their
+    critical path and made them 2-3 times slower than the ungated passes with one program per multiprocessor."""
+    at = sums + (tok + r * H) * 2
+    gc = tl.load(at, mask=rmask, other=0.0)
+    to_end = tl.load(at + 1, mask=rmask, other=0.0)
+    return gc, to_end, tl.load(sums + (tok + (rows - 1) * H) * 2)
 
 
 @triton.jit
@@ -260,19 +278,24 @@ def _erase_scale(alpha, gv, GATED: tl.constexpr):
 
 
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, g, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
+def _wy_fwd_kernel(k, v, beta, g, w, u0, t, sums, chunk_seq, chunk_t0, cu_seqlens, H,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
                    STORE_T: tl.constexpr, LOAD_T: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype (gated:
     T diag(alpha exp(G)) K and T diag(eta) V). T ([TT, H, 64] rows, input dtype) is computed and, if STORE_T, stored
     for the backward; with LOAD_T it is read from t instead (the backward's recomputation, after a forward that
-    stored it)."""
+    stored it). Gated, it also stores each token's G_t and G_C - G_t in sums ([TT, H, 2] float32, direct sums, as
+    ``_chunk_decay``) for the state passes."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
     k_tile, _b, alpha, write, _lam, Td, gv = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T,
                                                       PREC)
     erase = _erase_scale(alpha, gv, GATED)
+    if GATED:
+        _gv, gc, to_end, _g_end = _chunk_decay(g, tok, r, rmask, H)
+        tl.store(sums + (tok + r * H) * 2, gc, mask=rmask)
+        tl.store(sums + (tok + r * H) * 2 + 1, to_end, mask=rmask)
     if STORE_T:
         tl.store(t + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
@@ -286,17 +309,18 @@ def _wy_fwd_kernel(k, v, beta, g, w, u0, t, chunk_seq, chunk_t0, cu_seqlens, H,
 
 
 def wy_fwd(*, k, v, beta, chunks, cu, efla: bool, prec: str, t=None, store_t: bool = False, g=None):
-    """Launch ``_wy_fwd_kernel`` on packed [TT, H, D] tensors: returns W, U0 and T (stored now if ``store_t``, the
-    given ``t`` loaded instead of inverting if it is not None, else None). Gated when g ([TT, H] float32 log decay)
-    is given."""
+    """Launch ``_wy_fwd_kernel`` on packed [TT, H, D] tensors: returns W, U0, T (stored now if ``store_t``, the
+    given ``t`` loaded instead of inverting if it is not None, else None) and the chunk sums of the log decays the
+    state passes read ([TT, H, 2] float32; None ungated). Gated when g ([TT, H] float32 log decay) is given."""
     H, K = k.shape[1:]
     V = v.shape[-1]
     w, u0 = torch.empty_like(k), torch.empty_like(v)
     load_t = t is not None
     if store_t:
         t = k.new_empty(k.shape[0], H, CHUNK)
+    sums = None if g is None else g.new_empty(*g.shape, 2, dtype=torch.float32)
     cfg = launch("wy_fwd", K, V, k.element_size())
-    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, g, w, u0, t, chunks.seq, chunks.t0, cu, H, K=K, V=V,
+    _wy_fwd_kernel[(chunks.total, H)](k, v, beta, g, w, u0, t, sums, chunks.seq, chunks.t0, cu, H, K=K, V=V,
                                       BV=cfg.bv, EFLA=efla, GATED=g is not None, STORE_T=store_t, LOAD_T=load_t,
                                       PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
-    return w, u0, t
+    return w, u0, t, sums
