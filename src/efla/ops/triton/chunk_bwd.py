@@ -88,13 +88,16 @@ def _state_bwd_kernel(q, k, g, sums, w, do, du, dh, dht, dh0, cu_seqlens, chunk_
                 kq *= _decay_matrix_of(gc, gc, r, PREC, TRANSPOSE=True)  # the log decays themselves are not used
             else:
                 kq *= _decay_matrix_of(_token_values(g, tok, r, rmask, H), gc, r, PREC, TRANSPOSE=True)
-            k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
-            q_tile = (tl.exp(gc)[:, None] * q_tile.to(tl.float32)).to(w_tile.dtype)
-        du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC)
-        du_tile += tl.dot(k_tile, dS.to(k_tile.dtype), input_precision=PREC)
+        # gated, the decays scale the [64, BV] tiles rather than the [64, K] ones: diag(c) (K dS') and
+        # Q^T diag(E) dO, c = exp(G_C - G), E = exp(G)
+        carried = tl.dot(k_tile, dS.to(k_tile.dtype), input_precision=PREC)
+        if GATED:
+            carried *= tl.exp(to_end)[:, None]
+        du_tile = scale * tl.dot(kq.to(do_tile.dtype), do_tile, input_precision=PREC) + carried
         tl.store(du + tok * V + vv, du_tile.to(du.dtype.element_ty), mask=m)
         if GATED:
             dS *= tl.exp(g_end)
+            do_tile = (tl.exp(gc)[:, None] * do_tile.to(tl.float32)).to(w_tile.dtype)
         dS += scale * tl.dot(tl.trans(q_tile), do_tile, input_precision=PREC)
         dS -= tl.dot(tl.trans(w_tile), du_tile.to(w_tile.dtype), input_precision=PREC)
     if STORE_DH0:

@@ -55,9 +55,9 @@ def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
         Sc = S.to(w_tile.dtype)
         u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
         tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
-        if GATED:
+        if GATED:  # K^T diag(exp(G_C - G)) u with the decay on u's [64, BV] rows, not on the [64, K] key tile
             _gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
-            k_tile = (tl.exp(to_end)[:, None] * k_tile.to(tl.float32)).to(w_tile.dtype)
+            u_tile *= tl.exp(to_end)[:, None]
             S *= tl.exp(g_end)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)
     if STORE_HT:
