@@ -193,21 +193,21 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
         tl.store(dv + tok * V + vv, (write[:, None] * dxv).to(dv.dtype.element_ty), mask=m)
         if GATED:
             de += tl.sum(dxv * v_tile.to(tl.float32), axis=1)
-            x_v = write[:, None] * v_tile.to(tl.float32)
         else:
             da += tl.sum(dxv * v_tile.to(tl.float32), axis=1)
-            x_v = v_tile.to(tl.float32)
         if KS_IN_LOOP:
             ks = tl.dot(k_tile, S, input_precision=PREC)
+            x_v = v_tile.to(tl.float32)
             if GATED:
+                x_v *= write[:, None]
                 ks *= erase[:, None]
             M += tl.dot(dxv_d, tl.trans((x_v - ks).to(dt)), input_precision=PREC)
-        else:
-            M += tl.dot(dxv_d, tl.trans(x_v.to(dt)), input_precision=PREC)
+        else:  # gated, X_V = diag(eta) V: the write step scales M's columns once, after the loop
+            M += tl.dot(dxv_d, tl.trans(v_tile.to(dt)), input_precision=PREC)
     kf = k_tile.to(tl.float32)
     if not KS_IN_LOOP:
-        if GATED:
-            M += tl.dot(dxk.to(dt), tl.trans((erase[:, None] * kf).to(dt)), input_precision=PREC)
+        if GATED:  # dX_V X_V^T + dX_K X_K^T with X_K = diag(alpha E) K: both as column scales of 64 x 64 tiles
+            M = M * write[None, :] + tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC) * erase[None, :]
         else:
             M += tl.dot(dxk.to(dt), tl.trans(k_tile), input_precision=PREC)
     # dX_K's last uses, so that it dies here; dk_part is loaded only at the end: neither [64, K] float32 tile is live
