@@ -60,8 +60,7 @@ def test_a_block_keeps_each_activation_once(mode, monkeypatch):
                    #          output is that same tensor)
                    + 64 * H  # T, the WY system's inverse, kept by the chunk forward
                    + C  # the attention output: the output norm's input (its output is formed again)
-                   + C  # the MLP norm's input
-                   + C  # its output, the gate/up projection's input
+                   + C  # the MLP norm's input (its output, the gate/up projection's input, is formed again)
                    + 2 * I)  # gate and up side by side: SwiGLU's input (its output is formed again)
     float32_per_row = (1 + 1  # the two RMSNorms' scales
                        + H * (2 if mode == "delta" else 1)  # the L2 norms' scales

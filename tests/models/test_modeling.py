@@ -107,6 +107,33 @@ def test_every_parameter_gets_a_gradient(tie):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_mlp_with_its_norm_equals_the_modules_own_calls():
+    """The MLP reading the pre-norm's input (``project_normed``, which keeps x instead of the normalised x) gives the
+    loss and every gradient of the plain path, which a forward hook on the MLP selects (and whose hook then sees the
+    normalised input)."""
+    model = _model().train()
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused_loss, fused_grads = loss_and_grads()
+    seen = []
+    hooks = [block.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0])) for block in model.model.layers]
+    plain_loss, plain_grads = loss_and_grads()
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(model.model.layers)
+    assert torch.allclose(fused_loss, plain_loss, rtol=1e-6, atol=0)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-5, atol=1e-7), name
+    rms = seen[0].float().square().mean(-1).sqrt()  # the normalised input (the norms' weights start at one)
+    assert torch.allclose(rms, torch.ones_like(rms), rtol=1e-3)
+
+
 @pytest.mark.parametrize(("variant", "tie"), [("hybrid-gated", False), ("hybrid-gated", True),
                                              ("gated-efla", False)])
 def test_save_load_round_trip_is_exact(tmp_path, variant, tie):

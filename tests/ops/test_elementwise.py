@@ -15,6 +15,7 @@ from efla.ops.elementwise import (
     l2_normalize_reference,
     rms_norm,
     rms_norm_linear,
+    rms_norm_project,
     rms_norm_reference,
     swiglu,
     swiglu_linear,
@@ -188,6 +189,39 @@ def test_rms_norm_linear_matches_float64_and_keeps_no_product(gated, dtype, fuse
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert y.dtype == dtype and y.shape == (2, 5, 24) and rel_err(y, y_ref) < tol
     assert grads[1].dtype == grads[2].dtype == torch.float32
+    for got, r in zip(grads, grads_ref, strict=True):
+        assert rel_err(got, r) < tol
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("dtype", "autocast"),
+                         [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_rms_norm_project_matches_float64_and_keeps_no_normalised_input(dtype, autocast, fused, monkeypatch):
+    """A block's pre-norm and the projections after it in one: RMSNorm of x [B, T, N], then two float32 weights side
+    by side (under bf16 autocast too, as a float32 model trains); values and every gradient against float64
+    autograd, and what it keeps (x, one float32 per row and the weights, not the normalised x)."""
+    _use_kernels(fused, monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(2, 5, 32, generator=g) * 3).to(DEVICE, dtype)
+    norm_w = (1 + torch.randn(32, generator=g) / 5).to(DEVICE)
+    proj_ws = [(torch.randn(n, 32, generator=g) / 6).to(DEVICE) for n in (24, 40)]
+    dy = torch.randn(2, 5, 64, generator=g).to(DEVICE)
+    tensors = [x, norm_w, *proj_ws]
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    saved = []
+    with (torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast),
+          torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)):
+        y = rms_norm_project(leaves[0], leaves[1], 1e-6, leaves[2:])
+    assert sum(t.numel() for t in saved) == x.numel() + 10 + 32 + sum(w.numel() for w in proj_ws)
+    out_dtype = torch.bfloat16 if autocast else dtype
+    assert y.dtype == out_dtype and y.shape == (2, 5, 64)
+    grads = torch.autograd.grad(y, leaves, dy.to(out_dtype))
+    ref = [t.detach().double().requires_grad_() for t in tensors]
+    y_ref = rms_norm_reference(ref[0], ref[1], 1e-6) @ torch.cat(ref[2:]).t()
+    grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    tol = 1e-5 if out_dtype == torch.float32 else 2e-2
+    assert rel_err(y, y_ref) < tol
+    assert [d.dtype for d in grads] == [t.dtype for t in tensors]
     for got, r in zip(grads, grads_ref, strict=True):
         assert rel_err(got, r) < tol
 

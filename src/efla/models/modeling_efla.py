@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
 from efla.layers.attention import decay_gate_init
-from efla.layers.projection import is_plain_linear, project
+from efla.layers.projection import has_hooks, is_plain_linear, project, project_normed
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
 from efla.models.loss import causal_lm_loss
@@ -45,8 +45,10 @@ class EFLAMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = project(x, (self.gate_proj, self.up_proj))
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The MLP of x, or of norm(x) when the block's pre-norm is given (kept as x: ``project_normed``)."""
+        linears = (self.gate_proj, self.up_proj)
+        gate_up = project(x, linears) if norm is None else project_normed(x, norm, linears)
         if is_plain_linear(self.down_proj):
             return swiglu_linear(gate_up, self.down_proj.weight)  # silu(gate) * up is formed again in the backward
         return self.down_proj(swiglu(gate_up))  # a wrapped down_proj (LoRA, hooks) runs as itself
@@ -79,7 +81,9 @@ class EFLABlock(GradientCheckpointingLayer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), attention_mask, cache, cu_seqlens)
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        if has_hooks(self.mlp):  # its hooks see the normalised input, as they would in any pre-norm block
+            return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        return hidden_states + self.mlp(hidden_states, norm=self.mlp_norm)
 
 
 class EFLAPreTrainedModel(PreTrainedModel):

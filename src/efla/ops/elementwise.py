@@ -1,21 +1,24 @@
 """The layers' element-wise pieces that keep only their inputs for the backward: RMSNorm (optionally gated by
-silu(gate); alone or with the linear layer after it), SwiGLU (alone or with the linear layer after it) and the q/k L2
-normalisation (which keeps its output, the tensor the attention keeps anyway).
+silu(gate); alone, with the linear layer after it, or with the several projections after it), SwiGLU (alone or with
+the linear layer after it) and the q/k L2 normalisation (which keeps its output, the tensor the attention keeps
+anyway).
 
 Eager PyTorch keeps what each small op needs (x in float32, the normalised x, silu(a), ...): about 10 KB per token for
 a 1024-wide RMSNorm and 16 KB for a 2816-wide SwiGLU. These functions keep their inputs in the input dtype (and one
 float32 per row for RMSNorm and the L2 norm) and recompute the rest in the backward: on CUDA through fused Triton
 kernels (``ops/triton/rmsnorm.py``, ``ops/triton/swiglu.py``, ``ops/triton/l2norm.py``), elsewhere through the same
-formulas in PyTorch. Under
-torch.compile they are the plain formulas, which the compiler fuses and recomputes itself.
+formulas in PyTorch. Under torch.compile they are the plain formulas, which the compiler fuses and recomputes itself.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from efla.ops.linear import linear_many, stack_weights
 
 _TRITON = importlib.util.find_spec("triton") is not None
 
@@ -152,6 +155,44 @@ class _RMSNormLinear(torch.autograd.Function):
         dx, dw, dg = _rms_norm_rows_backward(x2, weight, g2, rstd, dy.view(x2.shape))
         shape = ctx.shape
         return dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None, dproj
+
+
+def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     proj_weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """RMSNorm over x's last dim (weight [N]) followed by the projections proj_weights ([out_i, N] each), their
+    outputs side by side: ``linear_many(rms_norm(x, weight, eps), proj_weights)`` as one function that keeps x, one
+    float32 per row and the weights, not the normalised x (a [tokens, N] tensor per block), which the backward
+    forms again (one element-wise pass). Under autocast the normalised x and the weights meet in its dtype, as
+    ``linear_many`` would have them."""
+    if torch.compiler.is_compiling():
+        return linear_many(rms_norm_reference(x, weight, eps), list(proj_weights))
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        return _RMSNormProject.apply(x, weight, eps, dtype, *proj_weights)
+
+
+class _RMSNormProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, dtype, *proj_weights):
+        x2 = _rows(x)
+        y, rstd = _rms_norm_rows(x2, weight, None, eps)
+        ctx.save_for_backward(x2, weight, rstd, *proj_weights)
+        ctx.eps, ctx.dtype, ctx.shape = eps, dtype, x.shape
+        out = F.linear(y.to(dtype), stack_weights(proj_weights, dtype))
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x2, weight, rstd, *proj_weights = ctx.saved_tensors
+        y = _rms_norm_rows(x2, weight, None, ctx.eps)[0].to(ctx.dtype)
+        d2 = dout.reshape(-1, dout.shape[-1])
+        dy = d2.mm(stack_weights(tuple(proj_weights), ctx.dtype))
+        dws = d2.t().mm(y).split([w.shape[0] for w in proj_weights])
+        dx, dw, _ = _rms_norm_rows_backward(x2, weight, None, rstd, dy.to(x2.dtype))
+        return (dx.view(ctx.shape), dw.to(weight.dtype), None, None,
+                *(d.to(w.dtype) for d, w in zip(dws, proj_weights, strict=True)))
 
 
 class _L2Normalize(torch.autograd.Function):

@@ -28,7 +28,7 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         return _LinearMany.apply(x, *weights)
 
 
-def _stacked(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+def stack_weights(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
     """The weights one under the other, in dtype: one concatenation, then one cast (not a cast per weight)."""
     return (torch.cat(weights) if len(weights) > 1 else weights[0]).to(dtype)
 
@@ -37,13 +37,13 @@ class _LinearMany(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *weights):
         ctx.save_for_backward(x, *weights)
-        return F.linear(x, _stacked(weights, x.dtype))
+        return F.linear(x, stack_weights(weights, x.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, *weights = ctx.saved_tensors
-        dx = dy.matmul(_stacked(tuple(weights), x.dtype)) if ctx.needs_input_grad[0] else None
+        dx = dy.matmul(stack_weights(tuple(weights), x.dtype)) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[1:]):
             return dx, *(None for _ in weights)
         dws = dy.flatten(0, -2).t().mm(x.flatten(0, -2)).split([w.shape[0] for w in weights])
