@@ -1,7 +1,7 @@
 """Registers, spills and instruction counts of the chunk kernels, compiled offline for Hopper (no GPU needed).
 
-    python benchmarks/kernel_registers.py [--kernels wy_fwd grad_wy state_fwd state_bwd] [--modes efla delta]
-                                          [--gated 0 1] [--bv 64] [--warps 8] [--stages 2]
+    python benchmarks/kernel_registers.py [--kernels wy_fwd grad_wy state_fwd state_bwd out grad_qk]
+                                          [--modes efla delta] [--gated 0 1] [--bv 64] [--warps 8] [--stages 2]
 
 Compiles each kernel (bf16 inputs, K = V = 128, the WY kernel as the training forward runs it, inverting and storing
 T, the gradient pass loading T: the settings of a training step; --bv / --warps / --stages override the launch
@@ -29,15 +29,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from efla.ops.triton import launch
-from efla.ops.triton.chunk_bwd import _grad_wy_kernel, _state_bwd_kernel
-from efla.ops.triton.chunk_fwd import _state_fwd_kernel
+from efla.ops.triton.chunk_bwd import _grad_qk_kernel, _grad_wy_kernel, _state_bwd_kernel
+from efla.ops.triton.chunk_fwd import _out_kernel, _state_fwd_kernel
 from efla.ops.triton.wy import _wy_fwd_kernel
 
 KERNELS = {"wy_fwd": _wy_fwd_kernel, "grad_wy": _grad_wy_kernel, "state_fwd": _state_fwd_kernel,
-           "state_bwd": _state_bwd_kernel}
+           "state_bwd": _state_bwd_kernel, "out": _out_kernel, "grad_qk": _grad_qk_kernel}
 MODAL = ("wy_fwd", "grad_wy")  # the kernels that compute EFLA's step size; the state passes do not depend on the mode
 # bf16 tensors; every other pointer is float32 (states of float32 passes, beta, g, scratch) or int32 (chunk maps)
-_INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "t", "h", "do", "du", "dh", "t_in", "dk_part", "dk", "dv"}
+_INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "t", "h", "o", "do", "du", "dh", "t_in", "dq", "dk_part", "dk", "dv"}
 _INT_POINTERS = {"chunk_seq", "chunk_t0", "cu_seqlens", "chunk_first"}
 _FLAGS_OFF = ("HAS_H0", "STORE_HT", "HAS_DHT", "STORE_DH0", "KS_IN_LOOP")
 

@@ -31,7 +31,7 @@ def _tool(*args: str) -> list[str]:
     return result.stdout.strip().splitlines()[1:]
 
 
-@pytest.mark.parametrize("kernel", ["wy_fwd", "grad_wy", "state_fwd", "state_bwd"])
+@pytest.mark.parametrize("kernel", ["wy_fwd", "grad_wy", "state_fwd", "state_bwd", "out", "grad_qk"])
 def test_each_kernel_compiles_for_hopper_and_reports_its_registers(kernel):
     (line,) = _tool("--kernels", kernel, "--modes", "efla", "--gated", "1")
     assert line.startswith(f"  {kernel} ("), line
