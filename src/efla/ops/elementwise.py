@@ -125,36 +125,7 @@ def rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, proj_weig
     if torch.compiler.is_compiling():
         normed = rms_norm_reference(x, weight, eps, gate)
         return F.linear(normed.reshape(*normed.shape[:-2], -1), proj_weight.to(x.dtype))
-    return _RMSNormLinear.apply(x, weight, gate, eps, proj_weight)
-
-
-def _linear_grads(dout: torch.Tensor, inputs: torch.Tensor,
-                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of inputs @ weight^T from dout (rows [M, in] and [M, out]; weight used in inputs' dtype): the
-    inputs' and the weight's, the latter in the weight's own dtype."""
-    return dout.mm(weight.to(inputs.dtype)), dout.t().mm(inputs).to(weight.dtype)
-
-
-class _RMSNormLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, gate, eps, proj_weight):
-        x2, g2 = _rows(x), _rows(gate)
-        y, rstd = _rms_norm_rows(x2, weight, g2, eps)
-        ctx.save_for_backward(x2, weight, g2, rstd, proj_weight)
-        ctx.eps, ctx.shape = eps, x.shape
-        out = F.linear(y.view(-1, proj_weight.shape[1]), proj_weight.to(x.dtype))
-        return out.view(*x.shape[:-2], proj_weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        x2, weight, g2, rstd, proj_weight = ctx.saved_tensors
-        y, _ = _rms_norm_rows(x2, weight, g2, ctx.eps)
-        dy, dproj = _linear_grads(dout.reshape(-1, proj_weight.shape[0]), y.view(-1, proj_weight.shape[1]),
-                                  proj_weight)
-        dx, dw, dg = _rms_norm_rows_backward(x2, weight, g2, rstd, dy.view(x2.shape))
-        shape = ctx.shape
-        return dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None, dproj
+    return _RMSNormLinear.apply(x, weight, gate, eps, x.dtype, proj_weight).view(*x.shape[:-2], -1)
 
 
 def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -169,30 +140,40 @@ def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float,
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        return _RMSNormProject.apply(x, weight, eps, dtype, *proj_weights)
+        return _RMSNormLinear.apply(x, weight, None, eps, dtype, *proj_weights).view(*x.shape[:-1], -1)
 
 
-class _RMSNormProject(torch.autograd.Function):
+def _linear_grads(dout: torch.Tensor, inputs: torch.Tensor,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of inputs @ weight^T from dout (rows [M, in] and [M, out]; weight used in inputs' dtype): the
+    inputs' and the weight's, the latter in the weight's own dtype."""
+    return dout.mm(weight.to(inputs.dtype)), dout.t().mm(inputs).to(weight.dtype)
+
+
+class _RMSNormLinear(torch.autograd.Function):
+    """RMSNorm rows of x (and gate), read as rows of the projections' input width, @ the stacked projections^T in
+    dtype: rows [M, sum of the outputs]. Keeps x, gate, one float32 per norm row and the weights."""
+
     @staticmethod
-    def forward(ctx, x, weight, eps, dtype, *proj_weights):
-        x2 = _rows(x)
-        y, rstd = _rms_norm_rows(x2, weight, None, eps)
-        ctx.save_for_backward(x2, weight, rstd, *proj_weights)
+    def forward(ctx, x, weight, gate, eps, dtype, *proj_weights):
+        x2, g2 = _rows(x), _rows(gate)
+        y, rstd = _rms_norm_rows(x2, weight, g2, eps)
+        ctx.save_for_backward(x2, weight, g2, rstd, *proj_weights)
         ctx.eps, ctx.dtype, ctx.shape = eps, dtype, x.shape
-        out = F.linear(y.to(dtype), stack_weights(proj_weights, dtype))
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return F.linear(y.to(dtype).view(-1, proj_weights[0].shape[1]), stack_weights(proj_weights, dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        x2, weight, rstd, *proj_weights = ctx.saved_tensors
-        y = _rms_norm_rows(x2, weight, None, ctx.eps)[0].to(ctx.dtype)
-        d2 = dout.reshape(-1, dout.shape[-1])
-        dy = d2.mm(stack_weights(tuple(proj_weights), ctx.dtype))
-        dws = d2.t().mm(y).split([w.shape[0] for w in proj_weights])
-        dx, dw, _ = _rms_norm_rows_backward(x2, weight, None, rstd, dy.to(x2.dtype))
-        return (dx.view(ctx.shape), dw.to(weight.dtype), None, None,
-                *(d.to(w.dtype) for d, w in zip(dws, proj_weights, strict=True)))
+        x2, weight, g2, rstd, *proj_weights = ctx.saved_tensors
+        y = _rms_norm_rows(x2, weight, g2, ctx.eps)[0].to(ctx.dtype).view(-1, proj_weights[0].shape[1])
+        dout = dout.reshape(y.shape[0], -1)
+        dy = dout.mm(stack_weights(tuple(proj_weights), ctx.dtype))
+        dprojs = dout.t().mm(y).split([w.shape[0] for w in proj_weights])
+        dx, dw, dg = _rms_norm_rows_backward(x2, weight, g2, rstd, dy.view(x2.shape).to(x2.dtype))
+        shape = ctx.shape
+        return (dx.view(shape), dw.to(weight.dtype), None if dg is None else dg.view(shape), None, None,
+                *(d.to(w.dtype) for d, w in zip(dprojs, proj_weights, strict=True)))
 
 
 class _L2Normalize(torch.autograd.Function):

@@ -84,10 +84,10 @@ def _state_bwd_kernel(q, k, g, sums, w, do, du, dh, dht, dh0, cu_seqlens, chunk_
         kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
         if GATED:
             gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
-            if PREC == "tf32":
-                kq *= _decay_matrix_of(gc, gc, r, PREC, TRANSPOSE=True)  # the log decays themselves are not used
-            else:
-                kq *= _decay_matrix_of(_token_values(g, tok, r, rmask, H), gc, r, PREC, TRANSPOSE=True)
+            gv = gc  # at "tf32" the decay matrix reads only the running sums; at float32 accuracy g itself
+            if PREC != "tf32":
+                gv = _token_values(g, tok, r, rmask, H)
+            kq *= _decay_matrix_of(gv, gc, r, PREC, TRANSPOSE=True)
         # gated, the decays scale the [64, BV] tiles rather than the [64, K] ones: diag(c) (K dS') and
         # Q^T diag(E) dO, c = exp(G_C - G), E = exp(G)
         carried = tl.dot(k_tile, dS.to(k_tile.dtype), input_precision=PREC)
