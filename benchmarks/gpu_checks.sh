@@ -45,6 +45,7 @@ for stage in $stages; do
         python -m pytest -p no:xdist -p no:cacheprovider -vv -rf --durations=10 -m gpu tests/ops/test_triton_gated.py;
         python -m pytest $workers -p no:cacheprovider -vv -rf --durations=15 tests/ops tests/layers \
           tests/models/test_generation_static.py tests/models/test_convert.py tests/models/test_modeling.py \
+          tests/models/test_compile_model.py \
           --ignore tests/ops/test_triton_gated.py" > "$out/tests.log" 2>&1
       echo "tests: exit $? ($(grep -cE ' PASSED' "$out/tests.log") passed)"
       grep -E "(FAILED|ERROR) tests" "$out/tests.log" | head -n 20 ;;

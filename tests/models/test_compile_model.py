@@ -33,6 +33,35 @@ def test_blocks_compiled_with_inductor_equal_eager(checkpointing):
     assert max(rel_err(a, b) for a, b in zip(compiled_grads, grads, strict=True)) < 1e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fields", [{"attn_mode": "efla"}, {"attn_mode": "delta"},
+                                    {"attn_mode": "efla", "use_decay_gate": True}, {"attn_layers": [1]}],
+                         ids=["efla", "delta", "gated-efla", "hybrid"])
+def test_blocks_compiled_with_inductor_on_packed_documents_equal_eager(fields):
+    """What ``efla train`` runs on a GPU: Inductor-compiled blocks on packed documents give eager's loss and
+    gradients, and the attention contributes (its gradients are not zero). Inductor's own searchsorted once put every
+    token one document too far (pytorch/pytorch#182343), which zeroed the short convolution's output, so compiled
+    training learned no attention at all while its loss still fell; aot_eager does not lower the op and missed it."""
+    if not torch.cuda.is_available():
+        pytest.skip("Inductor's CUDA lowerings need a GPU")
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    config = preset_config("tiny", **fields)
+    model = EFLAForCausalLM(config).cuda().train()
+    ids = torch.randint(0, config.vocab_size, (2, 512), device="cuda")
+    cu_seqlens = torch.tensor([0, 100, 101, 700, 1024], device="cuda", dtype=torch.int32)
+    loss, grads = _loss_and_grads(model, ids, cu_seqlens)
+    for block in model.model.layers:
+        block.compile(backend="inductor")
+    compiled_loss, compiled_grads = _loss_and_grads(model, ids, cu_seqlens)
+    assert rel_err(compiled_loss, loss) < 1e-4
+    names = [name for name, _ in model.named_parameters()]
+    errors = {n: rel_err(a, b) for n, a, b in zip(names, compiled_grads, grads, strict=True)}
+    assert max(errors.values()) < 1e-2, errors
+    attention = [g for n, g in zip(names, compiled_grads, strict=True) if ".attn.q_proj" in n]
+    assert all(g.norm() > 0 for g in attention)
+
+
 def test_block_on_packed_documents_is_one_graph():
     device = require_triton_kernels()
     torch._dynamo.reset()

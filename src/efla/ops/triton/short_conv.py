@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from efla.ops.varlen import document_index
+
 _BLOCK_T, _BLOCK_C = 64, 64
 
 
@@ -200,8 +202,7 @@ def short_conv_silu_split(x: torch.Tensor, weight: torch.Tensor, n: int,
         positions = index % T
     else:
         starts = cu_seqlens.to(device=x.device, dtype=torch.int32)  # int32 positions, as index
-        document = torch.searchsorted(starts[1:], index, right=True)
-        positions = index - starts[document]
+        positions = index - starts[document_index(starts, B * T)]
     ys = short_conv_silu_op(x.reshape(B * T, NC).contiguous(), weight[:, 0].reshape(n, C, -1), positions)
     return [y.view(B, T, C) for y in ys]
 
