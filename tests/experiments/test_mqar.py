@@ -140,3 +140,41 @@ def test_gated_modes_train_with_the_decay_gate_and_equal_sizes(tmp_path):
     assert all(r["status"] == "finished" for r in results["runs"])
     table = (tmp_path / "g" / "table.md").read_text()
     assert "gated EFLA" in table and "Gated DeltaNet" in table
+
+
+def test_merge_joins_sweeps_run_apart_and_refuses_mismatched_or_overlapping_ones(tmp_path, capsys):
+    """--merge: sweeps of one mode each become one table with both modes and every run; sweeps of other training
+    settings, or with a run in common, are refused with one line; a merge never overwrites an earlier one."""
+    threads = torch.get_num_threads()
+    try:
+        main(["mqar", *TINY, "--modes", "efla", "--out", str(tmp_path / "a")])
+        main(["mqar", *TINY, "--modes", "delta", "--lrs", "1e-3", "--out", str(tmp_path / "b")])
+        main(["mqar", *TINY, "--modes", "delta", "--steps", "3", "--out", str(tmp_path / "c")])
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    parts = [json.loads((tmp_path / name / "results.json").read_text()) for name in "ab"]
+    merged_dir = tmp_path / "merged"
+    main(["mqar", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged_dir)])
+    merged = json.loads((merged_dir / "results.json").read_text())
+    assert merged["status"] == "complete"
+    assert merged["config"]["modes"] == ["efla", "delta"] and merged["config"]["lrs"] == [1e-3, 3e-3, 1e-2]
+    assert merged["runs"] == parts[0]["runs"] + parts[1]["runs"]
+    assert len(merged["config"]["merged_from"]) == 2 and "timing" not in merged["config"]
+    assert "| 16 | 2 |" in (merged_dir / "table.md").read_text() and "DeltaNet" in capsys.readouterr().out
+
+    for argv, message in [
+        ([str(tmp_path / "a"), str(tmp_path / "c")], "sweep 2 differs from the first in steps"),
+        ([str(tmp_path / "b"), str(tmp_path / "b")], "two sweeps both ran delta T=16 pairs=2 lr 0.001 seed 0"),
+        ([str(tmp_path / "a"), str(tmp_path / "missing")], f"--merge {tmp_path / 'missing'}: cannot read"),
+        ([str(tmp_path / "a"), "--steps", "3"], "--merge trains nothing; drop --steps"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(["mqar", "--merge", *argv, "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err
+    before = (merged_dir / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        main(["mqar", "--merge", str(tmp_path / "a"), "--out", str(merged_dir)])
+    assert stop.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (merged_dir / "results.json").read_bytes() == before

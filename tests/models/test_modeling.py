@@ -201,7 +201,26 @@ def test_bad_config_is_named():
         _model()(torch.ones(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 1, 3, 3))
 
 
-@pytest.mark.parametrize("variant", ["efla", "hybrid-gated"])
+@pytest.mark.parametrize("backend", ["torch", "recurrent"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_position_sees_a_later_token(variant, backend):
+    """Causality: the logits of every prefix equal the first positions of the whole sequence's logits (prefixes
+    ending inside a chunk and on its boundary), and changing one token changes nothing before it. A future-token
+    leak would make held-out perplexity look better than the model is."""
+    model = _model(**VARIANTS[variant], attn_backend=backend)
+    ids = torch.randint(1, 256, (2, 13))
+    with torch.no_grad():
+        whole = model(ids).logits
+        for t in (1, 4, 5, 11):
+            torch.testing.assert_close(model(ids[:, :t]).logits, whole[:, :t], atol=ATOL, rtol=0, msg=f"prefix {t}")
+            changed = ids.clone()
+            changed[:, t] = changed[:, t] % 255 + 1
+            after = model(changed).logits
+            torch.testing.assert_close(after[:, :t], whole[:, :t], atol=ATOL, rtol=0, msg=f"token {t} changed")
+            assert (after[:, t] - whole[:, t]).abs().max() > 1e-4  # the changed token itself is seen
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_packed_documents_match_each_document_alone(variant):
     model = _model(**VARIANTS[variant])
     documents = [torch.randint(1, 256, (n,)) for n in (5, 11, 1, 7)]

@@ -6,7 +6,9 @@ exactly. Examples are generated on the fly from the seed (no data files). With n
 of a few minutes (sequence lengths 64 and 128, 16 pairs, d = 64, vocabulary 64, learning rates 3e-3 and 1e-2); --full
 is the GPU sweep over sequence lengths 64..1024 and 4..64 pairs at d = 128. Any flag given with --full overrides
 it. Writes results.json and recall.png to --out after every run and prints the table; refuses an --out that already
-holds them unless --overwrite; exits non-zero if any run diverged.
+holds them unless --overwrite; exits non-zero if any run diverged. --merge DIR... trains nothing: it joins the
+results of sweeps run apart (one process per mode or per GPU, the same models and training) into one table and plot
+in --out.
 
 Python use: ``efla.experiments.mqar.train.run_sweep(SweepConfig())``.
 """
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
-from efla.experiments.mqar.report import markdown_table, plot_results
+from efla.experiments.mqar.report import markdown_table, merge_results, plot_results
 from efla.experiments.mqar.train import SweepConfig, run_sweep
 from efla.experiments.study_cli import (
     add_output_arguments,
@@ -71,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"efla_attention backend (default {DEFAULTS.backend})")  # fmt: skip
     hardware.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     add_output_arguments(hardware, Path("runs/mqar"))
+    hardware.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                          help="train nothing: merge the results.json of these sweep folders into --out")
     hardware.add_argument("--quiet", action="store_true", help="no per-run lines")
 
 
@@ -95,6 +100,8 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the sweep from parsed arguments; writes the outputs to ``args.out`` and returns the results dictionary."""
+    if args.merge:
+        return _merge(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -110,10 +117,44 @@ def run(args: argparse.Namespace) -> dict:
     results = run_sweep(config, on_update=lambda partial: _save(partial, args.out), progress=not args.quiet)
     print(markdown_table(results))
     print(f"\nwrote {args.out / 'results.json'}, table.md, recall.png ({results['config']['timing']['total_s']:.0f} s)")
+    _exit_unless_complete(results)
+    return results
+
+
+def _merge(args: argparse.Namespace) -> dict:
+    """--merge: one results.json, table and plot from the sweeps in ``args.merge``."""
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(SweepConfig)
+             if f.name != "device" and getattr(args, f.name, None) is not None]  # fmt: skip
+    parts = []
+    try:
+        if args.full or given:
+            raise ValueError(f"--merge trains nothing; drop {' '.join(given) or '--full'}")
+        for folder in args.merge:
+            path = folder / "results.json"
+            try:
+                parts.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"--merge {folder}: cannot read {path} ({error}); pass folders of efla mqar "
+                                 "sweeps") from None  # fmt: skip
+        results = merge_results(parts)
+        prepare_output_folder(args.out, OUTPUTS, args.overwrite)
+    except ValueError as error:
+        usage_error("mqar", str(error))
+    _save(results, args.out)
+    print(markdown_table(results))
+    print(f"\nmerged {len(parts)} sweeps ({len(results['runs'])} runs) into {args.out / 'results.json'}, table.md, "
+          "recall.png")  # fmt: skip
+    _exit_unless_complete(results)
+    return results
+
+
+def _exit_unless_complete(results: dict) -> None:
+    """Exit non-zero, after the outputs are written, if any run diverged or (when merging) is still to come."""
+    if results["status"] == "running":
+        raise SystemExit("efla mqar: a merged sweep had not finished; the table holds the runs done so far")
     if results["status"] != "complete":
         diverged = sum(run["status"] == "diverged" for run in results["runs"])
         raise SystemExit(f"efla mqar: {diverged} run(s) diverged (see table.md); the table holds the others")
-    return results
 
 
 def _save(results: dict, out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Turn an MQAR results.json dictionary into a markdown table and a PNG plot."""
+"""Turn MQAR results.json dictionaries into a markdown table and a PNG plot, and merge sweeps run apart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,43 @@ from pathlib import Path
 import numpy as np
 
 from efla.variants import DISPLAY_NAMES
+
+_MERGED = ("modes", "seq_lens", "num_pairs", "lrs")  # config fields whose values the merged sweep takes the union of
+_PER_PROCESS = ("torch_threads", "timing", "device")  # config fields that may differ between the merged sweeps
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One results dictionary from sweeps run apart (e.g. one process per mode, or per GPU): their runs together, the
+    union of their modes, lengths, pairs and rates. Raises ValueError if the sweeps differ in anything else that
+    shapes a run (steps, model size, vocabulary, seeds, ...) or if two of them ran the same (mode, setting, rate,
+    seed)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]["config"]
+    fixed = {k: v for k, v in first.items() if k not in _MERGED + _PER_PROCESS}
+    config = {**fixed, **{name: [] for name in _MERGED}, "merged_from": []}
+    runs, seen = [], set()
+    for index, part in enumerate(parts):
+        other = {k: v for k, v in part["config"].items() if k not in _MERGED + _PER_PROCESS}
+        differing = sorted(k for k in fixed.keys() | other.keys() if fixed.get(k) != other.get(k))
+        if differing:
+            raise ValueError(f"sweep {index + 1} differs from the first in {', '.join(differing)}; only sweeps of "
+                             "the same models and training can be merged")  # fmt: skip
+        for name in _MERGED:
+            config[name] += [v for v in part["config"][name] if v not in config[name]]
+        config["merged_from"].append({k: part["config"].get(k) for k in _PER_PROCESS})  # each process's own
+        for run in part["runs"]:
+            key = (run["mode"], run["seq_len"], run["num_pairs"], run["lr"], run["seed"])
+            if key in seen:
+                raise ValueError(f"two sweeps both ran {run['mode']} T={run['seq_len']} pairs={run['num_pairs']} "
+                                 f"lr {run['lr']} seed {run['seed']}; merge sweeps of disjoint runs")  # fmt: skip
+            seen.add(key)
+            runs.append(run)
+    for name in ("seq_lens", "num_pairs", "lrs"):
+        config[name] = sorted(config[name], key=float)
+    statuses = {part["status"] for part in parts}
+    status = "running" if "running" in statuses else "incomplete" if "incomplete" in statuses else "complete"
+    return {"status": status, "config": config, "runs": runs}
 
 
 def best_accuracies(results: dict) -> dict[tuple[int, int, str], tuple[list[float], float | None]]:
