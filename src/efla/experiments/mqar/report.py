@@ -91,29 +91,36 @@ def markdown_table(results: dict) -> str:
 
 
 def plot_results(results: dict, path: Path) -> Path:
-    """Recall accuracy against sequence length, one panel per number of pairs, one line per mode."""
+    """Recall accuracy against sequence length, one panel per number of pairs: each seed as a dot (the outcomes are
+    often all or nothing, which a mean and a standard deviation hide), the mean over seeds as a line, one colour per
+    mode, the modes drawn side by side at each length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     best = best_accuracies(results)
+    modes = results["config"]["modes"]
     pairs = sorted({P for _, P, _ in best}) or [0]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.2), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.4), dpi=100, squeeze=False)
     for ax, num_pairs in zip(axes[0], pairs, strict=True):
-        for mode in results["config"]["modes"]:
-            points = sorted((T, np.mean(acc), np.std(acc)) for (T, P, m), (acc, _) in best.items()
-                            if num_pairs == P and mode == m and acc)  # fmt: skip
-            if points:
-                lengths, mean, std = (np.array(column) for column in zip(*points, strict=True))
-                ax.errorbar(lengths, mean, yerr=std, marker="o", markersize=3, capsize=2,
-                            label=DISPLAY_NAMES.get(mode, mode))
+        for index, mode in enumerate(modes):
+            points = sorted((T, acc) for (T, P, m), (acc, _) in best.items() if num_pairs == P and mode == m and acc)
+            if not points:
+                continue
+            shift = 2 ** (0.07 * (index - (len(modes) - 1) / 2))  # side by side on the log axis
+            lengths = np.array([T for T, _ in points]) * shift
+            line = ax.plot(lengths, [np.mean(acc) for _, acc in points], lw=1, alpha=0.6,
+                           label=DISPLAY_NAMES.get(mode, mode))[0]  # fmt: skip
+            dots = [(x, a) for x, (_, acc) in zip(lengths, points, strict=True) for a in acc]
+            ax.scatter(*zip(*dots, strict=True), s=12, color=line.get_color(), zorder=3)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="sequence length", ylabel="recall accuracy (%)", ylim=(0, 102),
+        ax.set(xlabel="sequence length", ylabel="recall accuracy (%)", ylim=(-3, 103),
                title=f"{num_pairs} key-value pairs")  # fmt: skip
-        ax.legend()
-    fig.suptitle("MQAR: 2-layer models, best learning rate per setting")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(modes), fontsize=8)
+    fig.suptitle("MQAR: 2-layer models, best learning rate per setting (dots: seeds; lines: means)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
