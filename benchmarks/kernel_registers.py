@@ -2,18 +2,19 @@
 
     python benchmarks/kernel_registers.py [--kernels wy_fwd grad_wy state_fwd state_bwd out grad_qk]
                                           [--modes efla delta] [--gated 0 1] [--bv 64] [--warps 8] [--stages 2]
+                                          [--head-dim 64]
 
-Compiles each kernel (bf16 inputs, K = V = 128, the WY kernel as the training forward runs it, inverting and storing
-T, the gradient pass loading T: the settings of a training step; --bv / --warps / --stages override the launch
-defaults of ``efla/ops/triton/launch.py``) for sm_90a with the installed Triton and its bundled ptxas, and prints
-what ``cuobjdump`` reads from the binary: registers per thread, STACK (the bytes per thread spilled to local memory)
-and the number of SASS instructions. The WY and gradient kernels are compiled in both modes: EFLA's step size is
-per-row math beside the same products, so EFLA's count far above delta's means that math runs in a layout where
-every thread computes every row. A kernel at 255 registers with
-a large stack waits on local-memory traffic, and in the sequential state passes that wait is on the critical path of
-every chunk; the count is exact and the same on every machine with the same Triton, so a change that should relieve
-register pressure can be checked here before it is timed on a GPU (install the GPU's Triton version for numbers that
-match it: ``pip install --target DIR triton==X`` and put DIR first on PYTHONPATH).
+Compiles each kernel (bf16 inputs, K = V = 128 or --head-dim, the WY kernel as the training forward runs it, inverting
+and storing T, the gradient pass loading T: the settings of a training step; --bv / --warps / --stages override the
+launch defaults of ``efla/ops/triton/launch.py``) for sm_90a with the installed Triton and its bundled ptxas, and prints
+what ``cuobjdump`` reads from the binary: registers per thread, STACK (the bytes per thread spilled to local memory) and
+the number of SASS instructions. The WY and gradient kernels are compiled in both modes: EFLA's step size is per-row
+math beside the same products, so EFLA's count far above delta's means that math runs in a layout where every thread
+computes every row. A kernel at 255 registers with a large stack waits on local-memory traffic, and in the sequential
+state passes that wait is on the critical path of every chunk; the count is exact and the same on every machine with the
+same Triton, so a change that should relieve register pressure can be checked here before it is timed on a GPU (install
+the GPU's Triton version for numbers that match it: ``pip install --target DIR triton==X`` and put DIR first on
+PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ _INT_POINTERS = {"chunk_seq", "chunk_t0", "cu_seqlens", "chunk_first"}
 _FLAGS_OFF = ("HAS_H0", "STORE_HT", "HAS_DHT", "STORE_DH0", "KS_IN_LOOP")
 
 
-def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, stages: int) -> str:
+def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, stages: int, dim: int = 128) -> str:
     """cuobjdump's resource line (REG, STACK, SHARED) of one compiled configuration and its SASS instruction count."""
     fn = KERNELS[kernel]
     forward = kernel == "wy_fwd"
-    constants = {"K": 128, "V": 128, "BK": 64, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": not forward,
+    constants = {"K": dim, "V": dim, "BK": 64, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": not forward,
                  "STORE_T": forward, "PREC": "tf32", **dict.fromkeys(_FLAGS_OFF, False)}
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
@@ -80,23 +81,25 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--modes", nargs="+", default=["efla", "delta"], choices=("efla", "delta"))
     parser.add_argument("--gated", nargs="+", type=int, default=[0, 1], choices=(0, 1))
-    parser.add_argument("--bv", type=int, default=None, help="V-block (default: the launch default at K = V = 128)")
+    parser.add_argument("--bv", type=int, default=None, help="V-block (default: the launch default at K = V)")
     parser.add_argument("--warps", type=int, default=None, help="warps (default: the launch default)")
     parser.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the launch default)")
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128), help="K = V (default 128)")
     args = parser.parse_args()
     for flag in ("bv", "warps", "stages"):
         value = getattr(args, flag)
         if value is not None and (value < 1 or (flag != "stages" and value & (value - 1))):
             parser.error(f"--{flag} must be a positive{'' if flag == 'stages' else ' power of two'} (got {value})")
-    print(f"bf16, K = V = 128, sm_90a, Triton {triton.__version__}")
+    dim = args.head_dim
+    print(f"bf16, K = V = {dim}, sm_90a, Triton {triton.__version__}")
     for kernel in args.kernels:
-        chosen = launch.launch(kernel, 128, 128, 2)
+        chosen = launch.launch(kernel, dim, dim, 2)
         bv, warps, stages = (args.bv or chosen.bv, args.warps or chosen.warps, args.stages or chosen.stages)
         modes = args.modes if kernel in MODAL else args.modes[:1]
         for mode in modes:
             for gated in args.gated:
                 try:
-                    usage = resource_usage(kernel, mode == "efla", bool(gated), bv, warps, stages)
+                    usage = resource_usage(kernel, mode == "efla", bool(gated), bv, warps, stages, dim)
                 except Exception as err:  # Triton raises several types (out of shared memory, bad layouts)
                     usage = f"does not compile: {type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
                 label = f"{kernel} ({mode if kernel in MODAL else 'either mode'}{', gated' if gated else ''})"
