@@ -15,7 +15,8 @@ and see the same batches. The best learning rate of each mode is the one with th
 over seeds; its test perplexity (mean +- std over seeds, and each seed's) is the reported number. Writes
 results.json, table.md and loss_curves.png (mean over seeds, band from the lowest to the highest seed) under --out,
 after every finished run. Each run's record is kept in its folder: running the same command again into the same
---out reuses finished runs and starts unfinished ones afresh, so an interrupted sweep is finished, never redone.
+--out reuses finished runs and starts unfinished ones afresh, so an interrupted sweep is finished, never redone. A run
+that fails (out of memory, a diverged loss) stops none of the others; the script then exits non-zero naming it.
 """
 
 from __future__ import annotations
@@ -49,12 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=16, help="rows of --seq-len tokens per step")
+    p.add_argument("--batch", type=int, default=16, help="rows of --seq-len tokens per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimiser step (the same step in less memory, e.g. runs sharing a GPU)")
     p.add_argument("--max-tokens", type=int, default=None, help="training tokens per run (default: one epoch)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--modes", nargs="+", default=["efla", "delta"], choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed of every (mode, lr)")
     args = p.parse_args(argv)
+    if args.grad_accum < 1 or args.batch < 1:
+        p.error(f"--batch and --grad-accum must be >= 1 (got {args.batch}, {args.grad_accum})")
     for name in ("modes", "seeds", "lrs"):
         values = getattr(args, name)
         if len(set(values)) != len(values):
@@ -71,7 +76,8 @@ def train_command(args: argparse.Namespace, mode: str, lr: float, seed: int, out
     return [sys.executable, "-m", "efla", "train", "--model", "340M", "--model-overrides", json.dumps(overrides),
             "--tokenizer", str(args.tokenizer), "--data", str(args.corpus / "train.jsonl"),
             "--cache-dir", str(args.out / "token_cache"), "--seq-len", str(args.seq_len),
-            "--micro-batch-size", str(args.batch), *budget, "--lr", str(lr), "--warmup-steps", str(args.warmup_steps),
+            "--micro-batch-size", str(args.batch), "--grad-accum", str(args.grad_accum), *budget, "--lr", str(lr),
+            "--warmup-steps", str(args.warmup_steps),
             "--seed", str(seed), "--out-dir", str(out_dir), "--save-every", "100000", "--log-every", "5",
             *(["--overwrite"] if overwrite else [])]
 
@@ -229,12 +235,21 @@ def main(argv: list[str] | None = None) -> None:
     gpus: Queue = Queue()
     for gpu in args.gpus:
         gpus.put(gpu)
-    runs = []
+    runs, failures = [], []
     with ThreadPoolExecutor(len(args.gpus)) as pool:
         for future in as_completed([pool.submit(one_run, args, *job, gpus) for job in jobs]):
-            runs.append(future.result())
+            try:
+                runs.append(future.result())
+            except RuntimeError as error:  # one failed run (out of memory, say) stops none of the others
+                failures.append(str(error))
+                print(f"failed: {error}", flush=True)
+                continue
             write_report(args, runs)  # after every run, so an interrupted sweep still leaves its finished runs
-    print((args.out / "table.md").read_text())
+    if runs:
+        print((args.out / "table.md").read_text())
+    if failures:
+        raise SystemExit(f"compare_lm: {len(failures)} of {len(jobs)} runs failed (their logs say why; the same "
+                         f"command again reruns only those): " + "; ".join(failures))
 
 
 if __name__ == "__main__":

@@ -47,3 +47,26 @@ def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, to
     compare_lm.main(argv)  # again into the same folder: nothing is trained or lost
     assert capsys.readouterr().out.count("finished earlier, reusing") == 4
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+
+
+def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_non_zero(corpus, tokenizer_dir, load_script,
+                                                                            tmp_path, capsys):
+    """A diverging rate (inf) fails its run; the finished run is still reported, the failure named, the exit non-zero;
+    --grad-accum reaches the trainer (two micro-batches per step: half the steps for the same tokens)."""
+    lines = (corpus / "docstrings.jsonl").read_text().splitlines()
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for name, part in (("train", lines[:-8]), ("validation", lines[-8:-4]), ("test", lines[-4:])):
+        (data / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    out = tmp_path / "compare"
+    compare_lm = load_script("scripts/compare_lm.py")
+    argv = ["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu", "--modes",
+            "efla", "--lrs", "3e-3", "inf", "--seeds", "0", "--hidden-size", "32", "--layers", "1", "--heads", "1",
+            "--seq-len", "32", "--batch", "2", "--grad-accum", "2", "--max-tokens", "512", "--warmup-steps", "1"]
+    with pytest.raises(SystemExit, match=r"compare_lm: 1 of 2 runs failed") as stop:
+        compare_lm.main(argv)
+    assert str(out / "efla_lrinf_seed0" / "log.txt") in str(stop.value)
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["mode"], r["lr"]) for r in results["runs"]] == [("efla", 3e-3)]
+    assert [step for step, _ in results["runs"][0]["curve"]][-1] == 512 // (32 * 2 * 2)
+    assert "--grad-accum 2" in (out / "efla_lr0.003_seed0" / "log.txt").read_text()
