@@ -107,6 +107,12 @@ def test_gated_wide_keys_float32_matches_float64():
     _check(torch.float32, _inputs(1, 70, 1, 256, 16, "efla", 1, seed=22, decay=1.0), "efla", tol=1e-5)
 
 
+def test_gated_model_head_dims_float32_matches_float64():
+    """K = V = 128, the head dimension of the models we train: two K blocks and two V blocks per tile in every kernel
+    (the tiny shapes above have one of each), two chunks with a ragged tail, every gradient."""
+    _check(torch.float32, _inputs(1, 80, 1, 128, 128, "efla", 1, seed=42, decay=0.5), "efla", tol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["efla", "delta"])
 def test_gated_varlen_matches_float64(mode):
     """Packed sequences (one empty, one shorter than a chunk, one spanning chunks): each decays on its own."""
