@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
 
-def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, tokenizer_dir, load_script, tmp_path,
-                                                                     capsys):
+def _split_corpus(corpus: Path, tmp_path: Path) -> Path:
+    """The toy corpus as compare_lm.py reads one: train, validation and test splits of its docstrings."""
     lines = (corpus / "docstrings.jsonl").read_text().splitlines()
     data = tmp_path / "corpus"
     data.mkdir()
     for name, part in (("train", lines[:-8]), ("validation", lines[-8:-4]), ("test", lines[-4:])):
         (data / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    return data
+
+
+def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, tokenizer_dir, load_script, tmp_path,
+                                                                     capsys):
+    data = _split_corpus(corpus, tmp_path)
     out = tmp_path / "compare"
     compare_lm = load_script("scripts/compare_lm.py")
     argv = ["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
@@ -53,11 +60,7 @@ def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_non_zero(corp
                                                                             tmp_path, capsys):
     """A diverging rate (inf) fails its run; the finished run is still reported, the failure named, the exit non-zero;
     --grad-accum reaches the trainer (two micro-batches per step: half the steps for the same tokens)."""
-    lines = (corpus / "docstrings.jsonl").read_text().splitlines()
-    data = tmp_path / "corpus"
-    data.mkdir()
-    for name, part in (("train", lines[:-8]), ("validation", lines[-8:-4]), ("test", lines[-4:])):
-        (data / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    data = _split_corpus(corpus, tmp_path)
     out = tmp_path / "compare"
     compare_lm = load_script("scripts/compare_lm.py")
     argv = ["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu", "--modes",
