@@ -168,11 +168,22 @@ def test_merge_joins_sweeps_run_apart_and_refuses_mismatched_or_overlapping_ones
         ([str(tmp_path / "b"), str(tmp_path / "b")], "two sweeps both ran delta T=16 pairs=2 lr 0.001 seed 0"),
         ([str(tmp_path / "a"), str(tmp_path / "missing")], f"--merge {tmp_path / 'missing'}: cannot read"),
         ([str(tmp_path / "a"), "--steps", "3"], "--merge trains nothing; drop --steps"),
+        ([str(tmp_path / "a"), str(tmp_path / "refused"), "--overwrite"], "is one of the --merge folders"),
     ]:
         with pytest.raises(SystemExit) as stop:
             main(["mqar", "--merge", *argv, "--out", str(tmp_path / "refused")])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and "Traceback" not in err
+    # a merged sweep merges again with another one, keeping every process's timing
+    threads = torch.get_num_threads()
+    try:
+        main(["mqar", *TINY, "--modes", "delta", "--lrs", "1e-1", "--out", str(tmp_path / "d")])
+    finally:
+        torch.set_num_threads(threads)
+    main(["mqar", "--merge", str(merged_dir), str(tmp_path / "d"), "--out", str(tmp_path / "again")])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert len(again["runs"]) == len(merged["runs"]) + 1 and len(again["config"]["merged_from"]) == 3
+    capsys.readouterr()
     before = (merged_dir / "results.json").read_bytes()
     with pytest.raises(SystemExit) as stop:
         main(["mqar", "--merge", str(tmp_path / "a"), "--out", str(merged_dir)])

@@ -129,6 +129,8 @@ def _merge(args: argparse.Namespace) -> dict:
     try:
         if args.full or given:
             raise ValueError(f"--merge trains nothing; drop {' '.join(given) or '--full'}")
+        if any(folder.resolve() == args.out.resolve() for folder in args.merge):
+            raise ValueError(f"--out {args.out} is one of the --merge folders; write the merge to a new folder")
         for folder in args.merge:
             path = folder / "results.json"
             try:

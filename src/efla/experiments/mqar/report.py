@@ -13,26 +13,32 @@ _MERGED = ("modes", "seq_lens", "num_pairs", "lrs")  # config fields whose value
 _PER_PROCESS = ("torch_threads", "timing", "device")  # config fields that may differ between the merged sweeps
 
 
+def _shaping(config: dict) -> dict:
+    """The config fields that shape a run and must agree between merged sweeps."""
+    return {k: v for k, v in config.items() if k not in (*_MERGED, *_PER_PROCESS, "merged_from")}
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One results dictionary from sweeps run apart (e.g. one process per mode, or per GPU): their runs together, the
-    union of their modes, lengths, pairs and rates. Raises ValueError if the sweeps differ in anything else that
-    shapes a run (steps, model size, vocabulary, seeds, ...) or if two of them ran the same (mode, setting, rate,
-    seed)."""
+    union of their modes, lengths, pairs and rates; a merged sweep merges again. Raises ValueError if the sweeps differ
+    in anything else that shapes a run (steps, model size, vocabulary, seeds, ...) or if two of them ran the same
+    (mode, setting, rate, seed)."""
     if not parts:
         raise ValueError("nothing to merge")
-    first = parts[0]["config"]
-    fixed = {k: v for k, v in first.items() if k not in _MERGED + _PER_PROCESS}
+    fixed = _shaping(parts[0]["config"])
     config = {**fixed, **{name: [] for name in _MERGED}, "merged_from": []}
     runs, seen = [], set()
     for index, part in enumerate(parts):
-        other = {k: v for k, v in part["config"].items() if k not in _MERGED + _PER_PROCESS}
+        other = _shaping(part["config"])
         differing = sorted(k for k in fixed.keys() | other.keys() if fixed.get(k) != other.get(k))
         if differing:
             raise ValueError(f"sweep {index + 1} differs from the first in {', '.join(differing)}; only sweeps of "
                              "the same models and training can be merged")  # fmt: skip
         for name in _MERGED:
             config[name] += [v for v in part["config"][name] if v not in config[name]]
-        config["merged_from"].append({k: part["config"].get(k) for k in _PER_PROCESS})  # each process's own
+        # each process's own threads, timing and device
+        config["merged_from"] += part["config"].get("merged_from") or [
+            {k: part["config"].get(k) for k in _PER_PROCESS}]
         for run in part["runs"]:
             key = (run["mode"], run["seq_len"], run["num_pairs"], run["lr"], run["seed"])
             if key in seen:
