@@ -9,7 +9,9 @@ Ablations (each one change to the gated EFLA model, everything else as in script
                 left of EFLA is its step sizes alpha = 1 - exp(-beta) and eta = beta phi(beta - g)
 Trains with ``efla train`` and scores the test split with ``efla eval ppl`` in this process, with the change patched
 into efla's PyTorch path (the model runs with attn_backend "torch", whose step sizes and layer this patches; the Triton
-kernels are not patched, so a GPU run is as slow as the PyTorch backend). The change is not part of the library.
+kernels are not patched, so a GPU run is as slow as the PyTorch backend). The change is not part of the library,
+so the saved model scores as the unablated one anywhere else: the run folder names its ablation (ablation.json), and
+a run stopped after training is scored by the same command again, which then trains nothing.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablation", required=True, choices=ABLATIONS)
     p.add_argument("--corpus", type=Path, default=Path("runs/corpus"), help="folder with train.jsonl and test.jsonl")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: CORPUS/tokenizer-32k)")
-    p.add_argument("--out", type=Path, required=True, help="run folder (refused if it exists)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder (a new one; or one whose training finished, to score it)")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=2)
@@ -73,8 +76,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.out.exists():
-        p.error(f"--out {args.out} exists; choose a new folder")
+        if (args.out / "ppl_test.json").exists():
+            p.error(f"--out {args.out} holds a finished run; choose a new folder")
+        if _recorded_ablation(args.out) != args.ablation or not _trained(args.out):
+            p.error(f"--out {args.out} exists and holds no finished training of --ablation {args.ablation}; "
+                    "choose a new folder")
     return args
+
+
+def _trained(out: Path) -> bool:
+    """Whether ``efla train`` finished in ``out``: it writes model/train_config.json after the weights, last."""
+    return (out / "model" / "train_config.json").is_file()
+
+
+def _recorded_ablation(out: Path) -> str | None:
+    try:
+        return json.loads((out / "ablation.json").read_text())["ablation"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -83,12 +102,15 @@ def main(argv: list[str] | None = None) -> float:
     overrides = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_heads": args.heads,
                  "attn_mode": "efla", "use_decay_gate": True, "attn_backend": "torch"}
     with ablation(args.ablation):
-        efla(["train", "--model", "340M", "--model-overrides", json.dumps(overrides),
-              "--tokenizer", str(args.tokenizer or args.corpus / "tokenizer-32k"),
-              "--data", str(args.corpus / "train.jsonl"), "--seq-len", str(args.seq_len),
-              "--micro-batch-size", str(args.batch), "--max-tokens", str(args.max_tokens), "--lr", str(args.lr),
-              "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed), "--out-dir", str(args.out),
-              "--save-every", "100000", "--log-every", "5"])
+        if not _trained(args.out):  # parse_args allows an existing --out only after its training
+            args.out.mkdir(parents=True)
+            (args.out / "ablation.json").write_text(json.dumps({"ablation": args.ablation, "overrides": overrides}))
+            efla(["train", "--model", "340M", "--model-overrides", json.dumps(overrides),
+                  "--tokenizer", str(args.tokenizer or args.corpus / "tokenizer-32k"),
+                  "--data", str(args.corpus / "train.jsonl"), "--seq-len", str(args.seq_len),
+                  "--micro-batch-size", str(args.batch), "--max-tokens", str(args.max_tokens), "--lr", str(args.lr),
+                  "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed), "--out-dir", str(args.out),
+                  "--save-every", "100000", "--log-every", "5"])
         output = args.out / "ppl_test.json"
         efla(["eval", "ppl", "--model", str(args.out / "model"), "--files", str(args.corpus / "test.jsonl"),
               "--context", str(args.seq_len), "--output", str(output)])

@@ -3,6 +3,7 @@ and a toy run trains, scores and refuses to overwrite its folder."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -51,6 +52,22 @@ def test_a_toy_ablation_trains_scores_and_keeps_its_folder(corpus, tokenizer_dir
     perplexity = ablate.main(argv)
     assert math.isfinite(perplexity) and 1.0 < perplexity < 1e4
     assert "unit-keys: test perplexity" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "ablation.json").read_text())["ablation"] == "unit-keys"
     with pytest.raises(SystemExit) as stop:
         ablate.main(argv)
-    assert stop.value.code == 2 and "exists; choose a new folder" in capsys.readouterr().err
+    assert stop.value.code == 2 and "holds a finished run; choose a new folder" in capsys.readouterr().err
+
+    # stopped after training, before its score: the same command scores it (with the ablation) and trains nothing
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    (tmp_path / "run" / "ppl_test.json").unlink()
+    assert ablate.main(argv) == pytest.approx(perplexity, rel=1e-6)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
+    # the other ablation, or a folder whose training did not finish, is refused
+    for folder, name in ((tmp_path / "run", "eta-is-alpha"), (tmp_path / "half", "unit-keys")):
+        folder.mkdir(exist_ok=True)
+        (folder / "ppl_test.json").unlink(missing_ok=True)
+        other = list(argv)
+        other[other.index("--ablation") + 1], other[other.index("--out") + 1] = name, str(folder)
+        with pytest.raises(SystemExit) as stop:
+            ablate.main(other)
+        assert stop.value.code == 2 and "holds no finished training" in capsys.readouterr().err
