@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.grad_accum < 1 or args.batch < 1:
         p.error(f"--batch and --grad-accum must be >= 1 (got {args.batch}, {args.grad_accum})")
+    for split in ("train", "validation", "test"):
+        if not (args.corpus / f"{split}.jsonl").is_file():
+            p.error(f"--corpus {args.corpus} has no {split}.jsonl; run scripts/build_corpus.py")
+    args.tokenizer = args.tokenizer or args.corpus / "tokenizer-32k"
+    if not args.tokenizer.is_dir():
+        p.error(f"--tokenizer {args.tokenizer} is not a folder; train one with efla tokenizer train")
     for name in ("modes", "seeds", "lrs"):
         values = getattr(args, name)
         if len(set(values)) != len(values):
@@ -222,10 +228,6 @@ def plot_curves(runs: list[dict], best: dict[str, dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.tokenizer = args.tokenizer or args.corpus / "tokenizer-32k"
-    for split in ("train", "validation", "test"):
-        if not (args.corpus / f"{split}.jsonl").is_file():
-            raise FileNotFoundError(f"--corpus {args.corpus} has no {split}.jsonl; run scripts/build_corpus.py")
     args.out.mkdir(parents=True, exist_ok=True)
     warm = args.out / "warmup"
     run_logged(train_command(args, args.modes[0], args.lrs[0], args.seeds[0], warm, max_steps=1,

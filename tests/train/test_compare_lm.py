@@ -73,3 +73,15 @@ def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_non_zero(corp
     assert [(r["mode"], r["lr"]) for r in results["runs"]] == [("efla", 3e-3)]
     assert [step for step, _ in results["runs"][0]["curve"]][-1] == 512 // (32 * 2 * 2)
     assert "--grad-accum 2" in (out / "efla_lr0.003_seed0" / "log.txt").read_text()
+
+
+def test_a_missing_corpus_or_tokenizer_is_a_one_line_usage_error(tmp_path, load_script, capsys):
+    compare_lm = load_script("scripts/compare_lm.py")
+    for argv, message in ((["--corpus", str(tmp_path)], f"--corpus {tmp_path} has no train.jsonl"),
+                          (["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok")], "is not a folder")):
+        for split in ("train", "validation", "test") if "--tokenizer" in argv else ():
+            (tmp_path / f"{split}.jsonl").write_text('{"text": "a"}\n')
+        with pytest.raises(SystemExit) as stop:
+            compare_lm.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err
