@@ -108,8 +108,9 @@ def test_gated_wide_keys_float32_matches_float64():
 
 
 def test_gated_model_head_dims_float32_matches_float64():
-    """K = V = 128, the head dimension of the models we train: two K blocks and two V blocks per tile in every kernel
-    (the tiny shapes above have one of each), two chunks with a ragged tail, every gradient."""
+    """K = V = 128, the head dimension of the models we train: two 64-wide K blocks, and two V blocks in the kernels
+    whose float32 V-block is 64 (the tiny shapes above have one of each), two chunks with a ragged tail, every
+    gradient."""
     _check(torch.float32, _inputs(1, 80, 1, 128, 128, "efla", 1, seed=42, decay=0.5), "efla", tol=1e-5)
 
 
