@@ -77,11 +77,14 @@ def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_non_zero(corp
 
 def test_a_missing_corpus_or_tokenizer_is_a_one_line_usage_error(tmp_path, load_script, capsys):
     compare_lm = load_script("scripts/compare_lm.py")
-    for argv, message in ((["--corpus", str(tmp_path)], f"--corpus {tmp_path} has no train.jsonl"),
-                          (["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok")], "is not a folder")):
-        for split in ("train", "validation", "test") if "--tokenizer" in argv else ():
-            (tmp_path / f"{split}.jsonl").write_text('{"text": "a"}\n')
+
+    def refused(argv: list[str], message: str) -> None:
         with pytest.raises(SystemExit) as stop:
             compare_lm.main(argv)
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and "Traceback" not in err
+
+    refused(["--corpus", str(tmp_path)], f"--corpus {tmp_path} has no train.jsonl")
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text('{"text": "a"}\n')
+    refused(["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok")], "is not a folder")
