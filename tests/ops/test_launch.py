@@ -12,10 +12,11 @@ from efla.ops.triton import launch
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-@pytest.mark.parametrize(("K", "V", "dtype_bytes"), list(itertools.product(HEAD_DIMS, HEAD_DIMS, (2, 4))))
-def test_defaults_avoid_the_miscompiled_settings(K, V, dtype_bytes):
+@pytest.mark.parametrize(("K", "V", "dtype_bytes", "gated"),
+                         list(itertools.product(HEAD_DIMS, HEAD_DIMS, (2, 4), (False, True))))
+def test_defaults_avoid_the_miscompiled_settings(K, V, dtype_bytes, gated):
     for kernel in launch.KERNELS:
-        cfg = launch.launch(kernel, K, V, dtype_bytes)
+        cfg = launch.launch(kernel, K, V, dtype_bytes, gated=gated)
         assert 1 <= cfg.bv <= V and cfg.bv & (cfg.bv - 1) == 0, (kernel, cfg)
         if kernel in ("state_fwd", "state_bwd"):  # wrong results / illegal addresses: 4 warps, 1 stage, bv <= 32
             assert not (cfg.warps == 4 and cfg.stages == 1 and cfg.bv <= 32), (kernel, K, V, cfg)

@@ -78,6 +78,29 @@ def test_gated_chunk_matches_float64(mode, decay, save_t, monkeypatch):
     _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=21, decay=decay), mode, tol=1e-5)
 
 
+def test_gated_backward_launches_with_the_gated_settings(monkeypatch):
+    """The gated backward asks for the gated launch settings of each of its three kernels (tuned apart from the
+    ungated ones, whose 8 warps ran the gated gradient passes at half speed), and the ungated one does not; both
+    still match float64."""
+    from efla.ops.triton import chunk_bwd
+
+    asked = []
+
+    def recording_launch(kernel, *args, gated=False, **kwargs):
+        asked.append((kernel, gated))
+        return chunk_bwd_launch(kernel, *args, gated=gated, **kwargs)
+
+    chunk_bwd_launch = chunk_bwd.launch
+    monkeypatch.setattr(chunk_bwd, "launch", recording_launch)
+    inputs = _inputs(1, 70, 2, 16, 16, "efla", 1, seed=28, decay=0.5)
+    _check(torch.float32, inputs, "efla", tol=1e-5)
+    assert sorted(asked) == [("grad_qk", True), ("grad_wy", True), ("state_bwd", True)]
+    asked.clear()
+    q, k, v, beta, _g, h0 = (x.detach().requires_grad_() for x in inputs)
+    efla_attention(q, k, v, beta, initial_state=h0, backend="triton")[0].sum().backward()
+    assert sorted(asked) == [("grad_qk", False), ("grad_wy", False), ("state_bwd", False)]
+
+
 def test_gated_reset_tokens_keep_float32_accuracy():
     """Tokens that all but erase the state (g = -300, as a gate near its reset) among weak decays: a chunk's running
     sum of g reaches thousands, so decays taken as differences of running sums would be off by its float32 ulp

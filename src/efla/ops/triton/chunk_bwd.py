@@ -270,7 +270,7 @@ def grad_qk(*, q, k, u, do, h, dh, chunks, cu, scale: float, prec: str, g=None):
     dq = torch.empty_like(q)
     dk_part = torch.empty_like(k)  # input dtype, as the dk it becomes part of
     dg_part = None if g is None else torch.empty_like(g, dtype=torch.float32)
-    cfg = launch("grad_qk", K, V, q.element_size())
+    cfg = launch("grad_qk", K, V, q.element_size(), gated=g is not None)
     _grad_qk_kernel[(chunks.total, H)](q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunks.seq, chunks.t0, cu, scale,
                                        H, K=K, V=V, BV=cfg.bv, GATED=g is not None, PREC=prec, num_warps=cfg.warps,
                                        num_stages=cfg.stages)
@@ -284,7 +284,7 @@ def grad_wy(*, k, v, beta, t, du, h, dk_part, chunks, cu, efla: bool, prec: str,
     V = v.shape[-1]
     dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
     dg = None if g is None else torch.empty_like(g)
-    cfg = launch("grad_wy", K, V, k.element_size())
+    cfg = launch("grad_wy", K, V, k.element_size(), gated=g is not None)
     _grad_wy_kernel[(chunks.total, H)](k, v, beta, g, t, du, h, dk_part, dg_part, dk, dv, dbeta, dg,
                                        chunks.seq, chunks.t0, cu, H, K=K, V=V, BV=cfg.bv, EFLA=efla,
                                        GATED=g is not None, LOAD_T=t is not None,
