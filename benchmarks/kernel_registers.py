@@ -93,11 +93,11 @@ def main() -> None:
     dim = args.head_dim
     print(f"bf16, K = V = {dim}, sm_90a, Triton {triton.__version__}")
     for kernel in args.kernels:
-        chosen = launch.launch(kernel, dim, dim, 2)
-        bv, warps, stages = (args.bv or chosen.bv, args.warps or chosen.warps, args.stages or chosen.stages)
         modes = args.modes if kernel in MODAL else args.modes[:1]
         for mode in modes:
             for gated in args.gated:
+                chosen = launch.launch(kernel, dim, dim, 2, gated=bool(gated))
+                bv, warps, stages = (args.bv or chosen.bv, args.warps or chosen.warps, args.stages or chosen.stages)
                 try:
                     usage = resource_usage(kernel, mode == "efla", bool(gated), bv, warps, stages, dim)
                 except Exception as err:  # Triton raises several types (out of shared memory, bad layouts)
