@@ -29,7 +29,16 @@ SAVE_T = True
 then load it instead of inverting the triangular system twice more."""
 
 
+GATED_BF16_D64 = {"state_bwd": Launch(64, 4, 3), "grad_qk": Launch(64, 4, 1), "grad_wy": Launch(32, 4, 2)}
+"""The gated backward's winners of tune_kernels.py --gated at bf16 8 x 4096 x 32 x 64 on an H200 (2026-12-03; us per
+forward+backward: state_bwd 256 -> 245, grad_qk 1182 -> 588, grad_wy 1550 -> 780): with the decay gate's extra tiles
+the gradient passes run faster on 4 warps than on the 8 tuned ungated. Only K = V = 64 was tuned and checked; other
+gated head dims keep the ungated settings until they are."""
+
+
 def _default(kernel: str, K: int, V: int, dtype_bytes: int, gated: bool = False) -> Launch:
+    if gated and dtype_bytes == 2 and K == V == 64 and kernel in GATED_BF16_D64:
+        return GATED_BF16_D64[kernel]
     if kernel in ("state_fwd", "state_bwd"):
         # split V for parallelism and keep S [K, BV] in registers; load the next chunk's tiles during this one's
         # (two stages) unless float32 K = 256 tiles overflow shared memory. Triton 3.6 on Hopper miscompiled these
@@ -40,9 +49,6 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int, gated: bool = False)
         if kernel == "state_bwd" and not gated and dtype_bytes == 2 and K == 128 and V >= 64:
             # tune_kernels.py, bf16 8 x 4096 x 16 x 128, H200: 397 -> 350 us (2026-12-02); not yet run gated
             return Launch(64, 8, 3)
-        if kernel == "state_bwd" and gated and dtype_bytes == 2 and K == V == 64:
-            # tune_kernels.py --gated, bf16 8 x 4096 x 32 x 64, H200: 256 -> 245 us (2026-12-03); only that shape
-            return Launch(64, 4, 3)
         return Launch(bv, warps, 2 if K <= 128 or dtype_bytes == 2 else 1)
     # K = 16 gave wrong outputs with 4-8 warps (H200, Triton 3.6) and 2 warps fixed it; V = 16 is treated alike
     small = K <= 16 or V <= 16
@@ -53,11 +59,6 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int, gated: bool = False)
         return Launch(min(V, 128), 4, 2) if tuned else Launch(min(V, 64), 2 if small else 4, 3)
     if kernel == "out":
         return Launch(min(V, 128), 4, 2) if tuned else Launch(min(V, 128 if K <= 128 else 64), 2 if small else 8, 3)
-    if kernel in ("grad_qk", "grad_wy") and gated and tuned and K == V == 64:
-        # tune_kernels.py --gated, bf16 8 x 4096 x 32 x 64, H200 (2026-12-03): with the decay gate's extra tiles,
-        # 8 warps are slower than 4 here: grad_qk 1182 -> 588 us, grad_wy 1550 -> 780 us per forward+backward (only
-        # K = V = 64 was tuned and checked; other head dims keep the ungated settings until they are)
-        return Launch(64, 4, 1) if kernel == "grad_qk" else Launch(32, 4, 2)
     if kernel in ("grad_qk", "grad_wy"):
         return Launch(min(V, 64), 2 if small else 8, 2 if tuned else 1)
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
