@@ -17,6 +17,7 @@ results.json, table.md and loss_curves.png (mean over seeds, band from the lowes
 after every finished run. Each run's record is kept in its folder: running the same command again into the same
 --out reuses finished runs and starts unfinished ones afresh, so an interrupted sweep is finished, never redone. A run
 that fails (out of memory, a diverged loss) stops none of the others; the script then exits non-zero naming it.
+Ctrl-C (SIGINT) ends the running runs, starts no queued one and exits with 130.
 """
 
 from __future__ import annotations
@@ -27,15 +28,20 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from queue import Queue
 
+from efla.cli import INTERRUPTED
 from efla.variants import DISPLAY_NAMES, VARIANTS, variant_fields
 
 COLOURS = {"efla": "tab:blue", "delta": "tab:orange", "gated-efla": "tab:green", "gated-delta": "tab:red"}
 RECORD = "record.json"  # a finished run's results, in its folder
+_CHILDREN: set[subprocess.Popen] = set()  # the runs' live processes, stopped together on Ctrl-C
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,8 +115,30 @@ def run_logged(command: list[str], log: Path, gpu: str, slots: int) -> None:
     with log.open("a") as f:
         f.write(" ".join(command) + "\n")
         f.flush()
-        if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode != 0:
-            raise RuntimeError(f"{' '.join(command[2:5])} failed; its output is in {log}")
+        with _CHILDREN_LOCK:
+            if _STOPPING.is_set():
+                raise RuntimeError("interrupted")
+            child = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+            _CHILDREN.add(child)
+        try:
+            code = child.wait()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(child)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command[2:5])} failed; its output is in {log}")
+
+
+def stop_children() -> None:
+    """Start no more runs and end the running ones (Ctrl-C reaches them from a terminal, but not when only this
+    process is signalled), waiting for each to exit."""
+    with _CHILDREN_LOCK:
+        _STOPPING.set()
+        children = list(_CHILDREN)
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.wait()
 
 
 def run_name(mode: str, lr: float, seed: int) -> str:
@@ -229,6 +257,19 @@ def plot_curves(runs: list[dict], best: dict[str, dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    _STOPPING.clear()
+    try:
+        sweep(args)
+    except KeyboardInterrupt:
+        stop_children()
+        print(f"compare_lm: interrupted; the finished runs are kept in {args.out} (the same command reuses them and "
+              "reruns the others)", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """The warm-up run, then every (mode, lr, seed) on the GPUs in turn, reported after each; on Ctrl-C the queued
+    runs are dropped and the running ones ended before the interrupt goes on."""
     warm = args.out / "warmup"
     run_logged(train_command(args, args.modes[0], args.lrs[0], args.seeds[0], warm, max_steps=1,
                              overwrite=warm.exists()), args.out / "warmup.log", args.gpus[0], 1)
@@ -238,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     for gpu in args.gpus:
         gpus.put(gpu)
     runs, failures = [], []
-    with ThreadPoolExecutor(len(args.gpus)) as pool:
+    pool = ThreadPoolExecutor(len(args.gpus))
+    try:
         for future in as_completed([pool.submit(one_run, args, *job, gpus) for job in jobs]):
             try:
                 runs.append(future.result())
@@ -247,6 +289,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"failed: {error}", flush=True)
                 continue
             write_report(args, runs)  # after every run, so an interrupted sweep still leaves its finished runs
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_children()  # before the wait below, which would otherwise last as long as the running runs
+        raise
+    finally:
+        pool.shutdown()
     if runs:
         print((args.out / "table.md").read_text())
     if failures:

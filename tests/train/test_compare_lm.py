@@ -4,7 +4,12 @@ spread; a second call into the same folder reuses the finished runs."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +93,40 @@ def test_a_missing_corpus_or_tokenizer_is_a_one_line_usage_error(tmp_path, load_
     for split in ("train", "validation", "test"):
         (tmp_path / f"{split}.jsonl").write_text('{"text": "a"}\n')
     refused(["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok")], "is not a folder")
+
+
+def test_ctrl_c_ends_the_running_run_starts_no_other_and_exits_130(tmp_path, load_script, capsys, monkeypatch):
+    """Ctrl-C during a sweep (SIGINT to this process alone, as a scheduler sends it): the running training process
+    is ended, the queued runs never start, and the sweep says so in one line with 128 + SIGINT."""
+    compare_lm = load_script("scripts/compare_lm.py")
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "tok").mkdir()
+    started = []
+
+    def sleeping_run(args, mode, lr, seed, out_dir, max_steps, overwrite=False):
+        started.append(out_dir.name)
+        return [sys.executable, "-c", "pass" if max_steps == 1 else "import time; time.sleep(300)"]
+
+    monkeypatch.setattr(compare_lm, "train_command", sleeping_run)
+    monkeypatch.setattr(compare_lm, "epoch_tokens", lambda args: 1000)
+
+    def interrupt_once_the_run_sleeps() -> None:
+        deadline = time.monotonic() + 60
+        while not any("sleep" in child.args[-1] for child in list(compare_lm._CHILDREN)):
+            if time.monotonic() > deadline:
+                return  # the assertions below then fail: the sweep ran to its end
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_the_run_sleeps, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        compare_lm.main(["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok"), "--out",
+                         str(tmp_path / "out"), "--gpus", "cpu", "--lrs", "1e-3", "--seeds", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 128 + signal.SIGINT
+    assert err.strip().splitlines() == [f"compare_lm: interrupted; the finished runs are kept in {tmp_path / 'out'} "
+                                        "(the same command reuses them and reruns the others)"]
+    assert time.monotonic() - start < 120  # the 300 s run was ended, not waited for
+    assert started == ["warmup", "efla_lr0.001_seed0"] and not compare_lm._CHILDREN
