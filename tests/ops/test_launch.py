@@ -60,7 +60,19 @@ def test_low_parallelism_splits_v_only_where_it_stays_safe(K, V, dtype_bytes, mo
             assert few == expected, (kernel, K, V, pairs, few)
 
 
-def test_reverse_state_pass_keeps_four_warps_when_gated():
-    """The 8-warp, 3-stage reverse pass was tuned and checked on the GPU ungated only; the gated form keeps 4 warps."""
+def test_reverse_state_pass_takes_its_own_settings_when_gated():
+    """The 8-warp, 3-stage reverse pass was tuned ungated; the gated form at bf16 K = V = 128 runs the gated tuning's
+    (32, 4, 2) on a full GPU, and with few (sequence, head) pairs still splits V down to 16 with 3 stages."""
     assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=512) == launch.Launch(64, 8, 3)
-    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=512, gated=True) == launch.Launch(64, 4, 2)
+    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=512, gated=True) == launch.Launch(32, 4, 2)
+    assert launch.launch("state_bwd", 64, 64, 2, sequences_x_heads=512, gated=True) == launch.Launch(64, 4, 3)
+
+
+def test_gated_reverse_pass_fills_the_gpu_from_its_tuned_block(monkeypatch):
+    """From the gated V-block of 32: split to 16 (3 stages) while pairs x 8 blocks fit in one wave of 132, deeper
+    pipeline at 32 while pairs x 4 do, the tuned setting once they cover the GPU."""
+    monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)
+    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=8, gated=True) == launch.Launch(16, 4, 3)
+    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=64, gated=True) == launch.Launch(32, 4, 2)
+    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=33, gated=True) == launch.Launch(32, 4, 2)
+    assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=32, gated=True) == launch.Launch(32, 4, 3)

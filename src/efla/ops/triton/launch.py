@@ -29,16 +29,21 @@ SAVE_T = True
 then load it instead of inverting the triangular system twice more."""
 
 
-GATED_BF16_D64 = {"state_bwd": Launch(64, 4, 3), "grad_qk": Launch(64, 4, 1), "grad_wy": Launch(32, 4, 2)}
-"""The gated backward's winners of tune_kernels.py --gated at bf16 8 x 4096 x 32 x 64 on an H200 (2026-12-03; us per
-forward+backward: state_bwd 256 -> 245, grad_qk 1182 -> 588, grad_wy 1550 -> 780): with the decay gate's extra tiles
-the gradient passes run faster on 4 warps than on the 8 tuned ungated. Only K = V = 64 was tuned and checked; other
-gated head dims keep the ungated settings until they are."""
+GATED_BF16 = {
+    64: {"state_bwd": Launch(64, 4, 3), "grad_qk": Launch(64, 4, 1), "grad_wy": Launch(32, 4, 2)},
+    128: {"state_bwd": Launch(32, 4, 2), "grad_qk": Launch(64, 8, 1), "grad_wy": Launch(32, 4, 2)},
+}
+"""The gated backward's settings at 16-bit K = V = D, by D: the winners of tune_kernels.py --gated on an H200, us per
+forward+backward. D = 64 at 8 x 4096 x 32 heads (2026-12-03): state_bwd 256 -> 245, grad_qk 1182 -> 588, grad_wy
+1550 -> 780. D = 128 at 8 x 4096 x 16 heads (2026-12-03): state_bwd 751 -> 472, grad_qk 747 -> 703, grad_wy 1014 ->
+678 (the three forward kernels' defaults were within 5 % of their best). With the decay gate's extra tiles the passes
+run faster on fewer warps or narrower V-blocks than the ungated settings. Other gated head dims keep the ungated
+settings until they are tuned."""
 
 
 def _default(kernel: str, K: int, V: int, dtype_bytes: int, gated: bool = False) -> Launch:
-    if gated and dtype_bytes == 2 and K == V == 64 and kernel in GATED_BF16_D64:
-        return GATED_BF16_D64[kernel]
+    if gated and dtype_bytes == 2 and K == V and kernel in GATED_BF16.get(K, {}):
+        return GATED_BF16[K][kernel]
     if kernel in ("state_fwd", "state_bwd"):
         # split V for parallelism and keep S [K, BV] in registers; load the next chunk's tiles during this one's
         # (two stages) unless float32 K = 256 tiles overflow shared memory. Triton 3.6 on Hopper miscompiled these
@@ -77,17 +82,18 @@ def launch(kernel: str, K: int, V: int, dtype_bytes: int, sequences_x_heads: int
 
 
 def _fill_the_gpu(kernel: str, chosen: Launch, K: int, V: int, dtype_bytes: int, sequences_x_heads: int) -> Launch:
-    """A state pass at K <= 128 whose programs would not cover the multiprocessors splits V finer: V-block 32 on 4
-    warps and 2 stages (a setting Triton 3.6 compiled correctly on Hopper). At 16-bit inputs, when the programs then
-    number at most one per multiprocessor, it goes on to 16 while they still do, with a deeper pipeline (4 stages
-    forward, 3 reverse): with so few programs each chunk's loads wait on memory, and the next chunks' loads are issued
-    early. On an H200 at bf16 K = V = 128 (tune_kernels.py, 2026-12-02, us per forward+backward): forward 1341 -> 729
-    at 1 x 32768 x 8 heads, 900 -> 511 at 2 x 16384 x 16; reverse 965 -> 613 and 588 -> 392. Every shape tuned had at
-    most one program per multiprocessor; with more (8 x 2048 x 8 heads: 256), the split stays as it was until timed.
-    float32 (not tuned) takes the V-block 32 split."""
+    """A state pass at K <= 128 (V-block 64 or 32) whose programs would not cover the multiprocessors splits V
+    finer: V-block 32 on 4 warps and 2 stages (a setting Triton 3.6 compiled correctly on Hopper). At 16-bit inputs,
+    when the programs then number at most one per multiprocessor, it goes on to 16 while they still do, with a deeper
+    pipeline (4 stages forward, 3 reverse): with so few programs each chunk's loads wait on memory, and the next
+    chunks' loads are issued early. On an H200 at bf16 K = V = 128 (tune_kernels.py, 2026-12-02, us per
+    forward+backward): forward 1341 -> 729 at 1 x 32768 x 8 heads, 900 -> 511 at 2 x 16384 x 16; reverse 965 -> 613
+    and 588 -> 392. Every shape tuned had at most one program per multiprocessor; with more (8 x 2048 x 8 heads: 256),
+    the split stays as it was until timed. float32 (not tuned) takes the V-block 32 split."""
     bv = min(chosen.bv, V)
     sms = _multiprocessors()
-    if K > 128 or bv != 64 or chosen.stages < 2 or sequences_x_heads * -(-V // bv) >= sms:
+    tuned_block = bv == 64 or (bv == 32 and V > 32)  # V = 32's forced V-block of 32 was never timed split
+    if K > 128 or not tuned_block or chosen.stages < 2 or sequences_x_heads * -(-V // bv) >= sms:
         return Launch(bv, chosen.warps, chosen.stages)
     bv = 32
     if dtype_bytes != 2 or sequences_x_heads * -(-V // bv) > sms:
