@@ -122,6 +122,8 @@ def profile(B, T, H, D, impls, gated):
         do = torch.randn_like(args[2])
         for _ in range(3):
             f(*args).backward(do)
+        for x in args:
+            x.grad = None  # else the profile shows the gradients' accumulation, four elementwise adds
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             f(*args).backward(do)
