@@ -1,5 +1,6 @@
 """efla_attention under torch.compile: the Triton pipelines are custom ops, so a model traces around them in one
-graph (packed cu_seqlens included) and its results and gradients equal eager's."""
+graph (packed cu_seqlens included) and its results and gradients equal eager's; eager calls skip the ops' dispatch
+(the same functions, called directly)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from efla import efla_attention
+from efla.ops import triton as efla_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,3 +62,24 @@ def test_compiled_inference_takes_the_fused_recurrent_op():
         o_ref, s_ref = step(q, k, v, beta, state)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(s, s_ref)
+
+
+@pytest.mark.parametrize("T", [3, 90])  # the fused recurrent op (inference, T <= 64) and the chunk op
+def test_eager_calls_skip_the_custom_ops_and_compiled_calls_take_them(T, monkeypatch):
+    """The custom ops' dispatch costs about as much host time as the rest of the call; eager calls never enter it."""
+    entered = []
+    for name in ("chunk_forward", "fused_recurrent_forward"):
+        op = getattr(efla_triton, name)
+        monkeypatch.setattr(efla_triton, name, lambda *a, op=op, name=name: entered.append(name) or op(*a))
+    q, k, v, beta = (x.detach() for x in _inputs(T, seed=11))
+    grad_enabled = T > 64
+    with torch.set_grad_enabled(grad_enabled):
+        if grad_enabled:
+            q.requires_grad_()
+        eager = efla_attention(q, k, v, beta, backend="triton")[0]
+        assert entered == []
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *x: efla_attention(*x, backend="triton")[0], backend="aot_eager",
+                                 fullgraph=True)(q, k, v, beta)
+    assert entered == ["chunk_forward" if grad_enabled else "fused_recurrent_forward"]
+    torch.testing.assert_close(compiled, eager)

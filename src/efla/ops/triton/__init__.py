@@ -20,7 +20,7 @@ import os
 import torch
 
 from efla.ops.triton import launch
-from efla.ops.triton.op import chunk_forward, fused_recurrent_forward
+from efla.ops.triton.op import EagerChunk, chunk_forward, fused_recurrent_eager, fused_recurrent_forward
 from efla.ops.triton.wy import CHUNK
 
 __all__ = ["CHUNK", "FP32_DOT_PRECISION", "triton_efla", "triton_gated_efla"]
@@ -93,9 +93,12 @@ def _run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, ef
     h0 = None if initial_state is None else initial_state.contiguous()
     cu_cpu = lengths_from if lengths_from is not None and lengths_from is not cu_seqlens else None
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, h0, g))
+    compiling = torch.compiler.is_compiling()  # the custom ops there; outside, the same code without their dispatch
     if not needs_grad and T <= RECURRENT_MAX_T:
-        o, ht = fused_recurrent_forward(q, k, v, beta, h0, cu_seqlens, B, scale, efla, output_final_state, g)
+        recurrent = fused_recurrent_forward if compiling else fused_recurrent_eager
+        o, ht = recurrent(q, k, v, beta, h0, cu_seqlens, B, scale, efla, output_final_state, g)
     else:
-        o, ht, _ = chunk_forward(q, k, v, beta, h0, cu_seqlens, cu_cpu, B, scale, efla, output_final_state,
-                                 launch.SAVE_T and needs_grad, _precision(q.dtype), g)
+        chunk = chunk_forward if compiling else EagerChunk.apply
+        o, ht, _ = chunk(q, k, v, beta, h0, cu_seqlens, cu_cpu, B, scale, efla, output_final_state,
+                         launch.SAVE_T and needs_grad, _precision(q.dtype), g)
     return o.view(B, T, H, V), (ht if output_final_state else None)

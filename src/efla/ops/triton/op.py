@@ -40,11 +40,10 @@ def _sequences(batch: int, cu_seqlens: torch.Tensor | None) -> int:
     return batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
-@torch.library.custom_op("efla::chunk_forward", mutates_args=())
-def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, h0: torch.Tensor | None,
-                  cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None, batch: int, scale: float,
-                  efla: bool, output_final_state: bool, store_t: bool, prec: str, g: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, h0: torch.Tensor | None,
+                   cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None, batch: int, scale: float,
+                   efla: bool, output_final_state: bool, store_t: bool, prec: str, g: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final states [N, H, K, V] float32 or empty, T [TT, H, 64] or empty); T is kept for the backward."""
     with torch.cuda.device_of(q):  # kernels launch on the current device
         chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
@@ -56,6 +55,9 @@ def chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     return o, _or_empty(ht, q), _or_empty(t, k)
 
 
+chunk_forward = torch.library.custom_op("efla::chunk_forward", _chunk_forward, mutates_args=())
+
+
 @chunk_forward.register_fake
 def _chunk_forward_fake(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, batch, scale, efla, output_final_state,
                         store_t, prec, g=None):
@@ -65,8 +67,7 @@ def _chunk_forward_fake(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, batch, sc
     return torch.empty_like(v), ht, (k.new_empty(TT, H, CHUNK) if store_t else k.new_empty(0))
 
 
-@torch.library.custom_op("efla::chunk_backward", mutates_args=())
-def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, h0: torch.Tensor | None,
+def _chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, h0: torch.Tensor | None,
                    cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None, batch: int, scale: float,
                    efla: bool, t: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, prec: str,
                    g: torch.Tensor | None = None
@@ -84,6 +85,9 @@ def chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
         dk, dv, dbeta, dg = grad_wy(k=k, v=v, beta=beta, t=t, du=du, h=h, dk_part=dk_part, dg_part=dg_part,
                                     efla=efla, g=g, **common)
     return dq, dk, dv, dbeta, _or_empty(dh0, q), _or_empty(dg, q)
+
+
+chunk_backward = torch.library.custom_op("efla::chunk_backward", _chunk_backward, mutates_args=())
 
 
 @chunk_backward.register_fake
@@ -108,30 +112,55 @@ def _setup_context(ctx, inputs, output):
     ctx.output_final_state = args["output_final_state"]
 
 
-def _backward(ctx, do, dht, _dt):
+def _gradients(ctx, do, dht, backward) -> tuple:
+    """The forward inputs' gradients (None for the settings) from ``backward``: the custom op or its function."""
     q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, t, g = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dht = dht.contiguous() if ctx.output_final_state and dht is not None else None
-    dq, dk, dv, dbeta, dh0, dg = chunk_backward(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, ctx.batch, ctx.scale,
-                                                ctx.efla, t, do, dht, ctx.prec, g)
+    dq, dk, dv, dbeta, dh0, dg = backward(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, ctx.batch, ctx.scale,
+                                          ctx.efla, t, do, dht, ctx.prec, g)
     dh0 = None if h0 is None else dh0.to(h0.dtype)
     return (dq, dk, dv, dbeta, dh0) + (None,) * (len(_FORWARD_ARGS) - 6) + (None if g is None else dg,)
+
+
+def _backward(ctx, do, dht, _dt):
+    return _gradients(ctx, do, dht, chunk_backward)
 
 
 chunk_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("efla::fused_recurrent", mutates_args=())
-def fused_recurrent_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                            h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, batch: int, scale: float,
-                            efla: bool, output_final_state: bool, g: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, final states [N, H, K, V] float32 or empty), one token at a time; inference only."""
+class EagerChunk(torch.autograd.Function):
+    """``chunk_forward`` with its gradient, called outside torch.compile: the same functions without the custom ops'
+    dispatch, which costs about 90 us of host time per forward on a desktop CPU (more on a GPU server's), all of it
+    before the first kernel launch, where the GPU waits for it. ``EagerChunk.apply`` takes chunk_forward's arguments
+    in order."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _chunk_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, dht, _dt):
+        return _gradients(ctx, do, dht, _chunk_backward)
+
+
+def fused_recurrent_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                          h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, batch: int, scale: float,
+                          efla: bool, output_final_state: bool, g: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, final states [N, H, K, V] float32 or empty), one token at a time; inference only. Called directly outside
+    torch.compile (as ``EagerChunk`` is), through the custom op ``fused_recurrent_forward`` inside it."""
     with torch.cuda.device_of(q):
         cu = dense_plan(batch, k.shape[0] // batch, k.device)[1] if cu_seqlens is None else cu_seqlens.to(torch.int32)
         o, ht = fused_recurrent(q=q, k=k, v=v, beta=beta, g=g, h0=h0, cu=cu, scale=scale, efla=efla,
                                 output_final_state=output_final_state)
     return o, _or_empty(ht, q)
+
+
+fused_recurrent_forward = torch.library.custom_op("efla::fused_recurrent", fused_recurrent_eager, mutates_args=())
 
 
 @fused_recurrent_forward.register_fake
