@@ -1,12 +1,13 @@
-"""Host time of efla_attention's Triton path on a machine without a GPU: every kernel launch replaced by a no-op.
+"""Host time of the Triton operators' call paths on a machine without a GPU: every kernel launch replaced by a no-op.
 
     python benchmarks/host_overhead_cpu.py [--calls 100] [--repeats 7]
 
 What ``host_overhead.py`` measures on a GPU machine (the Python side of each call, which the GPU waits for when the
 host is the slower of the two), here with the kernels stubbed out under TRITON_INTERPRET=1, so that a change to the
-call path can be timed on a laptop: forward and forward+backward, ungated and gated, bf16 inputs of 2 x 1024 x 4 x
-128 (the kernels do not run, so the shape only sets the tensors' metadata). Prints the median over --repeats of the
-mean over --calls calls, in microseconds.
+call path can be timed on a laptop: efla_attention forward and forward+backward, ungated and gated, bf16 inputs of
+2 x 1024 x 4 x 128, and the short convolution of a layer's q, k and v (one call, 3 x 512 channels) forward and
+forward+backward (the kernels do not run, so the shapes only set the tensors' metadata). Prints the median over
+--repeats of the mean over --calls calls, in microseconds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from efla import efla_attention
-from efla.ops.triton import chunk_bwd, chunk_fwd, fused_recurrent, wy
+from efla.ops.triton import chunk_bwd, chunk_fwd, fused_recurrent, short_conv, wy
 
 
 class _NoLaunch:
@@ -33,7 +34,7 @@ class _NoLaunch:
 
 
 def stub_kernels() -> None:
-    for module in (wy, chunk_fwd, chunk_bwd, fused_recurrent):
+    for module in (wy, chunk_fwd, chunk_bwd, fused_recurrent, short_conv):
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
                 setattr(module, name, _NoLaunch())
@@ -78,7 +79,20 @@ def main() -> None:
             torch.autograd.grad(forward(), used, do)
 
         for name, call in (("forward", forward), ("forward+backward", forward_backward)):
-            print(f"{'gated' if gated else 'ungated'} {name}: {host_us(call, args.calls, args.repeats):.1f} us")
+            print(f"attention {'gated' if gated else 'ungated'} {name}: "
+                  f"{host_us(call, args.calls, args.repeats):.1f} us")
+    x = torch.randn(B, T, 3 * 512, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(3 * 512, 1, 4, dtype=torch.bfloat16, requires_grad=True)
+    dys = [torch.randn(B, T, 512, dtype=torch.bfloat16) for _ in range(3)]
+
+    def conv_forward():
+        return short_conv.short_conv_silu_split(x, weight, 3, None)
+
+    def conv_forward_backward():
+        torch.autograd.grad(conv_forward(), (x, weight), dys)
+
+    for name, call in (("forward", conv_forward), ("forward+backward", conv_forward_backward)):
+        print(f"short convolution {name}: {host_us(call, args.calls, args.repeats):.1f} us")
 
 
 if __name__ == "__main__":

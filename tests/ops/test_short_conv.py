@@ -74,3 +74,29 @@ def test_split_rejects_a_wrong_count():
         short_conv_silu_split(x, w, 4, None)
     with pytest.raises(ValueError, match="weight per channel"):
         short_conv_silu_split(x, w[:6], 3, None)
+
+
+def test_eager_calls_skip_the_custom_op_and_compiled_calls_take_it(monkeypatch):
+    """Eager calls run the same functions without the custom op's dispatch (host time); torch.compile traces the op,
+    with the same outputs and gradients."""
+    from efla.ops.triton import short_conv as module
+
+    entered = []
+    op = module.short_conv_silu_op
+    monkeypatch.setattr(module, "short_conv_silu_op", lambda *a: entered.append(1) or op(*a))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 20, 12, generator=g).to(DEVICE).requires_grad_()
+    weight = (torch.randn(12, 1, 4, generator=g) / 2).to(DEVICE).requires_grad_()
+
+    def conv_sum(x, weight):
+        return sum((y * y).sum() for y in module.short_conv_silu_split(x, weight, 3, None))
+
+    eager = conv_sum(x, weight)
+    eager_grads = torch.autograd.grad(eager, (x, weight))
+    assert entered == []
+    torch._dynamo.reset()
+    compiled = torch.compile(conv_sum, backend="aot_eager", fullgraph=True)(x, weight)
+    assert entered == [1]
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled, (x, weight)), eager_grads, strict=True):
+        torch.testing.assert_close(a, b)

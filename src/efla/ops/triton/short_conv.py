@@ -130,8 +130,7 @@ def _three(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return tensors + [tensors[0]] * (3 - len(tensors))
 
 
-@torch.library.custom_op("efla::short_conv_silu", mutates_args=())
-def short_conv_silu_op(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+def _short_conv_forward(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
     """x [tokens, n C] contiguous (n = 1 to 3 inputs side by side), weight [n, C, W], positions [tokens] int32 ->
     n tensors [tokens, C]: silu(causal depthwise conv) of each input with its weight, in one launch."""
     n, C = weight.shape[:2]
@@ -143,14 +142,16 @@ def short_conv_silu_op(x: torch.Tensor, weight: torch.Tensor, positions: torch.T
     return ys
 
 
+short_conv_silu_op = torch.library.custom_op("efla::short_conv_silu", _short_conv_forward, mutates_args=())
+
+
 @short_conv_silu_op.register_fake
 def _short_conv_silu_fake(x, weight, positions):
     return [x.new_empty(x.shape[0], weight.shape[1]) for _ in range(weight.shape[0])]
 
 
-@torch.library.custom_op("efla::short_conv_silu_backward", mutates_args=())
-def short_conv_silu_backward(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
-                             dys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _short_conv_backward(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
+                         dys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx like x, dweight [n, C, W] float32)."""
     n, C, W = weight.shape
     total = x.shape[0]
@@ -166,6 +167,10 @@ def short_conv_silu_backward(x: torch.Tensor, weight: torch.Tensor, positions: t
     return dx, dw_part.sum(1).transpose(1, 2).contiguous()
 
 
+short_conv_silu_backward = torch.library.custom_op("efla::short_conv_silu_backward", _short_conv_backward,
+                                                   mutates_args=())
+
+
 @short_conv_silu_backward.register_fake
 def _short_conv_silu_backward_fake(x, weight, positions, dys):
     return torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32)
@@ -176,14 +181,34 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, positions)
 
 
-def _backward(ctx, dys):
+def _gradients(ctx, dys, backward) -> tuple:
+    """(dx, dweight, None) from ``backward``: the custom op or its function."""
     x, weight, positions = ctx.saved_tensors
     dys = [x.new_zeros(x.shape[0], weight.shape[1]) if dy is None else dy.contiguous() for dy in dys]
-    dx, dw = short_conv_silu_backward(x, weight, positions, dys)
+    dx, dw = backward(x, weight, positions, dys)
     return dx, dw.to(weight.dtype), None
 
 
+def _backward(ctx, dys):
+    return _gradients(ctx, dys, short_conv_silu_backward)
+
+
 short_conv_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerShortConv(torch.autograd.Function):
+    """``short_conv_silu_op`` with its gradient outside torch.compile: the same functions without the custom ops'
+    dispatch (host time, as ``efla.ops.triton.op.EagerChunk``); the outputs as a tuple."""
+
+    @staticmethod
+    def forward(ctx, x, weight, positions):
+        ys = _short_conv_forward(x, weight, positions)
+        _setup_context(ctx, (x, weight, positions), ys)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        return _gradients(ctx, dys, _short_conv_backward)
 
 
 def short_conv_silu_split(x: torch.Tensor, weight: torch.Tensor, n: int,
@@ -203,7 +228,8 @@ def short_conv_silu_split(x: torch.Tensor, weight: torch.Tensor, n: int,
     else:
         starts = cu_seqlens.to(device=x.device, dtype=torch.int32)  # int32 positions, as index
         positions = index - starts[document_index(starts, B * T)]
-    ys = short_conv_silu_op(x.reshape(B * T, NC).contiguous(), weight[:, 0].reshape(n, C, -1), positions)
+    conv = short_conv_silu_op if torch.compiler.is_compiling() else _EagerShortConv.apply
+    ys = conv(x.reshape(B * T, NC).contiguous(), weight[:, 0].reshape(n, C, -1), positions)
     return [y.view(B, T, C) for y in ys]
 
 
