@@ -12,7 +12,7 @@ from efla import efla_attention
 from efla.layers import EFLAttention
 from efla.layers import decode as decode_module
 from efla.layers.decode import _stacked_weights, decode_in_place
-from efla.ops.triton.decode_step import conv_step_op, recurrent_step_op
+from efla.ops.triton.decode_step import conv_step_in_place, conv_step_op, recurrent_step, recurrent_step_op
 
 DEVICE = require_triton_kernels()
 
@@ -28,8 +28,9 @@ def _conv_step_reference(proj, weight, window, H, l2_k, eps=1e-6):
     return y.flatten(1), proj[:, C3:].double().sigmoid(), full[..., 1:]
 
 
+@pytest.mark.parametrize("step", [conv_step_in_place, conv_step_op], ids=["eager", "custom-op"])
 @pytest.mark.parametrize("D,W,l2_k", [(16, 4, False), (32, 2, True), (16, 3, True)])
-def test_conv_step_matches_float64(D, W, l2_k):
+def test_conv_step_matches_float64(D, W, l2_k, step):
     torch.manual_seed(D + W)
     B, H = 3, 2
     C = H * D
@@ -37,13 +38,14 @@ def test_conv_step_matches_float64(D, W, l2_k):
     weight = torch.randn(3 * C, W, device=DEVICE) * 0.5
     window = torch.randn(B, 3 * C, W - 1, device=DEVICE)
     act_ref, beta_ref, window_ref = _conv_step_reference(proj, weight, window, H, l2_k)
-    act, beta = conv_step_op(proj, weight, window, H, l2_k)
+    act, beta = step(proj, weight, window, H, l2_k)
     assert rel_err(act, act_ref) < 1e-6 and rel_err(beta, beta_ref) < 1e-6
     assert rel_err(window, window_ref) == 0  # the inputs themselves, moved
 
 
+@pytest.mark.parametrize("step", [recurrent_step, recurrent_step_op], ids=["eager", "custom-op"])
 @pytest.mark.parametrize("mode,gated", [("efla", False), ("delta", False), ("efla", True)])
-def test_recurrent_step_advances_the_state_in_place(mode, gated):
+def test_recurrent_step_advances_the_state_in_place(mode, gated, step):
     torch.manual_seed(7)
     B, H, K = 3, 2, 16
     q, k, v = (torch.randn(B, 1, H, K) for _ in range(3))
@@ -56,8 +58,7 @@ def test_recurrent_step_advances_the_state_in_place(mode, gated):
                                       g=None if g is None else g.double())
     buffer = state.to(DEVICE)
     args = [x[:, 0].to(DEVICE) for x in (q, k, v)]
-    o = recurrent_step_op(*args, beta[:, 0].to(DEVICE), buffer, K ** -0.5, mode == "efla",
-                          None if g is None else g[:, 0].to(DEVICE))
+    o = step(*args, beta[:, 0].to(DEVICE), buffer, K ** -0.5, mode == "efla", None if g is None else g[:, 0].to(DEVICE))
     assert rel_err(o, o_ref[:, 0]) < 1e-5 and rel_err(buffer, state_ref) < 1e-5
 
 

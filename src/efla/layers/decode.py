@@ -57,10 +57,10 @@ def decode_in_place(layer: EFLAttention, x: torch.Tensor, conv_state: torch.Tens
         g = log_decay(layer.a_proj(x1), layer.A_log, layer.dt_bias)
     if on_kernels(layer, x):
         q, k, v, beta = _fused_inputs(layer, x1, conv_state)
-        from efla.ops.triton.decode_step import recurrent_step_op
+        from efla.ops.triton.decode_step import recurrent_step
 
         scale, efla = layer.head_dim ** -0.5, layer.mode == "efla"
-        o = recurrent_step_op(q, k, v, beta, recurrent_state, scale, efla, None if g is None else g.float())[:, None]
+        o = recurrent_step(q, k, v, beta, recurrent_state, scale, efla, None if g is None else g.float())[:, None]
     else:
         o = _reference_step(layer, x, g, conv_state, recurrent_state)
     return layer.output(o, x)
@@ -68,11 +68,11 @@ def decode_in_place(layer: EFLAttention, x: torch.Tensor, conv_state: torch.Tens
 
 def _fused_inputs(layer: EFLAttention, x1: torch.Tensor, conv_state: torch.Tensor):
     """q, k, v [B, H, D] and beta [B, H] float32 through one projection and the conv_step kernel."""
-    from efla.ops.triton.decode_step import conv_step_op
+    from efla.ops.triton.decode_step import conv_step_in_place
 
     proj_weight, conv_weight = _stacked_weights(layer)
-    act, beta = conv_step_op(F.linear(x1, proj_weight), conv_weight, conv_state, layer.num_heads,
-                             layer.mode == "delta")
+    act, beta = conv_step_in_place(F.linear(x1, proj_weight), conv_weight, conv_state, layer.num_heads,
+                                   layer.mode == "delta")
     q, k, v = act.view(x1.shape[0], 3, layer.num_heads, layer.head_dim).unbind(1)
     return q, k, v, beta
 

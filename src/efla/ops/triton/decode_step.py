@@ -68,12 +68,21 @@ def conv_step(proj: torch.Tensor, weight: torch.Tensor, window: torch.Tensor, nu
     return act, beta
 
 
-@torch.library.custom_op("efla::conv_step_", mutates_args=("window",))
-def conv_step_op(proj: torch.Tensor, weight: torch.Tensor, window: torch.Tensor, num_heads: int,
-                 l2_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv_step`` as a custom op (the window is mutated), for torch.compile."""
+def _conv_step_in_place(proj: torch.Tensor, weight: torch.Tensor, window: torch.Tensor, num_heads: int,
+                        l2_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.cuda.device_of(proj):
         return conv_step(proj.contiguous(), weight.contiguous(), window, num_heads, l2_k)
+
+
+conv_step_op = torch.library.custom_op("efla::conv_step_", _conv_step_in_place, mutates_args=("window",))
+
+
+def conv_step_in_place(proj: torch.Tensor, weight: torch.Tensor, window: torch.Tensor, num_heads: int,
+                       l2_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv_step`` (the window advanced in place): through the custom op under torch.compile, else called directly
+    (the op's dispatch costs host time in every eager decode step)."""
+    step = conv_step_op if torch.compiler.is_compiling() else _conv_step_in_place
+    return step(proj, weight, window, num_heads, l2_k)
 
 
 @conv_step_op.register_fake
@@ -88,16 +97,26 @@ def _one_token_rows(batch: int, device: torch.device) -> torch.Tensor:
     return torch.arange(batch + 1, device=device, dtype=torch.int32)
 
 
-@torch.library.custom_op("efla::recurrent_step_", mutates_args=("state",))
-def recurrent_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
-                      scale: float, efla: bool, g: torch.Tensor | None = None) -> torch.Tensor:
-    """o [B, H, V] of one token per row (q, k [B, H, K], v [B, H, V], beta [B, H]; gated with the log decay g
-    [B, H]), the state [B, H, K, V] float32 advanced in place."""
+def _recurrent_step_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                             state: torch.Tensor, scale: float, efla: bool, g: torch.Tensor | None = None
+                             ) -> torch.Tensor:
     with torch.cuda.device_of(q):
         o, _ = fused_recurrent(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), beta=beta.contiguous(), h0=state,
                                cu=_one_token_rows(q.shape[0], q.device), scale=scale, efla=efla,
                                output_final_state=True, g=g, final_state=state)
     return o
+
+
+recurrent_step_op = torch.library.custom_op("efla::recurrent_step_", _recurrent_step_in_place, mutates_args=("state",))
+
+
+def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+                   scale: float, efla: bool, g: torch.Tensor | None = None) -> torch.Tensor:
+    """o [B, H, V] of one token per row (q, k [B, H, K], v [B, H, V], beta [B, H]; gated with the log decay g
+    [B, H]), the state [B, H, K, V] float32 advanced in place: through the custom op under torch.compile, else
+    called directly."""
+    step = recurrent_step_op if torch.compiler.is_compiling() else _recurrent_step_in_place
+    return step(q, k, v, beta, state, scale, efla, g)
 
 
 @recurrent_step_op.register_fake
