@@ -1,4 +1,5 @@
-"""The Triton pipelines as ``torch.library`` custom ops, so ``torch.compile`` traces models around them.
+"""The Triton pipelines as ``torch.library`` custom ops, so ``torch.compile`` traces models around them, and as
+``EagerChunk`` (an autograd.Function over the same functions) for eager calls, which skip the ops' dispatch.
 
 Each op is a chain of named stages, each launched by the function beside its kernel:
 
