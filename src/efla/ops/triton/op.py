@@ -69,10 +69,10 @@ def _chunk_forward_fake(q, k, v, beta, h0, cu_seqlens, cu_seqlens_cpu, batch, sc
 
 
 def _chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, h0: torch.Tensor | None,
-                   cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None, batch: int, scale: float,
-                   efla: bool, t: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, prec: str,
-                   g: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None, batch: int, scale: float,
+                    efla: bool, t: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None, prec: str,
+                    g: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbeta, dh0 float32 or empty, dg or empty): recompute W, h, u (from the forward's T when
     given), then the reverse state pass and the per-chunk gradients (derivation in ``chunk_bwd.py``)."""
     with torch.cuda.device_of(q):
