@@ -122,14 +122,20 @@ def test_default_scale_is_inverse_sqrt_of_key_dim():
     assert rel_err(default, explicit) <= 1e-14
 
 
-def test_document_index_compiles_to_the_eager_result():
-    """document_index is an opaque custom op (Inductor's CUDA searchsorted reads cu_seqlens[1:] off by one): compiled
-    it gives each token its document, empty documents and a last partial one included."""
-    from efla.ops.varlen import document_index
+def test_document_index_compiles_to_the_eager_result(monkeypatch):
+    """document_index is an opaque custom op under torch.compile (Inductor's CUDA searchsorted reads cu_seqlens[1:]
+    off by one) and a plain call eagerly: both give each token its document, empty documents and a last partial one
+    included."""
+    from efla.ops import varlen
 
+    entered = []
+    op = varlen.document_index_op
+    monkeypatch.setattr(varlen, "document_index_op", lambda *a: entered.append(1) or op(*a))
     torch._dynamo.reset()
     cu = torch.tensor([0, 3, 3, 10, 17], dtype=torch.int32)
     expected = torch.tensor([0] * 3 + [2] * 7 + [3] * 7)
-    assert torch.equal(document_index(cu, 17), expected)
-    compiled = torch.compile(lambda c: document_index(c, 17), backend="inductor", fullgraph=True)
+    assert torch.equal(varlen.document_index(cu, 17), expected)
+    assert entered == []
+    compiled = torch.compile(lambda c: varlen.document_index(c, 17), backend="inductor", fullgraph=True)
     assert torch.equal(compiled(cu), expected)
+    assert entered == [1]

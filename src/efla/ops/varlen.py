@@ -20,17 +20,24 @@ def pack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return torch.cat([x[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
 
 
-@torch.library.custom_op("efla::document_index", mutates_args=())
-def document_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """For each of the ``total`` packed tokens, the index of the sequence it belongs to ([total] int64, no sync).
-
-    A custom op, so torch.compile runs it as written instead of through Inductor's searchsorted lowering, which on
-    CUDA reads a sliced boundary tensor such as ``cu_seqlens[1:]`` off by one (pytorch/pytorch#182343): every token
-    then lands one document too far, and the short convolution's positions went negative, zeroing q, k and v."""
+def _document_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     position = torch.arange(total, device=cu_seqlens.device)
     return torch.searchsorted(cu_seqlens[1:].to(position.dtype), position, right=True)
 
 
-@document_index.register_fake
+document_index_op = torch.library.custom_op("efla::document_index", _document_index, mutates_args=())
+
+
+def document_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """For each of the ``total`` packed tokens, the index of the sequence it belongs to ([total] int64, no sync).
+
+    Under torch.compile a custom op, so it runs as written instead of through Inductor's searchsorted lowering, which
+    on CUDA reads a sliced boundary tensor such as ``cu_seqlens[1:]`` off by one (pytorch/pytorch#182343): every
+    token then lands one document too far, and the short convolution's positions went negative, zeroing q, k and v.
+    Eager calls skip the op's dispatch (host time)."""
+    return (document_index_op if torch.compiler.is_compiling() else _document_index)(cu_seqlens, total)
+
+
+@document_index_op.register_fake
 def _document_index_fake(cu_seqlens, total):
     return cu_seqlens.new_empty(total, dtype=torch.int64)
