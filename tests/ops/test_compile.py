@@ -83,3 +83,18 @@ def test_eager_calls_skip_the_custom_ops_and_compiled_calls_take_them(T, monkeyp
                                  fullgraph=True)(q, k, v, beta)
     assert entered == ["chunk_forward" if grad_enabled else "fused_recurrent_forward"]
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_records_the_custom_op(strict):
+    """torch.export (either tracer) takes the custom op, not the eager path, and the exported program runs."""
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, beta):
+            return efla_attention(q, k, v, beta, backend="triton")[0]
+
+    q, k, v, beta = (x.detach() for x in _inputs(80, seed=13))
+    program = torch.export.export(Attend(), (q, k, v, beta), strict=strict)
+    targets = [str(node.target) for node in program.graph.nodes]
+    assert "efla.chunk_forward.default" in targets
+    torch.testing.assert_close(program.module()(q, k, v, beta), Attend()(q, k, v, beta))
