@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: CPU tensors pass the backend's device check
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from efla import efla_attention
+from efla.cli import INTERRUPTED
 from efla.ops.triton import chunk_bwd, chunk_fwd, fused_recurrent, short_conv, wy
 
 
@@ -96,4 +98,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the rows printed so far stand; no traceback
+        print("host_overhead_cpu: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
