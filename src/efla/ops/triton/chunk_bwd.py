@@ -41,6 +41,7 @@ from efla.ops.triton.tiles import (
     _load_state,
     _seq_bounds,
     _seq_chunk_rows,
+    _state_program,
     _store_state,
     _tile_offsets,
     _token_values,
@@ -65,7 +66,7 @@ def _state_bwd_kernel(q, k, g, sums, w, do, du, dh, dht, dh0, cu_seqlens, chunk_
                       STORE_DH0: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and du. Gated, it
     reads the chunk sums of the log decays the WY pass stored, and g itself only at float32 accuracy."""
-    n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    n, i_h, i_v = _state_program(V, BV)
     bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
     ov, vmask = _v_cols(i_v, V, BV)
     r = tl.arange(0, 64)
@@ -255,7 +256,7 @@ def state_bwd(*, q, k, w, do, dht, h, has_h0: bool, chunks, cu, scale: float, pr
     du = torch.empty_like(do)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None
     cfg = launch("state_bwd", K, V, q.element_size(), N * H, gated=g is not None)
-    _state_bwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](q, k, g, sums, w, do, du, dh, dht, dh0, cu, chunks.first,
+    _state_bwd_kernel[(N * triton.cdiv(V, cfg.bv), H)](q, k, g, sums, w, do, du, dh, dht, dh0, cu, chunks.first,
                                                       scale, H, K=K, V=V, BV=cfg.bv, HAS_DHT=dht is not None,
                                                       STORE_DH0=has_h0, GATED=g is not None, PREC=prec,
                                                       num_warps=cfg.warps, num_stages=cfg.stages)

@@ -26,6 +26,7 @@ from efla.ops.triton.tiles import (
     _load_state,
     _seq_bounds,
     _seq_chunk_rows,
+    _state_program,
     _store_state,
     _tile_offsets,
     _v_block,
@@ -39,7 +40,7 @@ def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over the sequence's chunks in order."""
-    n, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    n, i_h, i_v = _state_program(V, BV)
     bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
     ov, vmask = _v_cols(i_v, V, BV)
     r = tl.arange(0, 64)
@@ -97,7 +98,7 @@ def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, sums=None)
     u = torch.empty_like(u0)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
     cfg = launch("state_fwd", K, V, k.element_size(), N * H)
-    _state_fwd_kernel[(N, H, triton.cdiv(V, cfg.bv))](k, sums, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K,
+    _state_fwd_kernel[(N * triton.cdiv(V, cfg.bv), H)](k, sums, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K,
                                                       V=V, BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
                                                       GATED=sums is not None, PREC=prec,
                                                       num_warps=cfg.warps, num_stages=cfg.stages)

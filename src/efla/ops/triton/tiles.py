@@ -46,6 +46,17 @@ def _tile_offsets(r, H, D: tl.constexpr, cols):
 
 
 @triton.jit
+def _state_program(V: tl.constexpr, BV: tl.constexpr):
+    """(sequence n as int64, head, V-block) of a state-pass program on the grid (sequences x V-blocks, heads). The
+    V-block varies fastest, so the programs that read one sequence's and head's tiles (keys, W, q, dO: the same for
+    every V-block) are launched side by side and find them in L2; with the sequence fastest they were launched
+    sequences x heads programs apart, in different waves once the programs outnumber the GPU's slots."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    return (pid // NV).to(tl.int64), tl.program_id(1), pid % NV
+
+
+@triton.jit
 def _v_cols(i_v, V: tl.constexpr, BV: tl.constexpr):
     """Columns ov of V-block i_v and which of them exist (vmask)."""
     ov = i_v * BV + tl.arange(0, BV)
