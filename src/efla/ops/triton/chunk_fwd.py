@@ -23,7 +23,7 @@ from efla.ops.triton.launch import launch
 from efla.ops.triton.tiles import (
     _chunk_rows,
     _initial_state,
-    _load_state,
+    _load_state_rows,
     _seq_bounds,
     _seq_chunk_rows,
     _state_program,
@@ -72,13 +72,19 @@ def _out_kernel(q, k, g, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
     i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
-    kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
-    k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-    S = _load_state(h, i_c, i_h, H, K, V, ov, vmask)
+    BK: tl.constexpr = 64 if K > 64 else K
+    qk = tl.zeros([64, 64], dtype=tl.float32)
+    out = tl.zeros([64, BV], dtype=tl.float32)
+    for i_k in range(K // BK):  # K in blocks: the next block's loads overlap this block's products
+        cols = i_k * BK + tl.arange(0, BK)
+        kk = _tile_offsets(r, H, K, cols)
+        q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
+        k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
+        S = _load_state_rows(h, i_c, i_h, H, K, V, cols, ov, vmask)
+        qk += tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+        out += tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)
+    qk = tl.where(r[:, None] >= r[None, :], qk, 0.0)
     u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
-    qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
-    out = tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)
     if GATED:
         gv, gc, _to_end, _g_end = _chunk_decay(g, tok, r, rmask, H)
         qk *= _decay_matrix(gv, r, PREC)

@@ -83,6 +83,12 @@ def _load_state(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, ov, vmask):
 
 
 @triton.jit
+def _load_state_rows(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, rows, ov, vmask):
+    """Rows ``rows`` (a block of K) and columns ov of state (idx, i_h), in the state's dtype."""
+    return tl.load(ptr + (idx * H + i_h) * K * V + (rows[:, None] * V + ov[None, :]), mask=vmask[None, :], other=0.0)
+
+
+@triton.jit
 def _initial_state(ptr, PRESENT: tl.constexpr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, ov,
                    vmask):
     """The float32 [K, BV] state a sequential pass starts from: state (idx, i_h) of ptr if PRESENT, else zeros."""
