@@ -29,17 +29,20 @@ from efla.ops.triton.tiles import (
     _state_program,
     _store_state,
     _tile_offsets,
+    _token_values,
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_decay, _decay_matrix, _stored_decay
+from efla.ops.triton.wy import _chunk_decay, _decay_matrix, _decay_matrix_of, _stored_decay, _stored_running_sums
 
 
 @triton.jit
-def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
+def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, q, g, o, cu_seqlens, chunk_first, scale, H,
                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
-    """One program per (sequence, head, V-block); loops over the sequence's chunks in order."""
+                      STORE_HT: tl.constexpr, GATED: tl.constexpr, OUT: tl.constexpr, PREC: tl.constexpr):
+    """One program per (sequence, head, V-block); loops over the sequence's chunks in order. With OUT it also forms
+    each chunk's output O = scale (Q S + tril(Q K^T) u) (decayed if GATED) from the S and u at hand, and stores
+    neither h nor u (the forward's only readers of them were the output pass)."""
     n, i_h, i_v = _state_program(V, BV)
     bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
     ov, vmask = _v_cols(i_v, V, BV)
@@ -48,14 +51,26 @@ def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, cu_seqlens, chunk_first, H,
     vv = _tile_offsets(r, H, V, ov)
     S = _initial_state(h0, HAS_H0, n, i_h, H, K, V, BV, ov, vmask)
     for i in range(tl.cdiv(eos - bos, 64)):
-        _store_state(h, S, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
+        if not OUT:
+            _store_state(h, S, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
         rmask, tok = _seq_chunk_rows(bos, eos, i, r, i_h, H)
         m = rmask[:, None] & vmask[None, :]
         w_tile = tl.load(w + tok * K + kk, mask=rmask[:, None], other=0.0)
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
         Sc = S.to(w_tile.dtype)
         u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
-        tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
+        if OUT:
+            q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
+            qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
+            out = tl.dot(q_tile, Sc.to(q_tile.dtype), input_precision=PREC)
+            if GATED:
+                gc = _stored_running_sums(sums, tok, r, rmask, H)
+                qk *= _decay_matrix_of(_token_values(g, tok, r, rmask, H), gc, r, PREC)
+                out *= tl.exp(gc)[:, None]
+            out += tl.dot(qk.to(w_tile.dtype), u_tile.to(w_tile.dtype), input_precision=PREC)
+            tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)
+        else:
+            tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
         if GATED:  # K^T diag(exp(G_C - G)) u with the decay on u's [64, BV] rows, not on the [64, K] key tile
             _gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
             u_tile *= tl.exp(to_end)[:, None]
@@ -93,22 +108,26 @@ def _out_kernel(q, k, g, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
     tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)
 
 
-def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, sums=None):
+def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, sums=None, q=None, g=None, scale=1.0):
     """Launch the state pass: every chunk's entering state h ([chunks, H, K, V]; float32 for float32 inputs, else the
-    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None). Gated when
-    the WY pass's sums of the log decays ([TT, H, 2] float32) are given."""
+    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None); returns
+    (h, u, ht, None). Gated when the WY pass's sums of the log decays ([TT, H, 2] float32, and g) are given. Given q,
+    it forms the output in the same pass instead and returns (None, None, ht, o)."""
     H, K = k.shape[1:]
     V = u0.shape[-1]
     N = cu.numel() - 1
-    h = k.new_empty(chunks.total, H, K, V, dtype=torch.float32 if k.dtype == torch.float32 else k.dtype)
-    u = torch.empty_like(u0)
+    out = q is not None
+    h = None if out else k.new_empty(chunks.total, H, K, V, dtype=torch.float32 if k.dtype == torch.float32
+                                      else k.dtype)
+    u = None if out else torch.empty_like(u0)
+    o = torch.empty_like(u0) if out else None
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
     cfg = launch("state_fwd", K, V, k.element_size(), N * H)
-    _state_fwd_kernel[(N * triton.cdiv(V, cfg.bv), H)](k, sums, w, u0, h, u, h0, ht, cu, chunks.first, H, K=K,
-                                                      V=V, BV=cfg.bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
-                                                      GATED=sums is not None, PREC=prec,
+    _state_fwd_kernel[(N * triton.cdiv(V, cfg.bv), H)](k, sums, w, u0, h, u, h0, ht, q, g, o, cu, chunks.first, scale,
+                                                      H, K=K, V=V, BV=cfg.bv, HAS_H0=h0 is not None,
+                                                      STORE_HT=store_ht, GATED=sums is not None, OUT=out, PREC=prec,
                                                       num_warps=cfg.warps, num_stages=cfg.stages)
-    return h, u, ht
+    return h, u, ht, o
 
 
 def output(*, q, k, u, h, chunks, cu, scale: float, prec: str, g=None):
