@@ -75,6 +75,17 @@ def test_chunk_matches_float64(mode, save_t, monkeypatch):
     _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=1), mode, tol=1e-5)
 
 
+@pytest.mark.parametrize("in_state_pass", [True, False])
+def test_output_in_or_after_the_state_pass(in_state_pass, monkeypatch):
+    """The forward forms its output inside the state pass (the default at K <= 64) or in the output pass after it
+    (the default at K = 128); either way, at one K and with packed sequences, it matches float64."""
+    from efla.ops.triton import op
+
+    monkeypatch.setattr(op, "output_in_state_pass", lambda K: in_state_pass)
+    cu = torch.tensor([0, 5, 70, 70, 133], device=DEVICE)
+    _check(torch.float32, _inputs(1, 133, 2, 32, 16, "efla", 4, seed=15), "efla", tol=1e-5, cu_seqlens=cu)
+
+
 def test_wide_keys_float32_matches_float64():
     """float32 K = 256 takes the gradient kernel's other way to dX_K K^T (per V block, within shared memory)."""
     _check(torch.float32, _inputs(1, 70, 1, 256, 16, "efla", 1, seed=14), "efla", tol=1e-5)

@@ -144,6 +144,18 @@ def test_gated_varlen_matches_float64(mode):
     _check(torch.float32, _inputs(1, 133, 2, 16, 32, mode, 4, seed=23, decay=0.5), mode, tol=1e-5, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("in_state_pass", [True, False])
+def test_gated_output_in_or_after_the_state_pass(in_state_pass, monkeypatch):
+    """The forward forms its output inside the state pass (the default at K <= 64) or in the output pass after it
+    (the default at K = 128); either way, at one K, packed sequences and strong decay, it matches float64."""
+    from efla.ops.triton import op
+
+    monkeypatch.setattr(op, "output_in_state_pass", lambda K: in_state_pass)
+    cu = torch.tensor([0, 5, 70, 70, 133], device=DEVICE)
+    _check(torch.float32, _inputs(1, 133, 2, 32, 16, "efla", 4, seed=29, decay=STRONG), "efla", tol=1e-5,
+           cu_seqlens=cu)
+
+
 @pytest.mark.parametrize(("mode", "T", "decay"), [("efla", 1, STRONG), ("efla", 9, WEAK), ("delta", 9, STRONG)])
 def test_gated_fused_recurrent_matches_float64(mode, T, decay):
     """Inference on short sequences takes the fused recurrent kernel (no grad): the decode step, states in and out."""

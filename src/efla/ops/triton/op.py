@@ -19,8 +19,8 @@ import torch
 
 from efla.ops.triton.chunk_bwd import grad_qk, grad_wy, state_bwd
 from efla.ops.triton.chunk_fwd import output, state_fwd
-from efla.ops.triton.launch import output_in_state_pass
 from efla.ops.triton.fused_recurrent import fused_recurrent
+from efla.ops.triton.launch import output_in_state_pass
 from efla.ops.triton.plan import Chunks, dense_plan, packed_plan
 from efla.ops.triton.wy import CHUNK, wy_fwd
 
