@@ -48,7 +48,7 @@ def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, st
     fn = KERNELS[kernel]
     forward = kernel == "wy_fwd"
     constants = {"K": dim, "V": dim, "BK": 64, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": not forward,
-                 "STORE_T": forward, "PREC": "tf32", "OUT": launch.output_in_state_pass(dim),
+                 "STORE_T": forward, "PREC": "tf32", "OUT": dim <= 64,
                  **dict.fromkeys(_FLAGS_OFF, False)}
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}

@@ -76,3 +76,14 @@ def test_gated_reverse_pass_fills_the_gpu_from_its_tuned_block(monkeypatch):
     assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=64, gated=True) == launch.Launch(32, 4, 2)
     assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=33, gated=True) == launch.Launch(32, 4, 2)
     assert launch.launch("state_bwd", 128, 128, 2, sequences_x_heads=32, gated=True) == launch.Launch(32, 4, 3)
+
+
+def test_output_joins_the_state_pass_only_at_small_keys_on_a_full_gpu(monkeypatch):
+    """K <= 64 with the state pass's programs covering the 132 multiprocessors: the output is formed in the state
+    pass; with fewer programs (long context at small batch) or at K = 128 the output pass runs after it."""
+    monkeypatch.setattr(launch, "_multiprocessors", lambda: 132)
+    assert launch.output_in_state_pass(64, 64, 2, sequences_x_heads=8 * 32)
+    assert launch.output_in_state_pass(32, 32, 4, sequences_x_heads=132)
+    assert not launch.output_in_state_pass(64, 64, 2, sequences_x_heads=16)
+    assert not launch.output_in_state_pass(64, 64, 2, sequences_x_heads=131)
+    assert not launch.output_in_state_pass(128, 128, 2, sequences_x_heads=8 * 16)

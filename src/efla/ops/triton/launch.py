@@ -69,11 +69,14 @@ def _default(kernel: str, K: int, V: int, dtype_bytes: int, gated: bool = False)
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 
-def output_in_state_pass(K: int) -> bool:
+def output_in_state_pass(K: int, V: int, dtype_bytes: int, sequences_x_heads: int) -> bool:
     """Whether the forward forms its output inside the state pass (no h or u stored, no output pass): at K <= 64,
-    where the output pass costs as much as the state pass. On an H200, gated bf16 8 x 4096 x 32 x 64
-    (2026-12-03): forward 1.004 -> 0.867 ms. At K = 128 the longer sequential chain lost: 0.904 -> 0.994 ms."""
-    return K <= 64
+    where the output pass costs as much as the state pass, when the state pass's programs cover the
+    multiprocessors. On an H200, gated bf16 (2026-12-03): 8 x 4096 x 32 x 64 (256 programs) forward 1.006 ->
+    0.868 ms; at 1 x 32768 x 16 x 64 (64 programs) the longer sequential chain lost, 0.877 -> 1.535 ms, and at
+    K = 128 too, 0.902 -> 0.994 ms at 8 x 4096 x 16 heads."""
+    bv = min(launch("state_fwd", K, V, dtype_bytes).bv, V)
+    return K <= 64 and sequences_x_heads * -(-V // bv) >= _multiprocessors()
 
 
 def launch(kernel: str, K: int, V: int, dtype_bytes: int, sequences_x_heads: int | None = None,

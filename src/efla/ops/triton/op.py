@@ -53,7 +53,7 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
                                 store_t=store_t)
         common = {"k": k, "w": w, "u0": u0, "h0": h0, "sums": sums, "chunks": chunks, "cu": cu,
                   "store_ht": output_final_state, "prec": prec}
-        if output_in_state_pass(k.shape[-1]):
+        if output_in_state_pass(k.shape[-1], v.shape[-1], k.element_size(), (cu.numel() - 1) * k.shape[1]):
             _h, _u, ht, o = state_fwd(q=q, g=g, scale=scale, **common)
         else:
             h, u, ht, _o = state_fwd(**common)
