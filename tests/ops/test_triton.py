@@ -239,3 +239,17 @@ def test_gpu_ieee_float32(monkeypatch):
 
     monkeypatch.setattr(kernels, "FP32_DOT_PRECISION", "ieee")
     _check(torch.float32, _inputs(2, 300, 2, 32, 32, "efla", 2, seed=12), "efla", tol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_gpu_output_in_the_state_pass(monkeypatch):
+    """The state pass that forms the output (a full GPU's default at K <= 64, forced here at a test's few programs),
+    bfloat16 and float32, packed sequences, against float64."""
+    from efla.ops.triton import op
+
+    monkeypatch.setattr(op, "output_in_state_pass", lambda *_: True)
+    cu = torch.tensor([0, 1, 64, 1000, 1001, 3000], device=DEVICE)
+    inputs = _inputs(1, 3000, 4, 64, 64, "efla", 5, seed=16)
+    _check(torch.bfloat16, inputs, "efla", tol=2e-2, cu_seqlens=cu)
+    _check(torch.float32, inputs, "efla", tol=1e-5, cu_seqlens=cu)

@@ -292,3 +292,17 @@ def test_gpu_gated_head_dims(K, V):
     inputs = _inputs(2, 1000, 3, K, V, "efla", 2, seed=34, decay=0.5)
     _check(torch.bfloat16, inputs, "efla", tol=2e-2)
     _check(torch.float32, inputs, "efla", tol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_gpu_gated_output_in_the_state_pass(monkeypatch):
+    """The state pass that forms the output (a full GPU's default at K <= 64, forced here at a test's few programs),
+    bfloat16 and float32, packed sequences, against float64."""
+    from efla.ops.triton import op
+
+    monkeypatch.setattr(op, "output_in_state_pass", lambda *_: True)
+    cu = torch.tensor([0, 1, 64, 1000, 1001, 3000], device=DEVICE)
+    inputs = _inputs(1, 3000, 4, 64, 64, "efla", 5, seed=37, decay=0.5)
+    _check(torch.bfloat16, inputs, "efla", tol=2e-2, cu_seqlens=cu)
+    _check(torch.float32, inputs, "efla", tol=1e-5, cu_seqlens=cu)
