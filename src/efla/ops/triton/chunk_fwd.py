@@ -5,7 +5,9 @@ With W, U0 from ``_wy_fwd_kernel`` and S the state entering a chunk (derivation 
     u = U0 - W S,    S' = S + K^T u,    O = scale (Q S + tril(Q K^T) u)
 
 The state pass keeps S [K, BV] in registers for one (sequence, head, V-block), stores every chunk's entering state h
-and its u, and the final state. The output pass reads them back, one program per (chunk, head, V-block).
+and its u, and the final state. The output pass reads them back, one program per (chunk, head, V-block). At K <= 64
+on a full GPU (``launch.output_in_state_pass``) the state pass forms O itself from the S and u at hand and stores
+neither: there the output pass cost as much as the state pass, and the state pass's extra products are cheap.
 
 Gated (GATED, G the chunk's cumulative log decay, D[t, i] = exp(G_t - G_i) for t >= i, G_C its value at the end;
 the state pass reads G_C - G and G_C as the WY pass stored them):

@@ -3,7 +3,8 @@
 
 Each op is a chain of named stages, each launched by the function beside its kernel:
 
-    forward   wy_fwd (W, U0, T; gated: the chunk sums of g) -> state_fwd (h, u, final state) -> output (o)
+    forward   wy_fwd (W, U0, T; gated: the chunk sums of g) -> state_fwd (h, u, final state) -> output (o); at
+              K <= 64 on a full GPU, state_fwd forms o itself (final state, o)
     backward  wy_fwd (loading T) -> state_fwd -> state_bwd (dh, du, dh0) -> grad_qk (dq, dk and dg parts) -> grad_wy
               (dk, dv, dbeta, dg)
     decode    fused_recurrent (o, final state)
