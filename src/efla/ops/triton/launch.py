@@ -75,8 +75,10 @@ def output_in_state_pass(K: int, V: int, dtype_bytes: int, sequences_x_heads: in
     multiprocessors. On an H200, gated bf16 (2026-12-03): 8 x 4096 x 32 x 64 (256 programs) forward 1.006 ->
     0.868 ms; at 1 x 32768 x 16 x 64 (64 programs) the longer sequential chain lost, 0.877 -> 1.535 ms, and at
     K = 128 too, 0.902 -> 0.994 ms at 8 x 4096 x 16 heads."""
+    if K > 64:  # first: this runs on every forward call's host path
+        return False
     bv = min(launch("state_fwd", K, V, dtype_bytes).bv, V)
-    return K <= 64 and sequences_x_heads * -(-V // bv) >= _multiprocessors()
+    return sequences_x_heads * -(-V // bv) >= _multiprocessors()
 
 
 def launch(kernel: str, K: int, V: int, dtype_bytes: int, sequences_x_heads: int | None = None,
