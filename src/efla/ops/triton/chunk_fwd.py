@@ -35,7 +35,7 @@ from efla.ops.triton.tiles import (
     _v_block,
     _v_cols,
 )
-from efla.ops.triton.wy import _chunk_decay, _decay_matrix, _decay_matrix_of, _stored_decay, _stored_running_sums
+from efla.ops.triton.wy import _chunk_decay, _decay_matrix, _decay_matrix_of, _stored_decay
 
 
 @triton.jit
@@ -61,12 +61,13 @@ def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, q, g, o, cu_seqlens, chunk_f
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
         Sc = S.to(w_tile.dtype)
         u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
+        if GATED:  # read once per chunk, for the output (with OUT) and the state's update
+            gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
         if OUT:
             q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
             qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
             out = tl.dot(q_tile, Sc.to(q_tile.dtype), input_precision=PREC)
             if GATED:
-                gc = _stored_running_sums(sums, tok, r, rmask, H)
                 qk *= _decay_matrix_of(_token_values(g, tok, r, rmask, H), gc, r, PREC)
                 out *= tl.exp(gc)[:, None]
             out += tl.dot(qk.to(w_tile.dtype), u_tile.to(w_tile.dtype), input_precision=PREC)
@@ -74,7 +75,6 @@ def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, q, g, o, cu_seqlens, chunk_f
         else:
             tl.store(u + tok * V + vv, u_tile.to(u.dtype.element_ty), mask=m)
         if GATED:  # K^T diag(exp(G_C - G)) u with the decay on u's [64, BV] rows, not on the [64, K] key tile
-            _gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
             u_tile *= tl.exp(to_end)[:, None]
             S *= tl.exp(g_end)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)

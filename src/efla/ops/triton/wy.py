@@ -155,13 +155,6 @@ def _decay_matrix_of(gv, gc, r, PREC: tl.constexpr, TRANSPOSE: tl.constexpr = Fa
 
 
 @triton.jit
-def _stored_running_sums(sums, tok, r, rmask, H):
-    """G_t = g_0 + ... + g_t of the chunk's rows as the WY pass stored them (``sums`` [TT, H, 2] float32; 0 on
-    padding rows)."""
-    return tl.load(sums + (tok + r * H) * 2, mask=rmask, other=0.0)
-
-
-@triton.jit
 def _stored_decay(sums, tok, r, rmask, rows, H):
     """The chunk's sums of log decays as the WY pass stored them (``_wy_fwd_kernel``, [TT, H, 2] float32):
     (G_t = g_0 + ... + g_t, G_C - G_t = the sum over the tokens after t, G_C) for its ``rows`` tokens. The
