@@ -110,26 +110,40 @@ def _out_kernel(q, k, g, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
     tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)
 
 
-def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, sums=None, q=None, g=None, scale=1.0):
-    """Launch the state pass: every chunk's entering state h ([chunks, H, K, V]; float32 for float32 inputs, else the
-    input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else None); returns
-    (h, u, ht, None). Gated when the WY pass's sums of the log decays ([TT, H, 2] float32, and g) are given. Given q,
-    it forms the output in the same pass instead and returns (None, None, ht, o)."""
+def state_fwd(*, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, sums=None):
+    """Launch the state pass: (h, u, ht), every chunk's entering state h ([chunks, H, K, V]; float32 for float32
+    inputs, else the input dtype), u = U0 - W S, and the final states [N, H, K, V] float32 if ``store_ht`` (else
+    None). Gated when the WY pass's sums of the log decays ([TT, H, 2] float32) are given."""
+    H, K = k.shape[1:]
+    h = k.new_empty(chunks.total, H, K, u0.shape[-1], dtype=torch.float32 if k.dtype == torch.float32 else k.dtype)
+    u = torch.empty_like(u0)
+    ht = _launch_state_fwd(k, w, u0, h0, chunks, cu, store_ht, prec, sums, h=h, u=u)
+    return h, u, ht
+
+
+def state_fwd_with_output(*, q, k, w, u0, h0, chunks, cu, store_ht: bool, prec: str, scale: float, sums=None,
+                          g=None):
+    """Launch the state pass that forms the output as it goes (``launch.output_in_state_pass``): (o, ht), o [TT, H, V]
+    in the input dtype, with neither h nor u stored. Gated when sums and g ([TT, H] float32) are given."""
+    o = torch.empty_like(u0)
+    ht = _launch_state_fwd(k, w, u0, h0, chunks, cu, store_ht, prec, sums, q=q, g=g, o=o, scale=scale)
+    return o, ht
+
+
+def _launch_state_fwd(k, w, u0, h0, chunks, cu, store_ht, prec, sums, h=None, u=None, q=None, g=None, o=None,
+                      scale=1.0):
+    """One launch of ``_state_fwd_kernel`` writing h and u, or (given q) o; returns the final states or None."""
     H, K = k.shape[1:]
     V = u0.shape[-1]
     N = cu.numel() - 1
-    out = q is not None
-    h = None if out else k.new_empty(chunks.total, H, K, V, dtype=torch.float32 if k.dtype == torch.float32
-                                      else k.dtype)
-    u = None if out else torch.empty_like(u0)
-    o = torch.empty_like(u0) if out else None
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_ht else None
     cfg = launch("state_fwd", K, V, k.element_size(), N * H)
     _state_fwd_kernel[(N * triton.cdiv(V, cfg.bv), H)](k, sums, w, u0, h, u, h0, ht, q, g, o, cu, chunks.first, scale,
                                                       H, K=K, V=V, BV=cfg.bv, HAS_H0=h0 is not None,
-                                                      STORE_HT=store_ht, GATED=sums is not None, OUT=out, PREC=prec,
+                                                      STORE_HT=store_ht, GATED=sums is not None,
+                                                      OUT=q is not None, PREC=prec,
                                                       num_warps=cfg.warps, num_stages=cfg.stages)
-    return h, u, ht, o
+    return ht
 
 
 def output(*, q, k, u, h, chunks, cu, scale: float, prec: str, g=None):

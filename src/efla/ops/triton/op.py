@@ -4,7 +4,7 @@
 Each op is a chain of named stages, each launched by the function beside its kernel:
 
     forward   wy_fwd (W, U0, T; gated: the chunk sums of g) -> state_fwd (h, u, final state) -> output (o); at
-              K <= 64 on a full GPU, state_fwd forms o itself (final state, o)
+              K <= 64 on a full GPU, state_fwd_with_output (o, final state) in place of the last two
     backward  wy_fwd (loading T) -> state_fwd -> state_bwd (dh, du, dh0) -> grad_qk (dq, dk and dg parts) -> grad_wy
               (dk, dv, dbeta, dg)
     decode    fused_recurrent (o, final state)
@@ -19,7 +19,7 @@ the kernels form alpha and the write step from beta, ||k||^2 and g); without g t
 import torch
 
 from efla.ops.triton.chunk_bwd import grad_qk, grad_wy, state_bwd
-from efla.ops.triton.chunk_fwd import output, state_fwd
+from efla.ops.triton.chunk_fwd import output, state_fwd, state_fwd_with_output
 from efla.ops.triton.fused_recurrent import fused_recurrent
 from efla.ops.triton.launch import output_in_state_pass
 from efla.ops.triton.plan import Chunks, dense_plan, packed_plan
@@ -55,9 +55,9 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
         common = {"k": k, "w": w, "u0": u0, "h0": h0, "sums": sums, "chunks": chunks, "cu": cu,
                   "store_ht": output_final_state, "prec": prec}
         if output_in_state_pass(k.shape[-1], v.shape[-1], k.element_size(), (cu.numel() - 1) * k.shape[1]):
-            _h, _u, ht, o = state_fwd(q=q, g=g, scale=scale, **common)
+            o, ht = state_fwd_with_output(q=q, g=g, scale=scale, **common)
         else:
-            h, u, ht, _o = state_fwd(**common)
+            h, u, ht = state_fwd(**common)
             o = output(q=q, k=k, u=u, h=h, g=g, chunks=chunks, cu=cu, scale=scale, prec=prec)
     return o, _or_empty(ht, q), _or_empty(t, k)
 
@@ -85,7 +85,7 @@ def _chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: tor
         chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
         common = {"chunks": chunks, "cu": cu, "prec": prec}
         w, u0, t, sums = wy_fwd(k=k, v=v, beta=beta, efla=efla, t=t, g=g, **common)
-        h, u, _, _ = state_fwd(k=k, w=w, u0=u0, h0=h0, store_ht=False, sums=sums, **common)
+        h, u, _ = state_fwd(k=k, w=w, u0=u0, h0=h0, store_ht=False, sums=sums, **common)
         dh, du, dh0 = state_bwd(q=q, k=k, w=w, do=do, dht=dht, h=h, has_h0=h0 is not None, scale=scale, g=g,
                                 sums=sums, **common)
         dq, dk_part, dg_part = grad_qk(q=q, k=k, u=u, do=do, h=h, dh=dh, scale=scale, g=g, **common)
