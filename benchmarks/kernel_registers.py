@@ -41,6 +41,7 @@ MODAL = ("wy_fwd", "grad_wy")  # the kernels that compute EFLA's step size; the 
 _INPUT_DTYPE = {"q", "k", "v", "w", "u0", "u", "t", "h", "o", "do", "du", "dh", "t_in", "dq", "dk_part", "dk", "dv"}
 _INT_POINTERS = {"chunk_seq", "chunk_t0", "cu_seqlens", "chunk_first"}
 _FLAGS_OFF = ("HAS_H0", "STORE_HT", "HAS_DHT", "STORE_DH0", "KS_IN_LOOP")
+_FULL_GPU = 1 << 20  # (sequence, head) pairs: the state pass as a training batch launches it, programs to spare
 
 
 def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, stages: int, dim: int = 128) -> str:
@@ -48,7 +49,8 @@ def resource_usage(kernel: str, efla: bool, gated: bool, bv: int, warps: int, st
     fn = KERNELS[kernel]
     forward = kernel == "wy_fwd"
     constants = {"K": dim, "V": dim, "BK": 64, "BV": bv, "EFLA": efla, "GATED": gated, "LOAD_T": not forward,
-                 "STORE_T": forward, "PREC": "tf32", "OUT": dim <= 64,
+                 "STORE_T": forward, "PREC": "tf32",
+                 "OUT": launch.output_in_state_pass(dim, dim, 2, sequences_x_heads=_FULL_GPU),
                  **dict.fromkeys(_FLAGS_OFF, False)}
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = {}
