@@ -173,9 +173,9 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, write, lam, Td, gv = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T,
-                                                    PREC)
-    erase = _erase_scale(alpha, gv, GATED)
+    k_tile, b, alpha, write, lam, Td, gv, gc = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED,
+                                                        LOAD_T, PREC)
+    erase = _erase_scale(alpha, gc, GATED)
     da_db, da_dlam, de_db, de_dlam, de_dg = _step_size_slopes(b, lam, gv, alpha, EFLA, GATED)
     Tt = tl.trans(Td)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
@@ -216,7 +216,7 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
     d_erase = tl.sum(dxk * kf, axis=1)
     dk_acc = erase[:, None] * dxk
     if GATED:
-        da += d_erase * tl.exp(tl.cumsum(gv, 0))
+        da += d_erase * tl.exp(gc)
         dgc = d_erase * erase
         dL = -tl.dot(M.to(dt), Tt, input_precision=PREC)
     else:
@@ -226,7 +226,7 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
     gram = _gram(k_tile, PREC)  # G again: cheaper than keeping it live through the V loop
     dG = alpha[:, None] * dL
     if GATED:
-        decay = _decay_matrix(gv, r, PREC)
+        decay = _decay_matrix_of(gv, gc, r, PREC)
         gram *= decay
         dG *= decay
     da += tl.sum(dL * gram, axis=1)

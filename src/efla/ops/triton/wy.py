@@ -110,9 +110,22 @@ def _chunk_decay(g, tok, r, rmask, H):
     a difference of running sums, which loses float32 accuracy once the chunk's total decay is large. The sums to the
     end are a reverse scan of the decays read one row on (g_{t+1}), not a 64 x 64 masked reduction."""
     gv = _token_values(g, tok, r, rmask, H)
-    next_row = (r + 1) < tl.sum(rmask.to(tl.int32), 0)
-    g_next = tl.load(g + tok + (r + 1) * H, mask=next_row, other=0.0).to(tl.float32)
-    return gv, tl.cumsum(gv, 0), tl.cumsum(g_next, 0, reverse=True), tl.sum(gv, 0)
+    gc = tl.cumsum(gv, 0)
+    return gv, gc, _remaining_sums(gv, gc, g, tok, r, rmask, H, "ieee"), tl.sum(gv, 0)
+
+
+@triton.jit
+def _remaining_sums(gv, gc, g, tok, r, rmask, H, PREC: tl.constexpr):
+    """G_C - G_t, the sum of the log decays after each token t to the chunk's end, from the chunk's decays gv and
+    their running sums gc. At float32 accuracy a reverse scan of g read one row on (``_chunk_decay``); at "tf32" the
+    difference of the total and gc, whose loss (about 1e-7 of |G| in the exponent) is far below 16-bit inputs'
+    rounding (``_log_decay``): no second read of g and no second scan."""
+    if PREC == "tf32":
+        return tl.sum(gv, 0) - gc
+    else:
+        next_row = (r + 1) < tl.sum(rmask.to(tl.int32), 0)
+        g_next = tl.load(g + tok + (r + 1) * H, mask=next_row, other=0.0).to(tl.float32)
+        return tl.cumsum(g_next, 0, reverse=True)
 
 
 @triton.jit
@@ -239,9 +252,9 @@ def _key_norms(k_tile, rmask, r, PREC: tl.constexpr):
 def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.constexpr, GATED: tl.constexpr,
              LOAD_T: tl.constexpr, PREC: tl.constexpr):
     """Load the chunk's [64, K] key tile and beta [64] (padding rows zero) and return them (beta in float32) with
-    alpha, eta (the write step; alpha itself if not GATED), lambda = ||k||^2, T (input dtype) and the log decays g
-    [64] (if GATED, else zeros): T is read from t if LOAD_T (stored by the training forward), else inverted from
-    A = tril(diag(alpha) K K^T (* D if GATED), -1) as T = (I + A)^-1."""
+    alpha, eta (the write step; alpha itself if not GATED), lambda = ||k||^2, T (input dtype), the log decays g [64]
+    and their running sums G (if GATED, else zeros; g is read once, here): T is read from t if LOAD_T (stored by the
+    training forward), else inverted from A = tril(diag(alpha) K K^T (* D if GATED), -1) as T = (I + A)^-1."""
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     b = _token_values(beta, tok, r, rmask, H)
     if LOAD_T:
@@ -251,9 +264,11 @@ def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.cons
         lam = _diagonal(gram, r)
     if GATED:
         gv = _token_values(g, tok, r, rmask, H)
+        gc = tl.cumsum(gv, 0)
         alpha, eta = _gated_step_sizes(b, lam, gv, EFLA)
     else:
         gv = tl.zeros([64], dtype=tl.float32)
+        gc = gv
         alpha = _step_size(b, lam, EFLA)
         eta = alpha
     if LOAD_T:
@@ -261,18 +276,18 @@ def _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K: tl.constexpr, EFLA: tl.cons
     else:
         A = alpha[:, None] * gram
         if GATED:
-            A = A * _decay_matrix(gv, r, PREC)
+            A = A * _decay_matrix_of(gv, gc, r, PREC)
         A = tl.where(r[:, None] > r[None, :], A, 0.0)
         Td = _unit_lower_inverse(A, PREC).to(k_tile.dtype)
-    return k_tile, b, alpha, eta, lam, Td, gv
+    return k_tile, b, alpha, eta, lam, Td, gv, gc
 
 
 @triton.jit
-def _erase_scale(alpha, gv, GATED: tl.constexpr):
-    """The row scale of K in the WY system: alpha, or alpha exp(G) if GATED (G_t = g_0 + ... + g_t from the log
-    decays gv); V's is the write step eta."""
+def _erase_scale(alpha, gc, GATED: tl.constexpr):
+    """The row scale of K in the WY system: alpha, or alpha exp(G) if GATED (gc: the running sums of the log decays,
+    G_t = g_0 + ... + g_t); V's is the write step eta."""
     if GATED:
-        return alpha * tl.exp(tl.cumsum(gv, 0))
+        return alpha * tl.exp(gc)
     else:
         return alpha
 
@@ -284,18 +299,17 @@ def _wy_fwd_kernel(k, v, beta, g, w, u0, t, sums, chunk_seq, chunk_t0, cu_seqlen
     """One program per (chunk, head): W = T diag(alpha) K and U0 = T diag(alpha) V in the input dtype (gated:
     T diag(alpha exp(G)) K and T diag(eta) V). T ([TT, H, 64] rows, input dtype) is computed and, if STORE_T, stored
     for the backward; with LOAD_T it is read from t instead (the backward's recomputation, after a forward that
-    stored it). Gated, it also stores each token's G_t and G_C - G_t in sums ([TT, H, 2] float32, direct sums, as
-    ``_chunk_decay``) for the state passes."""
+    stored it). Gated, it also stores each token's G_t and G_C - G_t in sums ([TT, H, 2] float32; G_C - G_t a direct
+    sum at float32 accuracy, ``_remaining_sums``) for the state passes."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
     kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, _b, alpha, write, _lam, Td, gv = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED, LOAD_T,
-                                                      PREC)
-    erase = _erase_scale(alpha, gv, GATED)
+    k_tile, _b, alpha, write, _lam, Td, gv, gc = _chunk_t(k, beta, g, t, tok, kk, r, rmask, H, K, EFLA, GATED,
+                                                          LOAD_T, PREC)
+    erase = _erase_scale(alpha, gc, GATED)
     if GATED:
-        _gv, gc, to_end, _g_end = _chunk_decay(g, tok, r, rmask, H)
         tl.store(sums + (tok + r * H) * 2, gc, mask=rmask)
-        tl.store(sums + (tok + r * H) * 2 + 1, to_end, mask=rmask)
+        tl.store(sums + (tok + r * H) * 2 + 1, _remaining_sums(gv, gc, g, tok, r, rmask, H, PREC), mask=rmask)
     if STORE_T:
         tl.store(t + tok * 64 + _tile_offsets(r, H, 64, r), Td, mask=rmask[:, None])
     dt = k_tile.dtype  # operand dtype of the products below: the input's (16-bit inputs run at bf16/fp16 rate)
