@@ -71,9 +71,12 @@ def _v_block(i_v, r, rmask, H, V: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _state_ptrs(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, ov):
-    """Pointers to the [K, BV] block (columns ov) of state (idx, i_h); idx is int64."""
-    return ptr + (idx * H + i_h) * K * V + (tl.arange(0, K)[:, None] * V + ov[None, :])
+def _state_ptrs(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, ov, rows=None):
+    """Pointers to the [K, BV] block (columns ov) of state (idx, i_h), or to its rows ``rows`` (a block of K) if
+    given; idx is int64."""
+    if rows is None:
+        rows = tl.arange(0, K)
+    return ptr + (idx * H + i_h) * K * V + (rows[:, None] * V + ov[None, :])
 
 
 @triton.jit
@@ -85,7 +88,7 @@ def _load_state(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, ov, vmask):
 @triton.jit
 def _load_state_rows(ptr, idx, i_h, H, K: tl.constexpr, V: tl.constexpr, rows, ov, vmask):
     """Rows ``rows`` (a block of K) and columns ov of state (idx, i_h), in the state's dtype."""
-    return tl.load(ptr + (idx * H + i_h) * K * V + (rows[:, None] * V + ov[None, :]), mask=vmask[None, :], other=0.0)
+    return tl.load(_state_ptrs(ptr, idx, i_h, H, K, V, ov, rows), mask=vmask[None, :], other=0.0)
 
 
 @triton.jit
