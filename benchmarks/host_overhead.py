@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from efla import efla_attention
-from efla.ops.elementwise import l2_normalize, rms_norm, swiglu
-from efla.ops.triton.short_conv import short_conv_silu, short_conv_silu_split
+from efla.modules.elementwise import l2_normalize, rms_norm, swiglu
+from efla.modules.triton.short_conv import short_conv_silu, short_conv_silu_split
 
 
 @triton.jit

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from efla import efla_attention
 from efla.cli import INTERRUPTED
-from efla.ops.triton import chunk_bwd, chunk_fwd, fused_recurrent, short_conv, wy
+from efla.modules.triton import short_conv
+from efla.ops.triton import chunk_bwd, chunk_fwd, fused_recurrent, wy
 
 
 class _NoLaunch:

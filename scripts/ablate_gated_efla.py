@@ -25,7 +25,7 @@ from pathlib import Path
 import efla.ops.interface as interface
 from efla.cli import main as efla
 from efla.layers import attention
-from efla.ops.elementwise import l2_normalize
+from efla.modules.elementwise import l2_normalize
 
 ABLATIONS = ("eta-is-alpha", "unit-keys")
 

@@ -12,7 +12,7 @@ from efla import efla_attention
 from efla.layers import EFLAttention
 from efla.layers import decode as decode_module
 from efla.layers.decode import _stacked_weights, decode_in_place
-from efla.ops.triton.decode_step import conv_step_in_place, conv_step_op, recurrent_step, recurrent_step_op
+from efla.modules.triton.decode_step import conv_step_in_place, conv_step_op, recurrent_step, recurrent_step_op
 
 DEVICE = require_triton_kernels()
 

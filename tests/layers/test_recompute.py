@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from efla.layers.recompute import recompute
-from efla.ops.elementwise import rms_norm_reference
+from efla.modules.elementwise import rms_norm_reference
 
 
 def _saved(fn, *tensors):

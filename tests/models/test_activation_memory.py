@@ -38,10 +38,10 @@ def _saved_bytes(block: torch.nn.Module, tokens: int) -> int:
 @pytest.mark.parametrize("mode", ["efla", "delta"])
 def test_a_block_keeps_each_activation_once(mode, monkeypatch):
     import efla.layers.attention as attention
-    import efla.ops.elementwise as elementwise
+    import efla.modules.elementwise as elementwise
     from efla.models import preset_config
     from efla.models.modeling_efla import EFLABlock
-    from efla.ops.triton.short_conv import short_conv_silu_split
+    from efla.modules.triton.short_conv import short_conv_silu_split
 
     # the GPU's dispatch on CPU: the fused norm, SwiGLU and convolution kernels (float32 in the interpreter)
     monkeypatch.setattr(elementwise, "_fused", lambda x: x.dtype != torch.float64)

@@ -136,7 +136,7 @@ def test_cross_entropy_kernel_matches_float64(dtype, monkeypatch):
     """The kernel alone over rows wider than its lane block (5,000 logits, two blocks and a ragged tail), logits up
     to +-3,000 (exp overflows without the running max), ignored rows: loss and gradient against float64."""
     _use_path("triton", monkeypatch)
-    from efla.ops.triton.cross_entropy import cross_entropy_rows_
+    from efla.modules.triton.cross_entropy import cross_entropy_rows_
 
     rows, V = 6, 5000
     logits = (torch.randn(rows, V) * torch.tensor([1.0, 30.0, 3000.0, 1.0, 5.0, 0.1])[:, None]).to(dtype)
@@ -172,7 +172,7 @@ def test_strided_targets_are_read_as_given(path, monkeypatch):
 
 def test_cross_entropy_kernel_gives_nan_for_a_target_outside_the_vocabulary(monkeypatch):
     _use_path("triton", monkeypatch)
-    from efla.ops.triton.cross_entropy import cross_entropy_rows_
+    from efla.modules.triton.cross_entropy import cross_entropy_rows_
 
     logits = torch.randn(3, 10)
     loss = torch.empty(3)

@@ -39,9 +39,9 @@ from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
 from efla.layers.projection import has_hooks, is_plain_linear, project
 from efla.layers.recompute import recompute
+from efla.modules.elementwise import l2_normalize, rms_norm_linear
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
-from efla.ops.elementwise import l2_normalize, rms_norm_linear
 
 # the fused weights of state dicts saved before q, k and v were separated, and the names they split into (dim 0)
 FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d", "k_conv1d", "v_conv1d")}

@@ -46,7 +46,7 @@ def short_conv(
     (one per sequence: [N, C, W - 1] with cu_seqlens) or None for zeros; cu_seqlens: [N + 1] cumulative lengths of
     sequences packed along T (B = 1), each convolved on its own."""
     if initial_state is None and x.is_cuda and _TRITON:  # training and prefill: the fused token-major kernel
-        from efla.ops.triton.short_conv import short_conv_silu
+        from efla.modules.triton.short_conv import short_conv_silu
 
         return short_conv_silu(x, weight, cu_seqlens)
     if cu_seqlens is not None:
@@ -68,7 +68,7 @@ def short_conv_split(
     without a state (training, prefill) it is one fused custom op: one call and one launch each way, which is what
     bounds a training step's host at small batches, and x's gradient comes back as one tensor."""
     if initial_state is None and x.is_cuda and _TRITON and n <= 3:
-        from efla.ops.triton.short_conv import short_conv_silu_split
+        from efla.modules.triton.short_conv import short_conv_silu_split
 
         return short_conv_silu_split(x, weight, n, cu_seqlens)
     return list(short_conv(x, weight, initial_state, cu_seqlens).chunk(n, dim=-1))

@@ -5,7 +5,7 @@
     o = recurrent_step(q, k, v, beta, state)        the recurrent state advanced in place
     y = W_o norm(o)                                  (the layer's ``output``)
 
-On CUDA these are the Triton kernels of ``efla.ops.triton.decode_step``: a few kernels per layer instead of about
+On CUDA these are the Triton kernels of ``efla.modules.triton.decode_step``: a few kernels per layer instead of about
 forty, and no copies of new states into the cache. Elsewhere the same step runs the layer's own PyTorch operations
 (the same as its forward on one token), then writes the new states into the buffers.
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from efla.layers.conv import short_conv, short_conv_state
+from efla.modules.elementwise import l2_normalize
 from efla.ops import efla_attention
-from efla.ops.elementwise import l2_normalize
 
 if TYPE_CHECKING:
     from efla.layers.attention import EFLAttention
@@ -57,7 +57,7 @@ def decode_in_place(layer: EFLAttention, x: torch.Tensor, conv_state: torch.Tens
         g = log_decay(layer.a_proj(x1), layer.A_log, layer.dt_bias)
     if on_kernels(layer, x):
         q, k, v, beta = _fused_inputs(layer, x1, conv_state)
-        from efla.ops.triton.decode_step import recurrent_step
+        from efla.modules.triton.decode_step import recurrent_step
 
         scale, efla = layer.head_dim ** -0.5, layer.mode == "efla"
         o = recurrent_step(q, k, v, beta, recurrent_state, scale, efla, None if g is None else g.float())[:, None]
@@ -68,7 +68,7 @@ def decode_in_place(layer: EFLAttention, x: torch.Tensor, conv_state: torch.Tens
 
 def _fused_inputs(layer: EFLAttention, x1: torch.Tensor, conv_state: torch.Tensor):
     """q, k, v [B, H, D] and beta [B, H] float32 through one projection and the conv_step kernel."""
-    from efla.ops.triton.decode_step import conv_step_in_place
+    from efla.modules.triton.decode_step import conv_step_in_place
 
     proj_weight, conv_weight = _stacked_weights(layer)
     act, beta = conv_step_in_place(F.linear(x1, proj_weight), conv_weight, conv_state, layer.num_heads,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from efla.ops.elementwise import rms_norm
+from efla.modules.elementwise import rms_norm
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dim, computed in float32 (bf16 sums of squares lose too much); keeps only x
-    for the backward (``efla.ops.elementwise.rms_norm``)."""
+    for the backward (``efla.modules.elementwise.rms_norm``)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
-"""Input projections of one tensor through several linear layers at once (``efla.ops.linear.linear_many``), optionally
-after an RMSNorm (``efla.ops.elementwise.rms_norm_project``), with a fallback for layers that must run as themselves
-(LoRA adapters, quantised or hooked linears, a hooked norm)."""
+"""Input projections of one tensor through several linear layers at once (``efla.modules.linear.linear_many``),
+optionally after an RMSNorm (``efla.modules.elementwise.rms_norm_project``), with a fallback for layers that must run
+as themselves (LoRA adapters, quantised or hooked linears, a hooked norm)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from efla.layers.norm import RMSNorm
-from efla.ops.elementwise import rms_norm_project
-from efla.ops.linear import linear_many
+from efla.modules.elementwise import rms_norm_project
+from efla.modules.linear import linear_many
 
 
 def has_hooks(module: nn.Module) -> bool:

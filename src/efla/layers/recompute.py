@@ -5,7 +5,7 @@ inverse norm and the normalised product; SwiGLU keeps silu(gate) besides gate an
 padded input and its pre-activation. ``recompute(fn, *tensors)`` keeps only ``tensors`` (which, for the regions used
 here, are small or kept anyway) and runs ``fn`` again in the backward to get the rest, costing one extra element-wise
 pass and no matrix product. It is the "selective" activation checkpointing of ``EFLAConfig``; the norms and SwiGLU
-keep only their inputs in every mode (``efla.ops.elementwise``).
+keep only their inputs in every mode (``efla.modules.elementwise``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class EFLAConfig(PretrainedConfig):
         attn_backend, chunk_size: passed to ``efla_attention`` ("auto": Triton on CUDA, torch otherwise; chunk_size
             is the torch backend's, the Triton kernels always run 64-token chunks).
         activation_checkpointing: what training keeps for the backward. The RMSNorms, the gated output norm,
-            SwiGLU and the q/k L2 norm always keep only their inputs (``efla.ops.elementwise``). "none": every other
+            SwiGLU and the q/k L2 norm always keep only their inputs (``efla.modules.elementwise``). "none": every other
             intermediate autograd needs; "selective": the convolution + SiLU + q/k L2 normalisation and the beta
             sigmoid keep only their inputs and are recomputed in the backward; "full": each block keeps only its input
             and is recomputed whole. Same loss and gradients in all three.

@@ -8,7 +8,7 @@ activations. ``linear_cross_entropy`` goes over the tokens in chunks instead. Fo
 adds the chunk's loss, turns the logits in place into their gradient (softmax minus the one-hot target, zero for
 ignored targets) and multiplies that into the gradients of the hidden states and of W, all in the forward; the
 backward only scales them by the incoming gradient. On CUDA the loss and gradient of a chunk are one Triton kernel
-over the logits as the product left them (``efla/ops/triton/cross_entropy.py``: two reads and one write of 16-bit
+over the logits as the product left them (``efla/modules/triton/cross_entropy.py``: two reads and one write of 16-bit
 logits); elsewhere PyTorch forms them from a float32 copy. Peak extra memory: one chunk of logits (128 MiB as they are
 held) plus the two gradients, the size of h and (in float32) of W.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from efla.ops import elementwise
+from efla.modules import elementwise
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 2**27  # logits per chunk as they are held: 1,048 tokens of float32 (2,097 of bf16) at 32,000 words
@@ -91,7 +91,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, row_loss: 
     if not need_grad): softmax minus the one-hot target, zero where the target is ignored. ``fused``: through the
     Triton kernel, in place of the logits."""
     if fused:
-        from efla.ops.triton.cross_entropy import cross_entropy_rows_
+        from efla.modules.triton.cross_entropy import cross_entropy_rows_
 
         cross_entropy_rows_(logits, targets, row_loss, ignore_index=IGNORE_INDEX, write_grad=need_grad)
         return logits if need_grad else None

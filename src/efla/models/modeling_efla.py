@@ -29,7 +29,7 @@ from efla.layers.projection import has_hooks, is_plain_linear, project, project_
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
 from efla.models.loss import causal_lm_loss
-from efla.ops.elementwise import swiglu, swiglu_linear
+from efla.modules.elementwise import swiglu, swiglu_linear
 
 # transformers renamed the `past_key_values` argument and output field to `cache` (5.2x); speak whichever it uses
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"

@@ -12,7 +12,7 @@ matrix products); here the forward keeps only x and the backward recomputes pre:
 dw is summed per block of tokens into a [blocks, W, C] float32 buffer, then over blocks.
 
 A layer's q, k and v convolutions run as one op over their projections side by side, x [tokens, n C] (one matrix
-product made them, ``ops/linear.py``): the third grid axis picks the block of C channels, the outputs are n separate
+product made them, ``modules/linear.py``): the third grid axis picks the block of C channels, the outputs are n separate
 [tokens, C] tensors (the attention kernels read them contiguous), and x's gradient is one [tokens, n C] tensor, which
 the projection's backward takes as it is.
 """

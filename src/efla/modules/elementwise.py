@@ -6,8 +6,9 @@ anyway).
 Eager PyTorch keeps what each small op needs (x in float32, the normalised x, silu(a), ...): about 10 KB per token for
 a 1024-wide RMSNorm and 16 KB for a 2816-wide SwiGLU. These functions keep their inputs in the input dtype (and one
 float32 per row for RMSNorm and the L2 norm) and recompute the rest in the backward: on CUDA through fused Triton
-kernels (``ops/triton/rmsnorm.py``, ``ops/triton/swiglu.py``, ``ops/triton/l2norm.py``), elsewhere through the same
-formulas in PyTorch. Under torch.compile they are the plain formulas, which the compiler fuses and recomputes itself.
+kernels (``triton/rmsnorm.py``, ``triton/swiglu.py``, ``triton/l2norm.py`` beside this file), elsewhere through
+the same formulas in PyTorch. Under torch.compile they are the plain formulas, which the compiler fuses and recomputes
+itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from efla.ops.linear import linear_many, stack_weights
+from efla.modules.linear import linear_many, stack_weights
 
 _TRITON = importlib.util.find_spec("triton") is not None
 
@@ -76,7 +77,7 @@ def _rms_norm_rows(x2: torch.Tensor, weight: torch.Tensor, g2: torch.Tensor | No
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y in x2's dtype, rstd float32 per row) for rows x2 [rows, N] (and gate rows g2)."""
     if _fused(x2):
-        from efla.ops.triton.rmsnorm import rms_norm_fwd
+        from efla.modules.triton.rmsnorm import rms_norm_fwd
 
         return rms_norm_fwd(x2, weight.contiguous(), eps, g2)
     x32 = x2.float()
@@ -88,7 +89,7 @@ def _rms_norm_rows(x2: torch.Tensor, weight: torch.Tensor, g2: torch.Tensor | No
 def _rms_norm_rows_backward(x2, weight, g2, rstd, dy2):
     """(dx, dweight float32, dgate or None) of ``_rms_norm_rows`` for the output gradient rows dy2."""
     if _fused(x2):
-        from efla.ops.triton.rmsnorm import rms_norm_bwd
+        from efla.modules.triton.rmsnorm import rms_norm_bwd
 
         return rms_norm_bwd(x2, weight.contiguous(), g2, rstd, dy2.contiguous())
     return _rms_norm_backward(x2, weight, g2, rstd, dy2)
@@ -180,13 +181,13 @@ class _L2Normalize(torch.autograd.Function):
     """With r = (||y||^2 + eps)^(-1/2) and n = y r: dy_in = r (dn - n (n . dn)), from the output n and r alone. n is
     what the attention after the norm keeps too (one tensor, saved once), so the norm adds only r to a step's
     activations where saving its input would add a second [tokens, H, head_dim] copy. On CUDA (float64 aside) one
-    fused Triton pass each way (``ops/triton/l2norm.py``); elsewhere the same formulas in PyTorch."""
+    fused Triton pass each way (``modules/triton/l2norm.py``); elsewhere the same formulas in PyTorch."""
 
     @staticmethod
     def forward(ctx, y, eps):
         ctx.fused = _fused(y) and y.dtype != torch.float64
         if ctx.fused:
-            from efla.ops.triton.l2norm import l2_norm_fwd
+            from efla.modules.triton.l2norm import l2_norm_fwd
 
             n, r = l2_norm_fwd(_rows(y), eps)
             n = n.view(y.shape)
@@ -202,7 +203,7 @@ class _L2Normalize(torch.autograd.Function):
     def backward(ctx, dn):
         n, r = ctx.saved_tensors
         if ctx.fused:
-            from efla.ops.triton.l2norm import l2_norm_bwd
+            from efla.modules.triton.l2norm import l2_norm_bwd
 
             return l2_norm_bwd(_rows(n), r, _rows(dn)).view(dn.shape), None
         n32 = n.to(r.dtype)
@@ -211,7 +212,7 @@ class _L2Normalize(torch.autograd.Function):
 
 
 def _rms_norm_backward(x, weight, gate, rstd, dy):
-    """The backward formulas of ``ops/triton/rmsnorm.py`` in PyTorch (float32)."""
+    """The backward formulas of ``modules/triton/rmsnorm.py`` in PyTorch (float32)."""
     xh = x.float() * rstd[:, None]
     w = weight.float()
     dn = dy.float()
@@ -229,7 +230,7 @@ def _rms_norm_backward(x, weight, gate, rstd, dy):
 
 def _swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     if _fused(gate_up):
-        from efla.ops.triton.swiglu import swiglu_fwd
+        from efla.modules.triton.swiglu import swiglu_fwd
 
         return swiglu_fwd(gate_up)
     return swiglu_reference(gate_up)
@@ -237,7 +238,7 @@ def _swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_backward(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     if _fused(gate_up):
-        from efla.ops.triton.swiglu import swiglu_bwd
+        from efla.modules.triton.swiglu import swiglu_bwd
 
         return swiglu_bwd(gate_up, dy.contiguous())
     a, b = gate_up.float().chunk(2, dim=-1)

@@ -1,4 +1,4 @@
-"""The fused short-convolution kernels (``ops/triton/short_conv.py``) against the layer's PyTorch convolution in
+"""The fused short-convolution kernels (``modules/triton/short_conv.py``) against the layer's PyTorch convolution in
 float64: outputs and gradients, dense rows and packed sequences (one shorter than the kernel, one empty)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("cu", [None, [0, 2, 2, 50, 131]])
 def test_kernels_match_the_float64_convolution(cu):
-    from efla.ops.triton.short_conv import short_conv_silu
+    from efla.modules.triton.short_conv import short_conv_silu
 
     g = torch.Generator().manual_seed(3)
     B, T, C, W = (2, 67, 70, 4) if cu is None else (1, 131, 70, 4)
@@ -45,7 +45,7 @@ def test_three_inputs_side_by_side_match_each_alone(cu):
     """short_conv_silu_split (a layer's q, k and v projections side by side, one launch each way) gives each input's
     float64 convolution, outputs and gradients (the packed input's and the stacked weight's), dense rows and packed
     sequences."""
-    from efla.ops.triton.short_conv import short_conv_silu_split
+    from efla.modules.triton.short_conv import short_conv_silu_split
 
     g = torch.Generator().manual_seed(4)
     B, T, C, W = (2, 50, 70, 4) if cu is None else (1, 99, 70, 4)
@@ -67,7 +67,7 @@ def test_three_inputs_side_by_side_match_each_alone(cu):
 
 
 def test_split_rejects_a_wrong_count():
-    from efla.ops.triton.short_conv import short_conv_silu_split
+    from efla.modules.triton.short_conv import short_conv_silu_split
 
     x, w = torch.randn(1, 8, 12, device=DEVICE), torch.randn(12, 1, 4, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 3 inputs"):
@@ -79,7 +79,7 @@ def test_split_rejects_a_wrong_count():
 def test_eager_calls_skip_the_custom_op_and_compiled_calls_take_it(monkeypatch):
     """Eager calls run the same functions without the custom op's dispatch (host time); torch.compile traces the op,
     with the same outputs and gradients."""
-    from efla.ops.triton import short_conv as module
+    from efla.modules.triton import short_conv as module
 
     entered = []
     op = module.short_conv_silu_op

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import rel_err
 
-from efla.ops.elementwise import (
+from efla.modules.elementwise import (
     l2_normalize,
     l2_normalize_reference,
     rms_norm,
@@ -32,7 +32,7 @@ def _use_kernels(fused: bool, monkeypatch) -> None:
     if importlib.util.find_spec("triton") is None or (not torch.cuda.is_available()
                                                         and os.environ.get("TRITON_INTERPRET") != "1"):
         pytest.skip("the Triton kernels need triton and a GPU or TRITON_INTERPRET=1")
-    import efla.ops.elementwise as elementwise
+    import efla.modules.elementwise as elementwise
 
     monkeypatch.setattr(elementwise, "_fused", lambda x: True)
 
@@ -110,7 +110,7 @@ triton_kernels = pytest.mark.skipif(
 @triton_kernels
 @pytest.mark.parametrize("gated", [False, True])
 def test_rms_norm_kernels_match_float64(gated):
-    from efla.ops.triton.rmsnorm import rms_norm_bwd, rms_norm_fwd
+    from efla.modules.triton.rmsnorm import rms_norm_bwd, rms_norm_fwd
 
     x, w, gate, dy = _norm_inputs(19, 80, gated, torch.float32, seed=7)  # rows not a multiple of the 8 per program
     y, rstd = rms_norm_fwd(x, w, 1e-6, gate)
@@ -123,7 +123,7 @@ def test_rms_norm_kernels_match_float64(gated):
 
 @triton_kernels
 def test_swiglu_kernels_match_float64():
-    from efla.ops.triton.swiglu import swiglu_bwd, swiglu_fwd
+    from efla.modules.triton.swiglu import swiglu_bwd, swiglu_fwd
 
     g = torch.Generator().manual_seed(8)
     gate_up = torch.randn(7, 2 * 431, generator=g).to(DEVICE) * 2  # 7 x 431 outputs: not a multiple of the block
@@ -252,7 +252,7 @@ def test_l2_normalize_matches_float64_and_keeps_its_output_only(dtype, fused, mo
 def test_l2_norm_kernels_match_float64(dtype):
     """The fused q/k L2 norm: rows not a multiple of the rows per program, a head dim not a power of two, norms from
     1e-4 to 1e2 (so eps matters in some rows)."""
-    from efla.ops.triton.l2norm import l2_norm_bwd, l2_norm_fwd
+    from efla.modules.triton.l2norm import l2_norm_bwd, l2_norm_fwd
 
     g = torch.Generator().manual_seed(10)
     y = (torch.randn(37, 48, generator=g) * torch.logspace(-4, 2, 37)[:, None]).to(DEVICE, dtype)

@@ -10,7 +10,7 @@ from helpers import rel_err
 from torch import nn
 
 from efla.layers.projection import is_plain_linear, project
-from efla.ops.linear import linear_many
+from efla.modules.linear import linear_many
 
 OUTS = (24, 24, 5)
 
