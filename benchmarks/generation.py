@@ -21,8 +21,8 @@ in turn, so a run cut short keeps side-by-side rows of the shapes it reached. Pe
 random tokens without padding; greedy decoding, no eos. With t(n) the median
 wall time of a generate call producing n tokens (after one untimed warm-up call: kernel compilation, graph capture),
 ms per generated token = (t(1 + N) - t(1)) / N, i.e. the decode steps alone; the prefill time t(1) is shown too.
-Each row is printed and, with --out, appended to that file as one JSON line as soon as it is measured, so a run cut
-short keeps its rows.
+Each row is printed and appended to --out (default: a new dated file in benchmarks/results/) as one JSON line as soon
+as it is measured, so a run cut short keeps its rows.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from results_io import ResultsWriter
 from torch import nn
 
 from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, preset_config
@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is kept")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + OPTIONAL)
-    parser.add_argument("--out", type=Path, help="append each row to this file as a JSON line")
+    parser.add_argument("--out", type=Path, help="JSON-lines file the rows are appended to")
     parser.add_argument("--profile-step", action="store_true", help="instead of timing: list the GPU kernels of one "
                         "eager decode step over the static state (count and time per kernel name), per batch size")
     args = parser.parse_args(argv)
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model, generator_of = build(name, config)
         model = model.to(device=device, dtype=dtype).eval()
         runners[name] = (generator_of(model), model.num_parameters())
+    writer = ResultsWriter("generation", where, args.out, preset=args.preset, dtype=args.dtype,
+                           new_tokens=args.new_tokens)
     rows, failures = [], []
     for batch in args.batch_sizes:  # outer: a run cut short still holds side-by-side rows of its first shapes
         for prompt in args.prompt_lens:
@@ -214,15 +216,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                row = dict(model=name, params=params, batch=batch, prompt=prompt, ms_per_token=ms,
-                           tokens_per_s=batch / ms * 1e3, prefill_ms=prefill, preset=args.preset, dtype=args.dtype,
-                           device=where, new_tokens=args.new_tokens)
+                row = writer.write(model=name, params=params, batch=batch, prompt=prompt, ms_per_token=ms,
+                                   tokens_per_s=batch / ms * 1e3, prefill_ms=prefill)
                 rows.append(row)
                 print(f"{name}: batch {batch}, prompt {prompt}: {ms:.2f} ms/token, {row['tokens_per_s']:,.0f} "
                       f"tokens/s, prefill {prefill:.1f} ms", flush=True)
-                if args.out is not None:
-                    with args.out.open("a") as file:
-                        file.write(json.dumps(row) + "\n")
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """Host time per call of the model's GPU operators, at shapes so small that the GPU waits on the CPU.
 
-    python benchmarks/host_overhead.py [--calls 300] [--out runs/host_overhead.jsonl]
+    python benchmarks/host_overhead.py [--calls 300] [--out FILE]
 
 A training step of the 340M model at 8 x 2048 is bound by the host (2026-12-02: 115 ms of GPU time in a 220 ms
 step): the Python side of each operator call, not the kernels, sets the pace. This script times that side alone. Per
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from results_io import ResultsWriter
 
 from efla import efla_attention
 from efla.modules.elementwise import l2_normalize, rms_norm, swiglu
@@ -118,7 +118,8 @@ def measure(call: Callable[[], object], calls: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--calls", type=int, default=300, help="timed calls per operator")
-    parser.add_argument("--out", type=Path, default=Path("runs/host_overhead.jsonl"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to "
+                        "(default: a new dated file in benchmarks/results/)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: it times the host side of GPU operator calls")
@@ -130,17 +131,14 @@ def main(argv: list[str] | None = None) -> None:
         with_fla = True
     except ImportError:
         with_fla = False
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    writer = ResultsWriter("host_overhead", torch.cuda.get_device_name(), args.out, calls=args.calls)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{datetime.date.today()}; {args.calls} calls per operator; rows appended to {args.out}", flush=True)
+          f"{datetime.date.today()}; {args.calls} calls per operator", flush=True)
     rows = []
-    with args.out.open("a") as sink:
-        for name, call in _operators(with_fla).items():
-            row = {"operator": name, **measure(call, args.calls)}
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            rows.append(row)
-            print(f"{name:36s} host {row['host_us']:8.1f} us  gpu {row['gpu_us']:8.1f} us", flush=True)
+    for name, call in _operators(with_fla).items():
+        row = writer.write(operator=name, **measure(call, args.calls))
+        rows.append(row)
+        print(f"{name:36s} host {row['host_us']:8.1f} us  gpu {row['gpu_us']:8.1f} us", flush=True)
     print("\n| operator | host us per call | GPU us per call | bound by |")
     print("|---|---|---|---|")
     for row in rows:

@@ -1,6 +1,6 @@
 """Kernel benchmark: EFLA's Triton kernels against fla's DeltaNet kernel, EFLA through fla, and PyTorch SDPA.
 
-    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile [INDEX ...]] [--gated]
+    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile [INDEX ...]] [--gated] [--out FILE]
 
 For bfloat16 inputs of each (B, T, H, D) shape (K = V = D) it times, with triton.testing.do_bench medians, the
 forward and forward+backward of: ours (backend="triton", modes efla and delta), fla's chunk_delta_rule (DeltaNet,
@@ -12,17 +12,21 @@ also prints the per-kernel CUDA time of one forward+backward of ours (both modes
 the shapes whose indices follow it). --gated times the decay-gated forms instead, with a log decay
 g = logsigmoid(x) / 16 (x normal, fla's test convention): ours (gated EFLA and Gated DeltaNet) against fla's
 chunk_gated_delta_rule (Gated DeltaNet, the baseline) and gated EFLA through fla.
+Every row (and, with --profile, every kernel's time) is appended to --out as a JSON line as soon as it is measured
+(default: a new dated file in benchmarks/results/, from which benchmarks/report.py writes BENCHMARKS.md's tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 from fla_guard import time_fla_gated_backward_anyway
+from results_io import ResultsWriter
 
 from efla import efla_attention
 
@@ -111,7 +115,7 @@ def measure(f, args, do):
     return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def profile(B, T, H, D, impls, gated):
+def profile(B, T, H, D, impls, gated, writer):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -130,6 +134,10 @@ def profile(B, T, H, D, impls, gated):
             torch.cuda.synchronize()
         print(f"\n{name}, one forward+backward at {(B, T, H, D)}:")
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60))
+        for event in prof.key_averages():
+            if event.self_device_time_total > 0:
+                writer.write(kind="profile", shape=f"{B}x{T}x{H}x{D}", impl=name, stage=event.key,
+                             us=event.self_device_time_total)
 
 
 def main() -> None:
@@ -138,12 +146,15 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", type=int, default=None, metavar="INDEX",
                         help="per-kernel times at these shapes (indices into --shapes; none given: the first)")
     parser.add_argument("--gated", action="store_true", help="the decay-gated forms (against chunk_gated_delta_rule)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     torch.manual_seed(0)
     bandwidth, matmul = ceilings()
     impls = implementations(args.gated)
     baseline, ours_efla, _, via_fla = list(impls)[:4]
+    writer = ResultsWriter("kernels", torch.cuda.get_device_name(), args.out, gated=args.gated,
+                           copy_tbs=round(bandwidth, 2), matmul_tflops=round(matmul))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.date.today()}; ceilings measured now: copy {bandwidth:.2f} TB/s, bf16 matmul {matmul:.0f} "
           f"TFLOP/s; medians of triton.testing.do_bench; ratios against {baseline} of the same shape", flush=True)
@@ -173,11 +184,13 @@ def main() -> None:
             print(f"| {B}x{T}x{H}x{D} | {name} | {fwd:.3f} | {fwd / base[0]:.2f} | {both:.3f} | {both / base[1]:.2f} "
                   f"| {tbs:.2f} | {100 * tbs / bandwidth:.0f} | {tflops:.0f} | {100 * tflops / matmul:.0f} "
                   f"| {peak:.0f} | {peak / base[2]:.2f} | {err} |", flush=True)
+            writer.write(shape=f"{B}x{T}x{H}x{D}", impl=name, fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=peak,
+                         **({"rel_err_vs_fla": agreement} if name == ours_efla else {}))
             del call_args
         del q, k, v, operands
     if args.profile is not None:
         for index in args.profile or [0]:
-            profile(*shapes[index], impls, args.gated)
+            profile(*shapes[index], impls, args.gated, writer)
 
 
 if __name__ == "__main__":

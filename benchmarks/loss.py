@@ -1,25 +1,25 @@
 """The language-modelling loss on the GPU: our chunked linear + cross-entropy (fused kernel and PyTorch path) against
 the plain all-logits computation and fla's fused cross-entropy on full logits (what fla's models run by default).
 
-    python benchmarks/loss.py [--tokens 16384 32768] [--hidden 1024] [--vocab 32000] [--out runs/loss.jsonl]
+    python benchmarks/loss.py [--tokens 16384 32768] [--hidden 1024] [--vocab 32000] [--out FILE]
 
 For bf16 hidden states [tokens, hidden] and an lm_head weight [vocab, hidden] it times, with
 ``triton.testing.do_bench`` medians, loss + backward of each implementation, its peak memory above the inputs, and
 its loss and gradients' relative error against the plain computation in float32 logits. Each row is printed (and
-appended to --out as a JSON line) as soon as it is measured.
+appended to --out as a JSON line; default: a new dated file in benchmarks/results/) as soon as it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
 import torch
 import triton
+from results_io import ResultsWriter
 
 import efla.models.loss as loss_module
 from efla.models.loss import linear_cross_entropy, linear_cross_entropy_reference
@@ -79,11 +79,11 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[16384, 32768])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--out", type=Path, default=Path("runs/loss.jsonl"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    writer = ResultsWriter("loss", torch.cuda.get_device_name(), args.out, hidden=args.hidden, vocab=args.vocab)
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.date.today()}; bf16, hidden {args.hidden}, vocab {args.vocab}; loss summed over the tokens")
@@ -101,10 +101,7 @@ def main() -> None:
             errors = [((x - r).norm() / r.norm()).item() for x, r in zip(results, reference, strict=True)]
             print(f"| {tokens} | {name} | {ms:.2f} | {peak:.0f} | {errors[0]:.1e} | {errors[1]:.1e} | "
                   f"{errors[2]:.1e} |", flush=True)
-            with args.out.open("a") as log:
-                log.write(json.dumps({"tokens": tokens, "impl": name, "ms": ms, "peak_mib": peak,
-                                      "rel_err": errors, "date": str(datetime.date.today()),
-                                      "gpu": torch.cuda.get_device_name()}) + "\n")
+            writer.write(tokens=tokens, impl=name, ms=ms, peak_mib=peak, rel_err=errors)
 
 
 if __name__ == "__main__":

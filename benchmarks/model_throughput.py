@@ -18,7 +18,8 @@ runs) and ``amp`` (float32 weights, bfloat16 autocast, what the trainer runs).
 of documents (the layout ``efla train`` feeds them). --activation-checkpointing sets that config field of our models.
 --decay-gate times the gated forms: our variants with ``use_decay_gate`` (delta: Gated DeltaNet, efla: gated EFLA)
 and ``fla`` as fla's GatedDeltaNetForCausalLM of the same sizes (one head_dim = hidden / heads, expand_v = 1).
-Every row is appended to --out (JSON lines) as it finishes, so a run cut short keeps its numbers.
+Every row is appended to --out (JSON lines; default: a new dated file in benchmarks/results/) as it finishes, so a
+run cut short keeps its numbers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from fla_guard import time_fla_gated_backward_anyway
+from results_io import ResultsWriter
 from torch import nn
 
 from efla.models import PRESETS, EFLAForCausalLM, preset_config
@@ -127,10 +128,8 @@ def measure(make: Callable[[], nn.Module], batch: int, length: int, precision: s
     return row
 
 
-def report(name: str, row: dict, out: Path) -> None:
-    row = {"variant": name, **row}
-    with out.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+def report(name: str, row: dict, writer: ResultsWriter) -> None:
+    row = writer.write(variant=name, **row)
     shape = f"{row['batch']}x{row['length']}" + (f" packed({row['packed_docs']})" if row["packed_docs"] else "")
     if row["oom"]:
         print(f"{name:<14} {shape:<22} {row['precision']:<5} out of memory", flush=True)
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true", help="print each row's top operators")
-    parser.add_argument("--out", type=Path, default=Path("runs/model_throughput.jsonl"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
     args = parser.parse_args(argv)
     overrides = {} if args.activation_checkpointing is None else {
         "activation_checkpointing": args.activation_checkpointing}
@@ -185,11 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         overrides["use_decay_gate"] = True
         if "fla" in args.variants and args.device.startswith("cuda"):
             time_fla_gated_backward_anyway()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    writer = ResultsWriter("model_throughput", where, args.out, preset=args.preset,
+                           decay_gate=args.decay_gate, activation_checkpointing=args.activation_checkpointing or "none")
     print(f"preset {args.preset}, {where}, torch {torch.__version__}, {datetime.date.today()}; forward+backward of "
-          f"the loss, median of {args.steps} steps after {args.warmup} warm-up; rows appended to {args.out}",
-          flush=True)
+          f"the loss, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
 
     rows = []
     for shape in args.shapes:
@@ -197,19 +196,19 @@ def main(argv: list[str] | None = None) -> None:
         for precision in args.precisions:
             for variant in args.variants:
                 row = measure(lambda v=variant: build(v, args.preset, overrides), batch, length, precision, 0, args)
-                report(variant, row, args.out)
+                report(variant, row, writer)
                 rows.append({"variant": variant, **row})
                 if args.packed_docs and variant != "fla":
                     row = measure(lambda v=variant: build(v, args.preset, overrides), batch, length, precision,
                                   args.packed_docs, args)
-                    report(variant, row, args.out)
+                    report(variant, row, writer)
                     rows.append({"variant": variant, **row})
     if args.context_sweep:
         for variant in args.sweep_variants:
             length, longest = 16384, None
             while length <= args.sweep_max:
                 row = measure(lambda v=variant: build(v, args.preset, overrides), 1, length, "bf16", 0, args)
-                report(variant, row, args.out)
+                report(variant, row, writer)
                 rows.append({"variant": variant, **row})
                 if row["oom"]:
                     break

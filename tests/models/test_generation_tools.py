@@ -56,8 +56,9 @@ def test_generate_cli_errors(saved_model, tmp_path, capsys):
         main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu"])
 
 
-def test_generation_benchmark_smoke_run(tmp_path):
+def test_generation_benchmark_smoke_run(tmp_path, monkeypatch):
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "generation.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling results_io.py, as when run as a script
     spec = importlib.util.spec_from_file_location("generation_benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
