@@ -129,14 +129,19 @@ def ratio(row: dict | None, base: dict | None, field: str) -> float | None:
 
 def link(path: Path, doc_dir: Path) -> str:
     """A markdown link to ``path`` from a document in ``doc_dir``, named by its path in the repository."""
-    return f"[{path.relative_to(ROOT).as_posix()}]({Path(os.path.relpath(path, doc_dir)).as_posix()})"
+    name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+    return f"[{name}]({Path(os.path.relpath(path, doc_dir)).as_posix()})"
+
+
+def device_label(device: str | None) -> str:
+    return "CPU" if device == "cpu" else device or "?"
 
 
 def describe(run: Run, doc_dir: Path) -> str:
     """Where and how a run was measured, from its rows' common fields, with a link to its file."""
     first = run.rows[0]
     versions = ", ".join(f"{name} {version}" for name, version in (first.get("versions") or {}).items())
-    parts = [first.get("device") or "?", first.get("cpu"), first["date"], versions,
+    parts = [device_label(first.get("device")), first.get("cpu"), first["date"], versions,
              f"tree {first['commit']}" if first.get("commit") else None]
     text = ", ".join(p for p in parts if p)
     commands = list(dict.fromkeys(row["command"] for row in run.rows if row.get("command")))
@@ -488,7 +493,7 @@ def summary(results: Results, doc_dir: Path) -> list[str]:
     ungated = [r for r in run.rows if r["neg_g"] == 0]
     euler_at_1 = next(r["euler"] for r in ungated if r["beta_lam"] == 1)
     rows.append(["Exactness: one step against the matrix exponential", f"EFLA ≤ {max(r['efla'] for r in run.rows):.1e} "
-                 f"relative error at every stiffness (gated too); Euler (DeltaNet's step) {euler_at_1:.1e} at "
+                 f"relative error at every stiffness (gated too); Euler (DeltaNet's step) {euler_at_1:.2g} at "
                  "β‖k‖² = 1", _where([run], "float64"), "[EXPERIMENTS.md](EXPERIMENTS.md#exactness)"])
     groups = results.per_group(lambda r: r["benchmark"] == "smnist", lambda r: (r["steps"], r["seeds"]),
                                lambda r: True)
@@ -521,7 +526,7 @@ def summary(results: Results, doc_dir: Path) -> list[str]:
 
 
 def _where(runs: list[Run], setting: str) -> str:
-    devices = sorted({run.rows[0].get("device") or "?" for run in runs})
+    devices = sorted({device_label(run.rows[0].get("device")) for run in runs})
     dates = sorted({run.rows[0]["date"] for run in runs})
     return f"{', '.join(devices)}, {setting}, {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")
 
@@ -569,7 +574,7 @@ def render(text: str, results: Results, doc_dir: Path, where: str = "document") 
         name = match["name"]
         if name not in TABLES:
             raise SystemExit(f"{where}: unknown table {name!r} (known: {', '.join(TABLES)})")
-        body = "\n".join(TABLES[name](results, doc_dir)) + "\n"
+        body = "\n" + "\n".join(TABLES[name](results, doc_dir)) + "\n\n"  # blank lines: a block of its own
         if body != match["body"]:
             changed.append(name)
         return match[1] + body + match[4]
