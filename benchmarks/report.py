@@ -206,7 +206,7 @@ def kernels(results: Results, doc_dir: Path, gated: bool) -> list[str]:
 
 
 def kernel_profile(results: Results, doc_dir: Path) -> list[str]:
-    run = results.newest(lambda r: r["benchmark"] == "kernels" and r.get("kind") == "profile")
+    run = results.newest(lambda r: r["benchmark"] == "kernels" and r.get("kind") == "profile" and not r.get("gated"))
     impls = list(dict.fromkeys(row["impl"] for row in run.rows))
     stages = list(dict.fromkeys(row["stage"] for row in run.rows))
     us = {(row["stage"], row["impl"]): row["us"] for row in run.rows}

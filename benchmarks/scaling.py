@@ -9,7 +9,8 @@ tokens/s per GPU, weak-scaling efficiency (tokens/s at N over N x tokens/s at 1)
 --same-global-batch it also runs one process with N_max-fold gradient accumulation: the trainer gives every step the
 same rows whatever the world size, so its losses must follow those of the N_max run over its --accum-steps steps;
 it reports the largest loss difference. Writes scaling.json, table.md and loss_curves.png under --out. Extra
-``efla train`` flags go after ``--``. Across hosts, run ``efla train`` with torchrun's rendezvous flags (README).
+``efla train`` flags go after ``--``. Across hosts, run ``efla train`` with torchrun's rendezvous flags
+(docs/training.md).
 """
 
 from __future__ import annotations
