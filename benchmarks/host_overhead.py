@@ -2,8 +2,8 @@
 
     python benchmarks/host_overhead.py [--calls 300] [--out FILE]
 
-A training step of the 340M model at 8 x 2048 is bound by the host (2026-12-02: 115 ms of GPU time in a 220 ms
-step): the Python side of each operator call, not the kernels, sets the pace. This script times that side alone. Per
+An eager training step at small batches can be bound by the host (BENCHMARKS.md, "Host overhead"): the Python side
+of each operator call, not the kernels, sets the pace. This script times that side alone. Per
 operator it issues ``--calls`` calls back to back on tiny inputs and reports the wall time per call (the host's
 issue time: the kernels of one call take a few microseconds, so the CPU never waits for the GPU) and the GPU's busy
 time per call (its kernels' own time, from the profiler); "host" marks rows whose host time exceeds their GPU time.
