@@ -169,3 +169,18 @@ def test_documents_read_as_today_not_as_a_diary(document):
 
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def cells(line: str) -> int:
+    """Cells of a markdown table row (a | inside a code span does not split)."""
+    return len(re.sub(r"`[^`]*`", "", line).strip().strip("|").split("|"))
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_table_row_has_its_header_s_cells(document):
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    ragged = []
+    for block in re.findall(r"(?:^\|.*\|\n)+", text, flags=re.M):
+        rows = block.splitlines()
+        ragged += [row for row in rows if cells(row) != cells(rows[0])]
+    assert not ragged, ragged
