@@ -103,9 +103,8 @@ class _Run:
         self.tokenizer = load_tokenizer(config.tokenizer)
         # settings checked before the (possibly long) tokenisation
         model_cfg = model_config(config, self.tokenizer)
-        note = _vocab_size_note(config, model_cfg.vocab_size)
-        if note is not None:
-            self._log(note)
+        # said once the run starts (a start that fails prints only its error)
+        self.notes = [note for note in (_vocab_size_note(config, model_cfg.vocab_size),) if note is not None]
         if config.seq_len is None:  # the model's own context length
             config = self.config = dataclasses.replace(
                 config, seq_len=getattr(model_cfg, "max_position_embeddings", None) or DEFAULT_SEQ_LEN)
@@ -120,8 +119,8 @@ class _Run:
         self.sampler = StepSampler(len(self.rows) - len(self.val_rows), self.global_batch, config.seed)
         self.total_steps = config.total_steps(world.size)
         if config.warmup_steps >= self.total_steps:
-            self._log(f"warning: warmup_steps {config.warmup_steps} >= the run's {self.total_steps} steps, so the "
-                      f"learning rate never reaches lr {config.lr}; lower --warmup-steps")
+            self.notes.append(f"warning: warmup_steps {config.warmup_steps} >= the run's {self.total_steps} steps, so "
+                              f"the learning rate never reaches lr {config.lr}; lower --warmup-steps")
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank (FSDP shards each rank's copy)
         from transformers import AutoModelForCausalLM
@@ -166,10 +165,13 @@ class _Run:
             raise
 
     def _start(self) -> None:
-        """Rank 0 prepares the run folder once every setting and input has been checked: deletes a previous run's
-        outputs (--overwrite), cuts metrics.jsonl back to the resumed step, writes train_config.json."""
+        """Rank 0 prepares the run folder once every setting and input has been checked: says the run's notes,
+        deletes a previous run's outputs (--overwrite), cuts metrics.jsonl back to the resumed step, writes
+        train_config.json."""
         if not self.world.is_main:
             return
+        for note in self.notes:
+            self._log(note)
         if self.config.overwrite:
             deleted = clear_outputs(self.out_dir)
             if deleted:
