@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> None:
     if importlib.util.find_spec("matplotlib") is None:  # before the work, not after the table: the plots need it
         raise missing_extra(ModuleNotFoundError(name="matplotlib"), "smnist")
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ExactnessConfig)}
-    config = ExactnessConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
     try:
-        table = run_exactness(config, args.out)
-    except ValueError as error:  # settings the sweeps refuse (lengths out of order, a negative decay)
+        config = ExactnessConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
+    except ValueError as error:  # settings the sweeps cannot use (lengths out of order)
         raise CommandError(str(error)) from error
+    table = run_exactness(config, args.out)
     print(table)
     print(f"wrote {args.out / 'table.md'}, {args.out / 'exactness.png'} and {args.out / 'gated.png'}")

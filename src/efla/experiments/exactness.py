@@ -55,6 +55,13 @@ class ExactnessConfig:
     gated_length: int = 100  # sequence length of the gated sequence sweep
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse settings a sweep cannot use, before any of them runs."""
+        if list(self.lengths) != sorted(set(self.lengths)) or min(self.lengths) < 1:
+            raise ValueError(f"--lengths must be positive and strictly ascending (got {list(self.lengths)})")
+        if min(self.decay) < 0:
+            raise ValueError(f"--decay takes -g, the decay per token, which must be >= 0 (got {min(self.decay):g})")
+
 
 def random_problem(batch: int, length: int, dim: int, stiffness: float | torch.Tensor, generator: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,8 +118,6 @@ def length_sweep(config: ExactnessConfig, generator: torch.Generator) -> dict[fl
     state from one segment to the next (the state is all the recurrence carries, so this equals separate runs).
     """
     bounds = [0, *config.lengths]
-    if bounds != sorted(set(bounds)):
-        raise ValueError(f"--lengths must be positive and strictly ascending (got {config.lengths})")
     results = {}
     for x in config.length_stiffness:
         k, v, state, beta = random_problem(config.batch, bounds[-1], config.dim, x, generator)
@@ -126,15 +131,9 @@ def length_sweep(config: ExactnessConfig, generator: torch.Generator) -> dict[fl
     return results
 
 
-def _check_decays(decays: Sequence[float]) -> None:
-    if min(decays) < 0:
-        raise ValueError(f"--decay takes -g, the decay per token, which must be >= 0 (got {min(decays):g})")
-
-
 def gated_stiffness_sweep(config: ExactnessConfig, generator: torch.Generator
                           ) -> dict[tuple[float, float], dict[str, float]]:
     """One gated step from a random state: relative error of each method (n = 1) per (beta * ||k||^2, -g)."""
-    _check_decays(config.decay)
     grid = list(itertools.product(config.gated_stiffness, config.decay))
     x = torch.tensor([s for s, _ in grid], dtype=torch.float64)
     k, v, state, beta = random_problem(config.batch, len(grid), config.dim, x, generator)
@@ -152,7 +151,6 @@ def gated_stiffness_sweep(config: ExactnessConfig, generator: torch.Generator
 def gated_sequence_sweep(config: ExactnessConfig, generator: torch.Generator
                          ) -> dict[tuple[float, float], dict[str, float]]:
     """The final state after --gated-length tokens from a random state, n = 1, per (beta * ||k||^2, -g)."""
-    _check_decays(config.decay)
     results = {}
     for x, decay in itertools.product(config.length_stiffness, config.decay):
         k, v, state, beta = random_problem(config.batch, config.gated_length, config.dim, x, generator)
