@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from efla import efla_attention
-from efla.cli import INTERRUPTED
+from efla.commands import INTERRUPTED
 from efla.modules.triton import short_conv
 from efla.ops.triton import chunk_bwd, chunk_fwd, fused_recurrent, wy
 

@@ -2,7 +2,7 @@
 
     python scripts/ablate_gated_efla.py --ablation unit-keys --corpus runs/corpus --out runs/ablate/unit-keys
 
-Ablations (each one change to the gated EFLA model, everything else as in scripts/compare_lm.py's CPU run):
+Ablations (each one change to the gated EFLA model, everything else as in efla compare-lm's CPU run):
   eta-is-alpha  the write step is the erase step alpha instead of eta = beta phi(beta ||k||^2 - g), so a strong decay
                 no longer shrinks the write
   unit-keys     keys L2-normalised, as Gated DeltaNet's are: ||k||^2 = 1, so the key norm gates nothing and what is

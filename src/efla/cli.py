@@ -1,11 +1,17 @@
-"""The ``efla`` command line: one subcommand per job, each a thin layer over library functions.
+"""The ``efla`` command line: one subcommand per job, each a module of ``efla.commands``.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``; the module's docstring
-gives the help line. Modules are imported only when their subcommand runs, so ``efla --help`` stays fast.
+Each command module exposes ``add_arguments(parser)`` and ``run(args)``; it is imported only when its subcommand
+runs, so ``efla --help`` stays fast.
 
-Errors: a subcommand raises ``CommandError``; ``main`` prints it as one line, ``efla CMD: error: MESSAGE``, and exits
-with its code: 2 for a usage error (a bad argument, a missing or unreadable input: the message says what to change,
-as argparse does), 1 (or 128 + the signal) for work that did not finish.
+Errors: a command raises ``efla.commands.CommandError``; ``main`` prints it as one line, ``efla CMD: error:
+MESSAGE``, without a traceback, and exits with its code. Exit codes of every command:
+
+    0    success
+    1    the work started but did not finish: a diverged loss, out of memory, a failed run of a sweep
+    2    usage error: a bad argument, a missing or unreadable input, an output that would be overwritten, a device
+         this machine lacks (the message says what to change; argparse's own errors give 2 too)
+    130  interrupted by Ctrl-C (128 + SIGINT); ``efla train`` stopped by SIGTERM gives 128 + 15 = 143, after saving
+         a checkpoint to resume from
 """
 
 from __future__ import annotations
@@ -14,35 +20,21 @@ import argparse
 import importlib
 import sys
 
+from efla.commands import INTERRUPTED, CommandError
+
 COMMANDS: dict[str, tuple[str, str]] = {
-    "smnist": ("efla.experiments.smnist.cli", "sequential-MNIST robustness study, EFLA vs DeltaNet (the main job)"),
-    "mqar": ("efla.experiments.mqar.cli", "multi-query associative recall (Zoology's MQAR), EFLA vs DeltaNet"),
-    "exactness": ("efla.experiments.exactness", "error of EFLA, Euler, RK2 and RK4 against the matrix exponential"),
-    "train": ("efla.train.cli", "train an EFLA language model (one process, or DDP/FSDP2 under torchrun)"),
-    "tokenizer": ("efla.train.tokenizer_cli", "efla tokenizer train: a byte-level BPE tokenizer from local text"),
-    "eval": ("efla.eval.cli", "efla eval ppl | harness: perplexity on held-out text, lm-evaluation-harness tasks"),
-    "generate": ("efla.generate_cli", "continue a prompt with a saved model and report tokens/s"),
-    "convert": ("efla.convert_cli", "fla (Gated) DeltaNet checkpoint <-> EFLA checkpoint (same outputs in delta mode)"),
+    "smnist": ("efla.commands.smnist", "sequential-MNIST robustness study, EFLA vs DeltaNet"),
+    "mqar": ("efla.commands.mqar", "multi-query associative recall (Zoology's MQAR), EFLA vs DeltaNet"),
+    "exactness": ("efla.commands.exactness", "error of EFLA, Euler, RK2 and RK4 against the matrix exponential"),
+    "compare-lm": ("efla.commands.compare_lm", "the paper's language-model comparison, EFLA vs DeltaNet: held-out "
+                                               "perplexity over learning rates and seeds"),
+    "train": ("efla.commands.train", "train an EFLA language model (one process, or DDP/FSDP2 under torchrun)"),
+    "tokenizer": ("efla.commands.tokenizer", "efla tokenizer train: a byte-level BPE tokenizer from local text"),
+    "eval": ("efla.commands.eval", "efla eval ppl | harness: perplexity on held-out text, lm-evaluation-harness tasks"),
+    "generate": ("efla.commands.generate", "continue a prompt with a saved model and report tokens/s"),
+    "convert": ("efla.commands.convert", "fla (Gated) DeltaNet checkpoint <-> EFLA checkpoint (same outputs in delta "
+                                         "mode)"),
 }
-
-
-USAGE_ERROR = 2  # argparse's exit code for a bad command line
-INTERRUPTED = 128 + 2  # 128 + SIGINT, as a shell reports a Ctrl-C
-
-
-class CommandError(Exception):
-    """A subcommand's error, shown as one line without a traceback; ``code``: the exit status."""
-
-    def __init__(self, message: str, code: int = USAGE_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def missing_extra(error: ImportError, extra: str) -> CommandError:
-    """The usage error for a package of an optional extra that is not installed."""
-    name = getattr(error, "name", None) or str(error)
-    return CommandError(f"this command needs the package {name!r} of the {extra!r} extra: pip install 'efla[{extra}]' "
-                        f"(or pip install -e '.[{extra}]' in a clone)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """The device a command runs on: ``resolve_device("auto")`` is CUDA when available, else the CPU, written once for
-every command (``efla train``, ``efla eval``, ``efla smnist``)."""
+every command (``efla train``, ``efla eval``, ``efla generate``, ``efla smnist``, ``efla mqar``) and the library
+functions they call."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 (kept outside ``efla.models`` so that a command's options can list them without importing transformers).
 
 "efla" and "delta" are EFLA and DeltaNet; "gated-efla" and "gated-delta" add the decay gate (gated EFLA, Gated
-DeltaNet), with equal parameter counts within each pair. ``scripts/compare_lm.py`` and ``efla mqar`` take these names.
+DeltaNet), with equal parameter counts within each pair. ``efla compare-lm`` and ``efla mqar`` take these names.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Issue 15 for ``efla eval``: every user error is one line naming the argument or file and what to change (exit code
-2), as ``efla train``'s; gzip input and the trained context as the default window."""
+"""``efla eval``: every user error is one line naming the argument or file and what to change (exit code 2), as
+``efla train``'s; gzip input, the trained context as the default window, an --output file kept unless --overwrite."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from efla.cli import main
+from efla.models import EFLAForCausalLM, preset_config
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -101,3 +102,38 @@ def test_default_context_is_the_trained_seq_len(checkpoint, jsonl, tmp_path, cap
     assert "context 8," in out
     code, out, _ = _cli(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu"], capsys)
     assert code == 0 and "context 16," in out
+
+
+def test_output_file_is_kept_unless_overwrite(checkpoint, jsonl, tmp_path, capsys):
+    """An existing --output file is refused before any work (one line naming --overwrite), replaced with it."""
+    output = tmp_path / "ppl.json"
+    output.write_text("earlier results\n")
+    argv = ["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu", "--output",
+            str(output)]
+    line = _one_line_error(argv, capsys)
+    assert f"--output {output} already exists; choose another file or pass --overwrite" in line
+    assert output.read_text() == "earlier results\n"
+    code, _, err = _cli([*argv, "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads(output.read_text())["perplexity"] > 1
+
+
+def test_a_run_folder_points_to_its_model_folder(checkpoint, jsonl, tmp_path, capsys):
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(checkpoint, run / "model")
+    for action in (["ppl", "--files", str(jsonl)], ["harness", "--tasks", "efla_smoke_ppl"]):
+        line = _one_line_error(["eval", action[0], "--model", str(run), *action[1:], "--device", "cpu"], capsys)
+        assert f"{run} is a training run's folder, not a saved model: use {run / 'model'}" in line
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary(tokenizer, jsonl, tmp_path, capsys):
+    """Refused before any text is read or weights load, naming both sizes (not an IndexError from the embedding)."""
+    small = tmp_path / "small"
+    EFLAForCausalLM(preset_config("tiny", vocab_size=len(tokenizer) - 20)).save_pretrained(small)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    capsys.readouterr()  # transformers' own progress output
+    expected = f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {len(tokenizer) - 20}"
+    for action in (["ppl", "--files", str(tmp_path / "unread.jsonl")], ["harness", "--tasks", "efla_smoke_ppl"]):
+        line = _one_line_error(["eval", action[0], "--model", str(small), "--tokenizer", str(tmp_path / "tok"),
+                                *action[1:], "--device", "cpu"], capsys)
+        assert expected in line and "--tokenizer" in line

@@ -78,3 +78,13 @@ def test_exactness_cli_refuses_a_negative_decay(capsys: pytest.CaptureFixture[st
         main(["exactness", "--decay", "0.1", "-0.5"])
     assert exit_info.value.code == 2
     assert "-g is the decay per token and must be >= 0 (got -0.5)" in capsys.readouterr().err
+
+
+def test_exactness_cli_refuses_lengths_out_of_order_before_any_work(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["exactness", "--lengths", "30", "1", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == "efla exactness: error: --lengths must be positive and strictly ascending (got [30, 1])"
+    assert not (tmp_path / "out").exists()

@@ -59,7 +59,7 @@ def reference_run(run_args, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def load_script():
-    """Import a script of the repository (e.g. "scripts/compare_lm.py") as a module."""
+    """Import a script of the repository (e.g. "benchmarks/scaling.py") as a module."""
 
     def load(relative: str):
         path = Path(__file__).resolve().parents[2] / relative

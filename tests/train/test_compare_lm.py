@@ -1,5 +1,5 @@
-"""scripts/compare_lm.py end to end at toy size: both modes over two seeds trained, evaluated and reported with their
-spread; a second call into the same folder reuses the finished runs."""
+"""``efla compare-lm`` end to end at toy size: both modes over two seeds trained, evaluated and reported with their
+spread; a second call into the same folder reuses the finished runs; failures, bad input and Ctrl-C as exit codes."""
 
 from __future__ import annotations
 
@@ -14,11 +14,25 @@ from pathlib import Path
 
 import pytest
 
+from efla.cli import main
+from efla.experiments import compare_lm
+
 pytest.importorskip("matplotlib")
 
 
+def _efla(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``efla ARGV`` in this process (0 when it returns)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def _split_corpus(corpus: Path, tmp_path: Path) -> Path:
-    """The toy corpus as compare_lm.py reads one: train, validation and test splits of its docstrings."""
+    """The toy corpus as efla compare-lm reads one: train, validation and test splits of its docstrings."""
     lines = (corpus / "docstrings.jsonl").read_text().splitlines()
     data = tmp_path / "corpus"
     data.mkdir()
@@ -27,15 +41,14 @@ def _split_corpus(corpus: Path, tmp_path: Path) -> Path:
     return data
 
 
-def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, tokenizer_dir, load_script, tmp_path,
-                                                                     capsys):
+def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, tokenizer_dir, tmp_path, capsys):
     data = _split_corpus(corpus, tmp_path)
     out = tmp_path / "compare"
-    compare_lm = load_script("scripts/compare_lm.py")
-    argv = ["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
+    argv = ["compare-lm", "--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
             "--lrs", "3e-3", "--seeds", "0", "1", "--hidden-size", "32", "--layers", "1", "--heads", "1",
             "--seq-len", "32", "--batch", "4", "--max-tokens", "512", "--warmup-steps", "1"]
-    compare_lm.main(argv)
+    code, _, err = _efla(argv, capsys)
+    assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert sorted((r["mode"], r["seed"]) for r in results["runs"]) == [("delta", 0), ("delta", 1), ("efla", 0),
                                                                        ("efla", 1)]
@@ -55,65 +68,65 @@ def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, to
     assert "| efla | 0.003 (best) | 2 |" in table and "| delta | 0.003 (best) | 2 |" in table
     assert (out / "loss_curves.png").stat().st_size > 10_000
 
-    capsys.readouterr()
-    compare_lm.main(argv)  # again into the same folder: nothing is trained or lost
-    assert capsys.readouterr().out.count("finished earlier, reusing") == 4
+    code, printed, _ = _efla(argv, capsys)  # again into the same folder: nothing is trained or lost
+    assert code == 0 and printed.count("finished earlier, reusing") == 4
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
 
-def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_non_zero(corpus, tokenizer_dir, load_script,
-                                                                            tmp_path, capsys):
-    """A diverging rate (inf) fails its run; the finished run is still reported, the failure named, the exit non-zero;
-    --grad-accum reaches the trainer (two micro-batches per step: half the steps for the same tokens)."""
+def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_1(corpus, tokenizer_dir, tmp_path, capsys):
+    """A diverging rate (inf) fails its run; the finished run is still reported, the failure named in one line, the
+    exit code 1 (work that did not finish); --grad-accum reaches the trainer (two micro-batches per step: half the
+    steps for the same tokens)."""
     data = _split_corpus(corpus, tmp_path)
     out = tmp_path / "compare"
-    compare_lm = load_script("scripts/compare_lm.py")
-    argv = ["--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu", "--modes",
-            "efla", "--lrs", "3e-3", "inf", "--seeds", "0", "--hidden-size", "32", "--layers", "1", "--heads", "1",
-            "--seq-len", "32", "--batch", "2", "--grad-accum", "2", "--max-tokens", "512", "--warmup-steps", "1"]
-    with pytest.raises(SystemExit, match=r"compare_lm: 1 of 2 runs failed") as stop:
-        compare_lm.main(argv)
-    assert str(out / "efla_lrinf_seed0" / "log.txt") in str(stop.value)
+    argv = ["compare-lm", "--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
+            "--modes", "efla", "--lrs", "3e-3", "inf", "--seeds", "0", "--hidden-size", "32", "--layers", "1",
+            "--heads", "1", "--seq-len", "32", "--batch", "2", "--grad-accum", "2", "--max-tokens", "512",
+            "--warmup-steps", "1"]
+    code, _, err = _efla(argv, capsys)
+    (line,) = err.splitlines()
+    assert code == 1 and line.startswith("efla compare-lm: error: 1 of 2 runs failed"), err
+    assert str(out / "efla_lrinf_seed0" / "log.txt") in line
     results = json.loads((out / "results.json").read_text())
     assert [(r["mode"], r["lr"]) for r in results["runs"]] == [("efla", 3e-3)]
     assert [step for step, _ in results["runs"][0]["curve"]][-1] == 512 // (32 * 2 * 2)
     assert "--grad-accum 2" in (out / "efla_lr0.003_seed0" / "log.txt").read_text()
 
 
-def test_a_missing_corpus_or_tokenizer_is_a_one_line_usage_error(tmp_path, load_script, capsys):
-    compare_lm = load_script("scripts/compare_lm.py")
-
+def test_a_missing_corpus_or_tokenizer_is_a_one_line_usage_error(tmp_path, capsys):
     def refused(argv: list[str], message: str) -> None:
-        with pytest.raises(SystemExit) as stop:
-            compare_lm.main(argv)
-        err = capsys.readouterr().err
-        assert stop.value.code == 2 and message in err and "Traceback" not in err
+        code, _, err = _efla(["compare-lm", *argv, "--out", str(tmp_path / "out")], capsys)
+        (line,) = err.splitlines()
+        assert code == 2 and message in line and line.startswith("efla compare-lm: error: "), err
+        assert not (tmp_path / "out").exists()  # refused before anything ran or was written
 
     refused(["--corpus", str(tmp_path)], f"--corpus {tmp_path} has no train.jsonl")
     for split in ("train", "validation", "test"):
         (tmp_path / f"{split}.jsonl").write_text('{"text": "a"}\n')
     refused(["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok")], "is not a folder")
+    (tmp_path / "tok").mkdir()
+    refused(["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok")], "could not load a tokenizer")
+    refused(["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok"), "--seeds", "0", "0"],
+            "--seeds lists a value twice")
 
 
-def test_ctrl_c_ends_the_running_run_starts_no_other_and_exits_130(tmp_path, load_script, capsys, monkeypatch):
+def test_ctrl_c_ends_the_running_run_starts_no_other_and_exits_130(tmp_path, tokenizer_dir, capsys, monkeypatch):
     """Ctrl-C during a sweep (SIGINT to this process alone, as a scheduler sends it): the running training process
     is ended, the queued runs never start, and the sweep says so in one line with 128 + SIGINT."""
-    compare_lm = load_script("scripts/compare_lm.py")
     for split in ("train", "validation", "test"):
         (tmp_path / f"{split}.jsonl").write_text('{"text": "a"}\n')
-    (tmp_path / "tok").mkdir()
     started = []
 
-    def sleeping_run(args, mode, lr, seed, out_dir, max_steps, overwrite=False):
+    def sleeping_run(config, mode, lr, seed, out_dir, max_steps, overwrite=False):
         started.append(out_dir.name)
         return [sys.executable, "-c", "pass" if max_steps == 1 else "import time; time.sleep(300)"]
 
     monkeypatch.setattr(compare_lm, "train_command", sleeping_run)
-    monkeypatch.setattr(compare_lm, "epoch_tokens", lambda args: 1000)
+    monkeypatch.setattr(compare_lm, "epoch_tokens", lambda config: 1000)
 
     def interrupt_once_the_run_sleeps() -> None:
         deadline = time.monotonic() + 60
-        while not any("sleep" in child.args[-1] for child in list(compare_lm._CHILDREN)):
+        while not any("sleep" in child.args[-1] for child in list(compare_lm.RUNNING)):
             if time.monotonic() > deadline:
                 return  # the assertions below then fail: the sweep ran to its end
             time.sleep(0.05)
@@ -121,12 +134,10 @@ def test_ctrl_c_ends_the_running_run_starts_no_other_and_exits_130(tmp_path, loa
 
     threading.Thread(target=interrupt_once_the_run_sleeps, daemon=True).start()
     start = time.monotonic()
-    with pytest.raises(SystemExit) as stop:
-        compare_lm.main(["--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "tok"), "--out",
-                         str(tmp_path / "out"), "--gpus", "cpu", "--lrs", "1e-3", "--seeds", "0"])
-    err = capsys.readouterr().err
-    assert stop.value.code == 128 + signal.SIGINT
-    assert err.strip().splitlines() == [f"compare_lm: interrupted; the finished runs are kept in {tmp_path / 'out'} "
-                                        "(the same command reuses them and reruns the others)"]
+    code, _, err = _efla(["compare-lm", "--corpus", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--out",
+                          str(tmp_path / "out"), "--gpus", "cpu", "--lrs", "1e-3", "--seeds", "0"], capsys)
+    assert code == 128 + signal.SIGINT
+    assert err.strip().splitlines() == [f"efla compare-lm: interrupted; what finished before it is kept in "
+                                        f"{tmp_path / 'out'}"]
     assert time.monotonic() - start < 120  # the 300 s run was ended, not waited for
-    assert started == ["warmup", "efla_lr0.001_seed0"] and not compare_lm._CHILDREN
+    assert started == ["warmup", "efla_lr0.001_seed0"] and not compare_lm.RUNNING

@@ -2,7 +2,15 @@
 tasks (``efla eval ppl`` and ``efla eval harness`` are thin layers over these functions)."""
 
 from efla.eval.harness import TASKS_DIR, evaluate_tasks
-from efla.eval.loading import check_checkpoint, dataset_texts, load_checkpoint, read_texts, tokenizer_folder
+from efla.eval.loading import (
+    check_checkpoint,
+    dataset_texts,
+    load_checkpoint,
+    load_matching_tokenizer,
+    load_model,
+    read_texts,
+    tokenizer_folder,
+)
 from efla.eval.perplexity import PerplexityResult, perplexity
 
 __all__ = [
@@ -12,6 +20,8 @@ __all__ = [
     "dataset_texts",
     "evaluate_tasks",
     "load_checkpoint",
+    "load_matching_tokenizer",
+    "load_model",
     "perplexity",
     "read_texts",
     "tokenizer_folder",

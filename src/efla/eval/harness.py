@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from efla.device import resolve_device
-from efla.eval.loading import check_checkpoint, tokenizer_folder
+from efla.eval.loading import check_checkpoint, load_matching_tokenizer, tokenizer_folder
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -45,15 +45,15 @@ def evaluate_tasks(
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
     import efla.models  # noqa: F401  (registers model_type "efla" with the Auto classes)
 
     device = str(resolve_device(device))  # a clear error before the harness starts
     folder = check_checkpoint(model)
     tokenizer_path = tokenizer_folder(folder, tokenizer)
+    tokenizer_obj = load_matching_tokenizer(folder, tokenizer)  # the sizes checked before the harness starts
     if prefix_token_id is None:
-        prefix_token_id = AutoTokenizer.from_pretrained(str(tokenizer_path)).eos_token_id
+        prefix_token_id = tokenizer_obj.eos_token_id
     task_manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path or [])],
                                include_defaults=builtin_tasks)
     missing = [task for task in tasks if not task_manager.match_tasks([task])]

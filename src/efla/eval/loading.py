@@ -11,17 +11,21 @@ from typing import Any
 import torch
 
 from efla.device import resolve_device
+from efla.vocab import check_tokenizer_fits
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def check_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder ``path`` (a saved transformers model: config.json and weights), or a clear error."""
+    """The checkpoint folder ``path`` (a saved transformers model: config.json and weights), or a clear error; a run
+    folder of ``efla train`` is pointed to its model/ folder."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist; pass a checkpoint folder holding config.json "
                                 "and model.safetensors (e.g. the model/ folder an `efla train` run writes)")
     if not (path / "config.json").is_file():
+        if (path / "model" / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a training run's folder, not a saved model: use {path / 'model'}")
         raise FileNotFoundError(f"{path} has no config.json: it is not a saved model (save it with save_pretrained)")
     return path
 
@@ -36,20 +40,44 @@ def tokenizer_folder(model: str | Path, tokenizer: str | Path | None = None) -> 
     return folder
 
 
-def load_checkpoint(
-    model: str | Path, tokenizer: str | Path | None = None, device: str | torch.device | None = None
-) -> tuple[Any, Any]:
-    """(model, tokenizer) of a local checkpoint folder, the model in float32 and eval mode on ``device`` (default
-    CUDA when available). ``tokenizer``: a tokenizer folder when the checkpoint has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_matching_tokenizer(model: str | Path, tokenizer: str | Path | None = None) -> Any:
+    """The tokenizer of the checkpoint folder ``model`` (from the folder ``tokenizer`` when given), checked against
+    the model's config before any weights load: a tokenizer with more tokens than the model's vocab_size raises
+    ValueError naming both sizes."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import efla.models  # noqa: F401  (registers model_type "efla" with the Auto classes)
+
+    folder = check_checkpoint(model)
+    source = tokenizer_folder(folder, tokenizer)
+    tokenizer_obj = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    vocab_size = AutoConfig.from_pretrained(str(folder), local_files_only=True).vocab_size
+    check_tokenizer_fits(len(tokenizer_obj), vocab_size, f"the tokenizer in {source} is not the one {folder} was "
+                         "trained with; pass that one (--tokenizer)")
+    return tokenizer_obj
+
+
+def load_model(model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """The model of the checkpoint folder ``model`` in ``dtype`` and eval mode on ``device`` (default CUDA when
+    available)."""
+    from transformers import AutoModelForCausalLM
 
     import efla.models  # noqa: F401  (registers model_type "efla" with the Auto classes)
 
     device = resolve_device(device)
     folder = check_checkpoint(model)
-    tokenizer_obj = AutoTokenizer.from_pretrained(str(tokenizer_folder(folder, tokenizer)))
-    model_obj = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
-    return model_obj, tokenizer_obj
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(device).eval()
+
+
+def load_checkpoint(
+    model: str | Path, tokenizer: str | Path | None = None, device: str | torch.device | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local checkpoint folder, the model in float32 and eval mode on ``device`` (default
+    CUDA when available). ``tokenizer``: a tokenizer folder when the checkpoint has none. Raises before loading the
+    weights for an unusable device, a missing folder or tokenizer, or a tokenizer that does not fit the model."""
+    device = resolve_device(device)
+    tokenizer_obj = load_matching_tokenizer(model, tokenizer)
+    return load_model(model, device), tokenizer_obj
 
 
 def trained_context(model: str | Path) -> int | None:

@@ -12,6 +12,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,11 +150,44 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind is list:
             parser.add_argument(flag, nargs="+", default=None, help=help_text)
         elif kind is dict:
-            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=help_text)
+            parser.add_argument(flag, type=_json_object(flag), default=None, metavar="JSON", help=help_text)
         elif field.name == "resume":
             parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def _json_object(flag: str) -> Callable[[str], dict[str, Any]]:
+    """argparse type of ``flag``: a JSON object; anything else is refused with an example built from the input
+    (``vocab_size=256`` -> ``'{"vocab_size": 256}'``)."""
+
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"takes a JSON object, e.g. {flag} '{_json_example(text)}' "
+                                             f"(got {text!r})")
+        return value
+
+    parse.__name__ = "JSON object"  # argparse names the type in some messages
+    return parse
+
+
+def _json_example(text: str) -> str:
+    """``text``'s key=value pairs as a JSON object (values parsed as JSON where they can be), or a generic example."""
+    pairs = [item.split("=", 1) for item in text.replace(",", " ").split() if "=" in item]
+    if not pairs:
+        return '{"attn_mode": "delta"}'
+
+    def value(raw: str) -> Any:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+
+    return json.dumps({key.strip(): value(raw.strip()) for key, raw in pairs})
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from efla.errors import TrainingDiverged
 from efla.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_model
 from efla.train.config import DEFAULT_SEQ_LEN, TrainConfig
 from efla.train.data import (
@@ -53,20 +54,18 @@ from efla.train.run_dir import (
     check_out_dir,
     clear_outputs,
     describe_changes,
+    existing_outputs,
     model_config_changes,
+    remove_new_outputs,
     setting_changes,
     truncate_metrics,
 )
 from efla.train.tokenizer import load_tokenizer
+from efla.vocab import check_tokenizer_fits
 
 
 class BatchTooLargeError(RuntimeError):
     """The GPU ran out of memory at the configured micro-batch size (the message says which and what to change)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite; the run stopped before the optimizer applied that step,
-    without saving it, so the checkpoints on disk hold only finite steps."""
 
 
 class TrainingStopped(RuntimeError):
@@ -82,9 +81,10 @@ def train(config: TrainConfig) -> Path:
     AutoModelForCausalLM.from_pretrained after ``import efla``).
 
     Raises TrainingStopped when SIGTERM/SIGINT ended the run early (a checkpoint of the last finished step is written
-    and ``resume="latest"`` continues from it), TrainingDiverged on a non-finite loss, BatchTooLargeError when the
-    GPU runs out of memory, and ValueError / FileNotFoundError for bad settings or input (before anything in
-    ``out_dir`` is changed)."""
+    and ``resume="latest"`` continues from it), TrainingDiverged on a non-finite loss (the optimizer has not applied
+    that step, and no checkpoint holds it), BatchTooLargeError when the GPU runs out of memory, and ValueError /
+    FileNotFoundError for bad settings or input (before anything in ``out_dir`` is changed). A new run that fails
+    before its first step is finished removes the files it created, so the same command can run again."""
     world = init_world(config.device)
     try:
         return _Run(config, world).run()
@@ -103,6 +103,8 @@ class _Run:
         self.tokenizer = load_tokenizer(config.tokenizer)
         # settings checked before the (possibly long) tokenisation
         model_cfg = model_config(config, self.tokenizer)
+        # said once the run starts (a start that fails prints only its error)
+        self.notes = [note for note in (_vocab_size_note(config, model_cfg.vocab_size),) if note is not None]
         if config.seq_len is None:  # the model's own context length
             config = self.config = dataclasses.replace(
                 config, seq_len=getattr(model_cfg, "max_position_embeddings", None) or DEFAULT_SEQ_LEN)
@@ -116,6 +118,9 @@ class _Run:
         self.val_rows = self._held_out_rows()
         self.sampler = StepSampler(len(self.rows) - len(self.val_rows), self.global_batch, config.seed)
         self.total_steps = config.total_steps(world.size)
+        if config.warmup_steps >= self.total_steps:
+            self.notes.append(f"warning: warmup_steps {config.warmup_steps} >= the run's {self.total_steps} steps, so "
+                              f"the learning rate never reaches lr {config.lr}; lower --warmup-steps")
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank (FSDP shards each rank's copy)
         from transformers import AutoModelForCausalLM
@@ -144,16 +149,35 @@ class _Run:
             self._apply_changed_settings(state.get("settings"))
             self._log(f"resumed from {resume_from} at step {self.step}")
         self.stop_signal: int | None = None
+        self.outputs_before: set[str] | None = None  # a new run's outputs already in out_dir when it started
+        self.created_out_dir = False
+
+    def run(self) -> Path:
+        """Prepare the run folder and train; a new run that fails before its first step is finished removes what it
+        created there, so that nothing blocks running the same command again."""
+        try:
+            self._start()
+            barrier(self.world)
+            return self._train()
+        except BaseException:
+            if self.config.resume is None and self.step == 0 and self.outputs_before is not None:
+                remove_new_outputs(self.out_dir, self.outputs_before, self.created_out_dir)
+            raise
 
     def _start(self) -> None:
-        """Rank 0 prepares the run folder once every setting and input has been checked: deletes a previous run's
-        outputs (--overwrite), cuts metrics.jsonl back to the resumed step, writes train_config.json."""
+        """Rank 0 prepares the run folder once every setting and input has been checked: says the run's notes,
+        deletes a previous run's outputs (--overwrite), cuts metrics.jsonl back to the resumed step, writes
+        train_config.json."""
         if not self.world.is_main:
             return
+        for note in self.notes:
+            self._log(note)
         if self.config.overwrite:
             deleted = clear_outputs(self.out_dir)
             if deleted:
                 self._log(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {self.out_dir}")
+        self.created_out_dir = not self.out_dir.exists()
+        self.outputs_before = existing_outputs(self.out_dir)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if self.config.resume is not None:
             dropped = truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
@@ -161,10 +185,8 @@ class _Run:
                 self._log(f"metrics.jsonl: dropped {dropped} record(s) after step {self.step}, which are trained again")
         (self.out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
 
-    def run(self) -> Path:
+    def _train(self) -> Path:
         config, world = self.config, self.world
-        self._start()
-        barrier(world)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         logger = MetricsLogger(self.out_dir, world.is_main, self.total_steps, self.step,
                                config.wandb_project if config.wandb else None, dataclasses.asdict(config))
@@ -298,7 +320,8 @@ class _Run:
                 else "no checkpoint was saved yet")
         raise TrainingDiverged(
             f"training diverged at step {self.step + 1}: loss {loss}, grad norm {grad_norm} (not applied); {kept}. "
-            f"Lower --lr (now {self.config.lr}) or raise --warmup-steps, then start again or --resume")
+            f"Lower --lr (now {self.config.lr}) or raise --warmup-steps, then start again or --resume",
+            self.step + 1, loss)
 
     def _stopped(self) -> None:
         name = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "signal"
@@ -453,6 +476,9 @@ def model_config(config: TrainConfig, tokenizer: Any) -> Any:
         values.pop("dtype", None)
         values.pop("torch_dtype", None)
         model_cfg = AutoConfig.for_model(values.pop("model_type"), **values)
+    check_tokenizer_fits(len(tokenizer), model_cfg.vocab_size,
+                         f"raise vocab_size in --model-overrides to at least {len(tokenizer)}, or leave it out (it "
+                         "then follows the tokenizer)")
     _set_activation_checkpointing(model_cfg, config.activation_checkpointing)
     limit = getattr(model_cfg, "max_position_embeddings", None)
     if limit is not None and config.seq_len is not None and config.seq_len > limit:
@@ -460,6 +486,26 @@ def model_config(config: TrainConfig, tokenizer: Any) -> Any:
                          f"lower --seq-len or pass --model-overrides '{{\"max_position_embeddings\": "
                          f"{config.seq_len}}}'")
     return model_cfg
+
+
+def _vocab_size_note(config: TrainConfig, vocab_size: int) -> str | None:
+    """One line saying that the model's vocab_size follows the tokenizer, when it differs from the one of the preset or
+    config file (which the user may have read); None when it is the same or set by --model-overrides."""
+    from transformers import AutoConfig
+
+    from efla.models import PRESETS
+
+    if "vocab_size" in config.model_overrides:
+        return None
+    if config.model in PRESETS:
+        declared, source = PRESETS[config.model].get("vocab_size"), f"the {config.model} preset's"
+    else:
+        declared, source = getattr(AutoConfig.from_pretrained(str(Path(config.model).expanduser())), "vocab_size",
+                                   None), f"{config.model}'s"
+    if declared is None or declared == vocab_size:
+        return None
+    return (f"note: the model's vocab_size is {vocab_size}, the tokenizer's size ({source} is {declared}); set it with "
+            f"--model-overrides '{{\"vocab_size\": N}}' (N >= {vocab_size})")
 
 
 def _set_activation_checkpointing(model_cfg: Any, mode: str) -> None:

@@ -3,7 +3,8 @@
 A run folder holds ``checkpoints/``, ``model/``, ``metrics.jsonl``, ``train_config.json`` and optional logs. A new
 run starts only in a folder without these outputs, unless ``--overwrite`` deletes them first; ``--resume``
 continues the run in it, cutting ``metrics.jsonl`` back to the checkpoint's step so that redone steps are not
-recorded twice.
+recorded twice. A new run that fails before its first step deletes the outputs it created, so that it does not block
+its own rerun.
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ def clear_outputs(out_dir: Path) -> list[str]:
         else:
             continue
         deleted.append(name)
+    return deleted
+
+
+def existing_outputs(out_dir: Path) -> set[str]:
+    """The names of ``RUN_OUTPUTS`` present in ``out_dir`` (empty folders included)."""
+    return {name for name in RUN_OUTPUTS if (out_dir / name).exists()}
+
+
+def remove_new_outputs(out_dir: Path, before: set[str], remove_empty_folder: bool) -> list[str]:
+    """Delete the run outputs in ``out_dir`` that were not there ``before`` (what a failed attempt created; what an
+    earlier run left is kept), and with ``remove_empty_folder`` (the attempt created it) ``out_dir`` itself if that
+    leaves it empty; returns the names deleted."""
+    deleted = []
+    for name in sorted(existing_outputs(out_dir) - before):
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        deleted.append(name)
+    if remove_empty_folder and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
     return deleted
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from efla.experiments.diverged import TrainingDiverged
+from efla.errors import TrainingDiverged
 from efla.experiments.mqar.data import IGNORE, RecallTask, recall_batch
 
 _EVAL_STREAM = 1_000_003  # offset of the evaluation examples' seed from the training stream's: disjoint draws
@@ -86,8 +86,8 @@ def train_recall(
         warmup.step()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            raise TrainingDiverged(f"{mode} T={task.seq_len} pairs={task.num_pairs} lr {lr:g} seed {seed}", step,
-                                   losses[-1])  # fmt: skip
+            raise TrainingDiverged(f"{mode} T={task.seq_len} pairs={task.num_pairs} lr {lr:g} seed {seed}: loss became "
+                                   f"{losses[-1]} at step {step}", step, losses[-1])  # fmt: skip
     return model, losses
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from efla.data import MnistSplit
-from efla.experiments.diverged import TrainingDiverged
+from efla.errors import TrainingDiverged
 from efla.experiments.smnist.corruptions import CORRUPTIONS
 from efla.experiments.smnist.model import METHODS, ClassifierConfig, SequentialClassifier
 from efla.experiments.smnist.report import loss_flatness
@@ -91,7 +91,8 @@ def train_classifier(
                 schedule.step()
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
-                    raise TrainingDiverged(f"{method} seed {seed}", len(losses), losses[-1])
+                    raise TrainingDiverged(f"{method} seed {seed}: loss became {losses[-1]} at step {len(losses)}",
+                                           len(losses), losses[-1])
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
                 if len(losses) == steps:

@@ -22,18 +22,11 @@ from pathlib import Path
 
 import torch
 
+from efla.commands import UNFINISHED, CommandError
+from efla.commands.options import add_output_arguments, device_name, positive_float, positive_int
 from efla.experiments.mqar.report import markdown_table, merge_results, plot_results
 from efla.experiments.mqar.train import SweepConfig, run_sweep
-from efla.experiments.study_cli import (
-    add_output_arguments,
-    device_name,
-    positive_float,
-    positive_int,
-    prepare_output_folder,
-    usage_error,
-    write_json_atomic,
-    write_text_atomic,
-)
+from efla.experiments.outputs import prepare_output_folder, write_json_atomic, write_text_atomic
 from efla.variants import VARIANTS
 
 DEFAULTS = SweepConfig()
@@ -110,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError("no setting has 4 * pairs <= sequence length; raise --seq-lens or lower --num-pairs")
         prepare_output_folder(args.out, OUTPUTS, args.overwrite)
     except ValueError as error:
-        usage_error("mqar", str(error))
+        raise CommandError(str(error)) from error
     if not args.quiet:
         print(f"efla mqar: {len(config.tasks())} settings x {len(config.modes)} modes x {len(config.lrs)} lrs x "
               f"{config.seeds} seeds on {config.device}, {torch.get_num_threads()} threads")  # fmt: skip
@@ -141,7 +134,7 @@ def _merge(args: argparse.Namespace) -> dict:
         results = merge_results(parts)
         prepare_output_folder(args.out, OUTPUTS, args.overwrite)
     except ValueError as error:
-        usage_error("mqar", str(error))
+        raise CommandError(str(error)) from error
     _save(results, args.out)
     print(markdown_table(results))
     print(f"\nmerged {len(parts)} sweeps ({len(results['runs'])} runs) into {args.out / 'results.json'}, table.md, "
@@ -151,12 +144,12 @@ def _merge(args: argparse.Namespace) -> dict:
 
 
 def _exit_unless_complete(results: dict) -> None:
-    """Exit non-zero, after the outputs are written, if any run diverged or (when merging) is still to come."""
+    """Fail with exit code 1, after the outputs are written, if any run diverged or (when merging) is still to come."""
     if results["status"] == "running":
-        raise SystemExit("efla mqar: a merged sweep had not finished; the table holds the runs done so far")
+        raise CommandError("a merged sweep had not finished; the table holds the runs done so far", UNFINISHED)
     if results["status"] != "complete":
         diverged = sum(run["status"] == "diverged" for run in results["runs"])
-        raise SystemExit(f"efla mqar: {diverged} run(s) diverged (see table.md); the table holds the others")
+        raise CommandError(f"{diverged} run(s) diverged (see table.md); the table holds the others", UNFINISHED)
 
 
 def _save(results: dict, out: Path) -> None:

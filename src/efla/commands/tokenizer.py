@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from efla.cli import CommandError, missing_extra
+from efla.commands import CommandError, missing_extra
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,8 @@ corpus for the same tokens, at every learning rate of a small sweep and every se
 and its mean and spread over seeds.
 
     python scripts/build_corpus.py --out runs/corpus          # once: the Debian documentation corpus
-    python scripts/compare_lm.py --corpus runs/corpus --out runs/compare --gpus 0 0 0 --lrs 2e-3 --seeds 0 1 2
-    python scripts/compare_lm.py ... --modes efla delta gated-efla gated-delta     # with the decay-gated modes
+    efla compare-lm --corpus runs/corpus --out runs/compare --gpus 0 0 0 --lrs 2e-3 --seeds 0 1 2
+    efla compare-lm ... --modes efla delta gated-efla gated-delta     # with the decay-gated modes
 
 Modes: "efla" and "delta" (DeltaNet: attn_mode "delta"), and with the decay gate "gated-efla" and "gated-delta"
 (Gated DeltaNet). Each run is ``efla train`` (the 340M preset's architecture at --hidden-size / --layers / --heads;
@@ -16,13 +16,15 @@ over seeds; its test perplexity (mean +- std over seeds, and each seed's) is the
 results.json, table.md and loss_curves.png (mean over seeds, band from the lowest to the highest seed) under --out,
 after every finished run. Each run's record is kept in its folder: running the same command again into the same
 --out reuses finished runs and starts unfinished ones afresh, so an interrupted sweep is finished, never redone. A run
-that fails (out of memory, a diverged loss) stops none of the others; the script then exits non-zero naming it.
-Ctrl-C (SIGINT) ends the running runs, starts no queued one and exits with 130.
+that fails (out of memory, a diverged loss) stops none of the others; the sweep then raises RunsFailed naming it.
+Ctrl-C (SIGINT) ends the running runs and starts no queued one.
+
+Python use: ``sweep(CompareConfig(corpus=Path("runs/corpus")))``; ``efla compare-lm`` is its command.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,71 +36,82 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from queue import Queue
 
-from efla.cli import INTERRUPTED
 from efla.variants import DISPLAY_NAMES, VARIANTS, variant_fields
 
 COLOURS = {"efla": "tab:blue", "delta": "tab:orange", "gated-efla": "tab:green", "gated-delta": "tab:red"}
 RECORD = "record.json"  # a finished run's results, in its folder
-_CHILDREN: set[subprocess.Popen] = set()  # the runs' live processes, stopped together on Ctrl-C
-_CHILDREN_LOCK = threading.Lock()
+RUNNING: set[subprocess.Popen] = set()  # the runs' live processes, stopped together on Ctrl-C
+_RUNNING_LOCK = threading.Lock()
 _STOPPING = threading.Event()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--corpus", type=Path, default=Path("runs/corpus"),
-                   help="folder with train/validation/test.jsonl (from scripts/build_corpus.py)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: CORPUS/tokenizer-32k)")
-    p.add_argument("--out", type=Path, default=Path("runs/compare"))
-    p.add_argument("--gpus", nargs="+", default=["0"], help="CUDA device ids, one concurrent run each")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3, 8e-3])
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=16, help="rows of --seq-len tokens per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimiser step (the same step in less memory, e.g. runs sharing a GPU)")
-    p.add_argument("--max-tokens", type=int, default=None, help="training tokens per run (default: one epoch)")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--modes", nargs="+", default=["efla", "delta"], choices=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed of every (mode, lr)")
-    args = p.parse_args(argv)
-    if args.grad_accum < 1 or args.batch < 1:
-        p.error(f"--batch and --grad-accum must be >= 1 (got {args.batch}, {args.grad_accum})")
+@dataclasses.dataclass
+class CompareConfig:
+    """The sweep: every (mode, lr, seed) trains the 340M preset's architecture at hidden_size / layers / heads."""
+
+    corpus: Path = Path("runs/corpus")  # folder with train/validation/test.jsonl (from scripts/build_corpus.py)
+    tokenizer: Path | None = None  # tokenizer folder (None: corpus/tokenizer-32k)
+    out: Path = Path("runs/compare")
+    gpus: tuple[str, ...] = ("0",)  # CUDA device ids, one concurrent run each ("cpu": no GPU)
+    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
+    hidden_size: int = 512
+    layers: int = 8
+    heads: int = 4
+    seq_len: int = 2048
+    batch: int = 16  # rows of seq_len tokens per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step (the same step in less memory, e.g. runs sharing a GPU)
+    max_tokens: int | None = None  # training tokens per run (None: one epoch)
+    warmup_steps: int = 50
+    modes: tuple[str, ...] = ("efla", "delta")
+    seeds: tuple[int, ...] = (0, 1, 2)  # one run per seed of every (mode, lr)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.corpus / "tokenizer-32k"
+
+
+class RunsFailed(RuntimeError):
+    """Some runs of the sweep failed (each message names its log); the others finished and are reported."""
+
+
+def check_config(config: CompareConfig) -> None:
+    """Raise ValueError naming the setting and what to change, before anything runs."""
+    if config.grad_accum < 1 or config.batch < 1:
+        raise ValueError(f"--batch and --grad-accum must be >= 1 (got {config.batch}, {config.grad_accum})")
     for split in ("train", "validation", "test"):
-        if not (args.corpus / f"{split}.jsonl").is_file():
-            p.error(f"--corpus {args.corpus} has no {split}.jsonl; run scripts/build_corpus.py")
-    args.tokenizer = args.tokenizer or args.corpus / "tokenizer-32k"
-    if not args.tokenizer.is_dir():
-        p.error(f"--tokenizer {args.tokenizer} is not a folder; train one with efla tokenizer train")
+        if not (config.corpus / f"{split}.jsonl").is_file():
+            raise ValueError(f"--corpus {config.corpus} has no {split}.jsonl; run scripts/build_corpus.py")
+    if not config.tokenizer.is_dir():
+        raise ValueError(f"--tokenizer {config.tokenizer} is not a folder; train one with efla tokenizer train")
+    unknown = sorted(set(config.modes) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"--modes {' '.join(unknown)}: not a mode; choose among {' '.join(VARIANTS)}")
     for name in ("modes", "seeds", "lrs"):
-        values = getattr(args, name)
+        values = list(getattr(config, name))
         if len(set(values)) != len(values):
-            p.error(f"--{name} lists a value twice: {values}")
-    return args
+            raise ValueError(f"--{name} lists a value twice: {values}")
 
 
-def train_command(args: argparse.Namespace, mode: str, lr: float, seed: int, out_dir: Path, max_steps: int | None,
+def train_command(config: CompareConfig, mode: str, lr: float, seed: int, out_dir: Path, max_steps: int | None,
                   overwrite: bool = False) -> list[str]:
-    overrides = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_heads": args.heads,
+    overrides = {"hidden_size": config.hidden_size, "num_hidden_layers": config.layers, "num_heads": config.heads,
                  **variant_fields(mode)}
     budget = (["--max-steps", str(max_steps)] if max_steps is not None
-              else ["--max-tokens", str(args.max_tokens or epoch_tokens(args))])
+              else ["--max-tokens", str(config.max_tokens or epoch_tokens(config))])
     return [sys.executable, "-m", "efla", "train", "--model", "340M", "--model-overrides", json.dumps(overrides),
-            "--tokenizer", str(args.tokenizer), "--data", str(args.corpus / "train.jsonl"),
-            "--cache-dir", str(args.out / "token_cache"), "--seq-len", str(args.seq_len),
-            "--micro-batch-size", str(args.batch), "--grad-accum", str(args.grad_accum), *budget, "--lr", str(lr),
-            "--warmup-steps", str(args.warmup_steps),
+            "--tokenizer", str(config.tokenizer), "--data", str(config.corpus / "train.jsonl"),
+            "--cache-dir", str(config.out / "token_cache"), "--seq-len", str(config.seq_len),
+            "--micro-batch-size", str(config.batch), "--grad-accum", str(config.grad_accum), *budget, "--lr", str(lr),
+            "--warmup-steps", str(config.warmup_steps),
             "--seed", str(seed), "--out-dir", str(out_dir), "--save-every", "100000", "--log-every", "5",
             *(["--overwrite"] if overwrite else [])]
 
 
-def epoch_tokens(args: argparse.Namespace) -> int:
+def epoch_tokens(config: CompareConfig) -> int:
     """Tokens in the training split's token cache (built by the warm-up run)."""
-    metas = list((args.out / "token_cache").glob("*/meta.json"))
+    metas = list((config.out / "token_cache").glob("*/meta.json"))
     if len(metas) != 1:
-        raise RuntimeError(f"expected one token cache under {args.out / 'token_cache'}, found {len(metas)}")
+        raise RuntimeError(f"expected one token cache under {config.out / 'token_cache'}, found {len(metas)}")
     return json.loads(metas[0].read_text())["num_tokens"]
 
 
@@ -115,16 +128,16 @@ def run_logged(command: list[str], log: Path, gpu: str, slots: int) -> None:
     with log.open("a") as f:
         f.write(" ".join(command) + "\n")
         f.flush()
-        with _CHILDREN_LOCK:
+        with _RUNNING_LOCK:
             if _STOPPING.is_set():
                 raise RuntimeError("interrupted")
             child = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
-            _CHILDREN.add(child)
+            RUNNING.add(child)
         try:
             code = child.wait()
         finally:
-            with _CHILDREN_LOCK:
-                _CHILDREN.discard(child)
+            with _RUNNING_LOCK:
+                RUNNING.discard(child)
     if code != 0:
         raise RuntimeError(f"{' '.join(command[2:5])} failed; its output is in {log}")
 
@@ -132,9 +145,9 @@ def run_logged(command: list[str], log: Path, gpu: str, slots: int) -> None:
 def stop_children() -> None:
     """Start no more runs and end the running ones (Ctrl-C reaches them from a terminal, but not when only this
     process is signalled), waiting for each to exit."""
-    with _CHILDREN_LOCK:
+    with _RUNNING_LOCK:
         _STOPPING.set()
-        children = list(_CHILDREN)
+        children = list(RUNNING)
     for child in children:
         child.terminate()
     for child in children:
@@ -145,9 +158,9 @@ def run_name(mode: str, lr: float, seed: int) -> str:
     return f"{mode}_lr{lr:g}_seed{seed}"
 
 
-def one_run(args: argparse.Namespace, mode: str, lr: float, seed: int, gpus: Queue) -> dict:
+def one_run(config: CompareConfig, mode: str, lr: float, seed: int, gpus: Queue) -> dict:
     """Train and evaluate one (mode, lr, seed), or reuse its record from an earlier sweep into the same --out."""
-    run_dir = args.out / run_name(mode, lr, seed)
+    run_dir = config.out / run_name(mode, lr, seed)
     record_file = run_dir / RECORD
     if record_file.is_file():
         print(f"{run_name(mode, lr, seed)}: finished earlier, reusing {record_file}", flush=True)
@@ -158,13 +171,14 @@ def one_run(args: argparse.Namespace, mode: str, lr: float, seed: int, gpus: Que
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "log.txt"
         start = time.time()
-        run_logged(train_command(args, mode, lr, seed, run_dir, None, overwrite=unfinished), log, gpu, len(args.gpus))
+        run_logged(train_command(config, mode, lr, seed, run_dir, None, overwrite=unfinished), log, gpu,
+                   len(config.gpus))
         seconds = time.time() - start
         ppl = {}
         for split in ("validation", "test"):
             output = run_dir / f"ppl_{split}.json"
-            run_logged(eval_command(run_dir / "model", args.corpus / f"{split}.jsonl", output, args.seq_len), log,
-                       gpu, len(args.gpus))
+            run_logged(eval_command(run_dir / "model", config.corpus / f"{split}.jsonl", output, config.seq_len), log,
+                       gpu, len(config.gpus))
             ppl[split] = json.loads(output.read_text())
     finally:
         gpus.put(gpu)
@@ -203,10 +217,10 @@ def summarize(runs: list[dict]) -> tuple[list[dict], dict[str, dict]]:
     return summary, best
 
 
-def write_report(args: argparse.Namespace, runs: list[dict]) -> None:
+def write_report(config: CompareConfig, runs: list[dict]) -> None:
     """results.json, table.md and loss_curves.png of the runs finished so far."""
     summary, best = summarize(runs)
-    (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+    (config.out / "results.json").write_text(json.dumps({"settings": _settings(config),
                                                        "runs": runs, "summary": summary, "best": best}, indent=1))
     lines = ["| mode | lr | seeds | validation ppl | test ppl | test bits/byte | test ppl per seed | train s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -215,8 +229,13 @@ def write_report(args: argparse.Namespace, runs: list[dict]) -> None:
         per_seed = ", ".join(f"{s}: {v:.2f}" for s, v in zip(e["seeds"], e["test_ppl"]["values"], strict=True))
         lines.append(f"| {e['mode']} | {e['lr']:g}{mark} | {len(e['seeds'])} | {_pm(e['validation_ppl'])} | "
                      f"{_pm(e['test_ppl'])} | {_pm(e['test_bits_per_byte'], 4)} | {per_seed} | {e['seconds']:.0f} |")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    plot_curves(runs, best, args.out / "loss_curves.png")
+    (config.out / "table.md").write_text("\n".join(lines) + "\n")
+    plot_curves(runs, best, config.out / "loss_curves.png")
+
+
+def _settings(config: CompareConfig) -> dict[str, str]:
+    """The sweep's settings as text, lists written as lists."""
+    return {k: str(list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
 
 
 def _pm(spread: dict, digits: int = 2) -> str:
@@ -254,41 +273,35 @@ def plot_curves(runs: list[dict], best: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+def sweep(config: CompareConfig) -> None:
+    """The warm-up run, then every (mode, lr, seed) on the GPUs in turn, reported after each (results.json, table.md,
+    loss_curves.png in config.out). On Ctrl-C the queued runs are dropped and the running ones ended before the
+    interrupt goes on; RunsFailed when any run failed."""
+    check_config(config)
+    config.out.mkdir(parents=True, exist_ok=True)
     _STOPPING.clear()
+    warm = config.out / "warmup"
     try:
-        sweep(args)
-    except KeyboardInterrupt:
-        stop_children()
-        print(f"compare_lm: interrupted; the finished runs are kept in {args.out} (the same command reuses them and "
-              "reruns the others)", file=sys.stderr)
-        raise SystemExit(INTERRUPTED) from None
-
-
-def sweep(args: argparse.Namespace) -> None:
-    """The warm-up run, then every (mode, lr, seed) on the GPUs in turn, reported after each; on Ctrl-C the queued
-    runs are dropped and the running ones ended before the interrupt goes on."""
-    warm = args.out / "warmup"
-    run_logged(train_command(args, args.modes[0], args.lrs[0], args.seeds[0], warm, max_steps=1,
-                             overwrite=warm.exists()), args.out / "warmup.log", args.gpus[0], 1)
-    jobs = [(mode, lr, seed) for seed in args.seeds for lr in args.lrs for mode in args.modes]
-    print(f"corpus: {epoch_tokens(args):,} training tokens; {len(jobs)} runs on GPUs {args.gpus}", flush=True)
+        run_logged(train_command(config, config.modes[0], config.lrs[0], config.seeds[0], warm, max_steps=1,
+                                 overwrite=warm.exists()), config.out / "warmup.log", config.gpus[0], 1)
+    except RuntimeError as error:
+        raise RunsFailed(f"the warm-up run failed, so no run started: {error}") from error
+    jobs = [(mode, lr, seed) for seed in config.seeds for lr in config.lrs for mode in config.modes]
+    print(f"corpus: {epoch_tokens(config):,} training tokens; {len(jobs)} runs on GPUs {list(config.gpus)}", flush=True)
     gpus: Queue = Queue()
-    for gpu in args.gpus:
+    for gpu in config.gpus:
         gpus.put(gpu)
     runs, failures = [], []
-    pool = ThreadPoolExecutor(len(args.gpus))
+    pool = ThreadPoolExecutor(len(config.gpus))
     try:
-        for future in as_completed([pool.submit(one_run, args, *job, gpus) for job in jobs]):
+        for future in as_completed([pool.submit(one_run, config, *job, gpus) for job in jobs]):
             try:
                 runs.append(future.result())
             except RuntimeError as error:  # one failed run (out of memory, say) stops none of the others
                 failures.append(str(error))
                 print(f"failed: {error}", flush=True)
                 continue
-            write_report(args, runs)  # after every run, so an interrupted sweep still leaves its finished runs
+            write_report(config, runs)  # after every run, so an interrupted sweep still leaves its finished runs
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
         stop_children()  # before the wait below, which would otherwise last as long as the running runs
@@ -296,11 +309,7 @@ def sweep(args: argparse.Namespace) -> None:
     finally:
         pool.shutdown()
     if runs:
-        print((args.out / "table.md").read_text())
+        print((config.out / "table.md").read_text())
     if failures:
-        raise SystemExit(f"compare_lm: {len(failures)} of {len(jobs)} runs failed (their logs say why; the same "
-                         f"command again reruns only those): " + "; ".join(failures))
-
-
-if __name__ == "__main__":
-    main()
+        raise RunsFailed(f"{len(failures)} of {len(jobs)} runs failed (their logs say why; the same command again "
+                         "reruns only those): " + "; ".join(failures))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from efla.cli import CommandError, missing_extra
+from efla.commands import UNFINISHED, CommandError, missing_extra
 from efla.train.config import add_config_arguments, config_from_args
 
 
@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> None:
     finish (diverged, out of memory: exit 1; stopped by a signal: 128 + the signal) says so and how to go on."""
     try:
         config = config_from_args(args)
-        from efla.train.loop import BatchTooLargeError, TrainingDiverged, TrainingStopped, train
+        from efla.errors import TrainingDiverged
+        from efla.train.loop import BatchTooLargeError, TrainingStopped, train
     except ModuleNotFoundError as error:
         raise missing_extra(error, "hf") from error
     except (ValueError, OSError) as error:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
     except TrainingStopped as error:
         raise CommandError(str(error), code=128 + error.signum) from error
     except (TrainingDiverged, BatchTooLargeError) as error:
-        raise CommandError(str(error), code=1) from error
+        raise CommandError(str(error), code=UNFINISHED) from error
     except ModuleNotFoundError as error:
         raise missing_extra(error, "hf") from error
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as error:

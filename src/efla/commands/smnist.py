@@ -22,21 +22,14 @@ from pathlib import Path
 
 import torch
 
+from efla.commands import UNFINISHED, CommandError
+from efla.commands.options import add_output_arguments, device_name, positive_float, positive_int
 from efla.data import MnistSplit, load_mnist
 from efla.data.mnist import TEST_FRACTION
+from efla.experiments.outputs import prepare_output_folder, write_json_atomic, write_text_atomic
 from efla.experiments.smnist.model import METHODS
 from efla.experiments.smnist.report import markdown_table, plot_results
 from efla.experiments.smnist.train import LR_SCHEDULES, StudyConfig, run_study
-from efla.experiments.study_cli import (
-    add_output_arguments,
-    device_name,
-    positive_float,
-    positive_int,
-    prepare_output_folder,
-    usage_error,
-    write_json_atomic,
-    write_text_atomic,
-)
 
 DEFAULTS = StudyConfig()
 FULL_EPOCHS = 10
@@ -124,14 +117,14 @@ def run(args: argparse.Namespace) -> dict:
     try:
         data = load_mnist(args.data, test_fraction=args.test_fraction)
     except (FileNotFoundError, ValueError) as error:
-        usage_error("smnist", str(error))
+        raise CommandError(str(error)) from error
     data = _subset(data, args.train_size, args.test_size)
     if len(data.train_labels) < args.batch_size:
-        usage_error("smnist", f"--batch-size {args.batch_size} exceeds the {len(data.train_labels)} training digits")
+        raise CommandError(f"--batch-size {args.batch_size} exceeds the {len(data.train_labels)} training digits")
     try:
         prepare_output_folder(args.out, OUTPUTS, args.overwrite)
     except ValueError as error:
-        usage_error("smnist", str(error))
+        raise CommandError(str(error)) from error
     config = _config(args)
     if not args.quiet:
         print(f"efla smnist: {data.source}; {len(data.train_labels)} train / {len(data.test_labels)} test digits, "
@@ -143,8 +136,8 @@ def run(args: argparse.Namespace) -> dict:
     if results["status"] != "complete":
         diverged = [f"{m} seed {d['seed']} at step {d['step']}" for m, e in results["methods"].items()
                     for d in e["diverged"]]  # fmt: skip
-        raise SystemExit(f"efla smnist: {len(diverged)} run(s) diverged ({'; '.join(diverged)}); the table holds the "
-                         "others")  # fmt: skip
+        raise CommandError(f"{len(diverged)} run(s) diverged ({'; '.join(diverged)}); the table holds the others",
+                           UNFINISHED)
     return results
 
 

@@ -1,4 +1,4 @@
-"""efla eval: perplexity of a checkpoint on held-out text (ppl), or lm-evaluation-harness tasks (harness).
+"""``efla eval``: perplexity of a checkpoint on held-out text (ppl), or lm-evaluation-harness tasks (harness).
 
     efla eval ppl --model runs/NAME/model --files data/corpus/test.jsonl [--context 2048 --stride 512]
     efla eval harness --model runs/NAME/model --tasks lambada_openai,piqa [--limit 100 --num-fewshot 0]
@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from efla.cli import CommandError, missing_extra
+from efla.commands import CommandError, missing_extra
+from efla.commands.options import check_new_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``efla eval ppl ...`` and ``efla eval harness ...``."""
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     ppl = actions.add_parser("ppl", help="perplexity and bits per byte on local files or a datasets split",
                              allow_abbrev=False)
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     ppl.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ppl.add_argument("--fp32", action="store_true", help="on CUDA, float32 instead of bfloat16 autocast")
-    ppl.add_argument("--output", type=Path, help="also write the numbers to this JSON file")
+    ppl.add_argument("--output", type=Path, help="also write the numbers to this JSON file (a new one)")
+    ppl.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     harness = actions.add_parser("harness", help="lm-evaluation-harness tasks (pip install efla[eval])",
                                  allow_abbrev=False)
@@ -47,13 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     harness.add_argument("--include-path", nargs="+", default=[], help="more folders of task YAMLs")
     harness.add_argument("--no-builtin-tasks", action="store_true",
                          help="index only efla's and --include-path tasks (skips the harness's own; faster start)")
-    harness.add_argument("--output", type=Path, help="also write the results to this JSON file")
+    harness.add_argument("--output", type=Path, help="also write the results to this JSON file (a new one)")
+    harness.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
 
 def run(args: argparse.Namespace) -> None:
     """Run the action; bad input (a missing folder or file, malformed text, an unusable device) is a one-line usage
     error, a missing optional package names the extra to install."""
     try:
+        check_new_file(args.output, args.overwrite)
         if args.action == "ppl":
             _ppl(args)
         else:
@@ -65,17 +70,18 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _ppl(args: argparse.Namespace) -> None:
-    from efla.eval.loading import check_checkpoint, dataset_texts, load_checkpoint, read_texts, trained_context
+    from efla.device import resolve_device
+    from efla.eval.loading import dataset_texts, load_matching_tokenizer, load_model, read_texts, trained_context
     from efla.eval.perplexity import perplexity
 
-    check_checkpoint(args.model)  # before reading the text
-
+    device = resolve_device(args.device)  # the checks first, then the text, then the weights
+    tokenizer = load_matching_tokenizer(args.model, args.tokenizer)
     if args.files:
         texts, source = read_texts(args.files, args.text_field), {"files": args.files}
     else:
         texts = dataset_texts(args.dataset, args.split, args.dataset_config, args.text_field)
         source = {"dataset": args.dataset, "config": args.dataset_config, "split": args.split}
-    model, tokenizer = load_checkpoint(args.model, args.tokenizer, args.device)
+    model = load_model(args.model, device)
     context = args.context if args.context is not None else trained_context(args.model)
     result = perplexity(model, tokenizer, texts, context=context, stride=args.stride,
                         batch_size=args.batch_size, bf16_autocast=not args.fp32, progress=True)

@@ -4,10 +4,13 @@ report generated tokens per second."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from typing import Any
 
 import torch
+
+from efla.commands import CommandError, missing_extra
+from efla.device import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,43 +34,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     for name, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
-            raise ValueError(f"{name} must be >= {low} (got {value})")
+            raise CommandError(f"{name} must be >= {low} (got {value})")
     if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (got {args.temperature})")
+        raise CommandError(f"--temperature must be >= 0 (got {args.temperature})")
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1 (got {args.top_k})")
+        raise CommandError(f"--top-k must be >= 1 (got {args.top_k})")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1] (got {args.top_p})")
+        raise CommandError(f"--top-p must be in (0, 1] (got {args.top_p})")
 
 
 def run(args: argparse.Namespace) -> None:
-    """Load, generate (after an untimed warm-up run on CUDA: kernel compilation and graph capture), print each row's
-    text and the speed."""
+    """Load, generate (after an untimed warm-up run on CUDA: kernel compilation and graph capture), print the prompt,
+    each row's continuation and the speed. Every bad argument or input is a usage error (exit 2) before the weights
+    load."""
+    _check(args)
     try:
-        _check(args)
-    except ValueError as error:
-        print(f"efla generate: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        from efla.eval.loading import load_matching_tokenizer, load_model
+        from efla.models.generation import generate
 
-    import efla.models  # noqa: F401  (registers model_type "efla" with the Auto classes)
-    from efla.eval.loading import check_checkpoint, tokenizer_folder
-    from efla.models.generation import generate
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        folder = check_checkpoint(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(folder, args.tokenizer)), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    except (FileNotFoundError, OSError, ValueError) as error:
-        raise SystemExit(f"efla generate: error: {error}") from error
-    model = model.to(device).eval()
-    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
-    if prompt.shape[1] == 0:
-        raise SystemExit("efla generate: error: --prompt encodes to no tokens; give some text")
-    ids = prompt.expand(args.batch_size, -1).contiguous()
+        device = resolve_device(args.device)
+        dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+        tokenizer = load_matching_tokenizer(args.model, args.tokenizer)
+        prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
+        if prompt.shape[1] == 0:
+            raise CommandError("--prompt encodes to no tokens; give some text")
+        model = load_model(args.model, device, dtype)
+    except ModuleNotFoundError as error:
+        raise missing_extra(error, "hf") from error
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error).splitlines()[0]) from error
+    ids = prompt.to(device).expand(args.batch_size, -1).contiguous()
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    use_cuda_graph=False if args.no_cuda_graph else None)
@@ -80,10 +76,22 @@ def run(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    print(f"prompt: {tokenizer.decode(ids[0], skip_special_tokens=True)}")
+    for row, tokens in enumerate(out):
+        label = f"continuation [{row}]" if args.batch_size > 1 else "continuation"
+        print(f"{label}: {continuation_text(tokenizer, tokens, ids.shape[1])}")
     new = out[:, ids.shape[1]:]
-    for row, tokens in enumerate(new):
-        prefix = f"[{row}] " if args.batch_size > 1 else ""
-        print(prefix + args.prompt + tokenizer.decode(tokens, skip_special_tokens=True))
     count = new.numel()
     print(f"{count} tokens ({args.batch_size} x {new.shape[1]}) in {seconds:.3f} s, prompt of {ids.shape[1]} tokens "
           f"included: {count / seconds:.1f} tokens/s ({device.type}, {str(dtype).removeprefix('torch.')})")
+
+
+def continuation_text(tokenizer: Any, tokens: torch.Tensor, prompt_length: int) -> str:
+    """The text the tokens after the first ``prompt_length`` add to the prompt: the whole row decoded at once, less
+    the prompt's text, so that a word or a character split across the boundary comes out whole (the new tokens
+    decoded alone when the prompt's text is not a prefix of the row's)."""
+    whole = tokenizer.decode(tokens, skip_special_tokens=True)
+    prompt = tokenizer.decode(tokens[:prompt_length], skip_special_tokens=True)
+    if whole.startswith(prompt):
+        return whole[len(prompt):]
+    return tokenizer.decode(tokens[prompt_length:], skip_special_tokens=True)
