@@ -60,9 +60,10 @@ class EFLAttention(nn.Module):
     Both modes have exactly the same parameters; they differ only in the key normalisation and the step size. The
     decay gate adds a_proj [num_heads, hidden_size] and, per head, A_log and dt_bias (both flagged
     ``_no_weight_decay``, as fla does, for trainers that exclude them from weight decay).
-    ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True keeps only the inputs of the
-    element-wise work (convolution + SiLU + L2 norm, the beta sigmoid) for the backward and recomputes the rest there
-    (``efla.layers.recompute``); the output norm always keeps only its inputs.
+    ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True (the model's "selective"
+    activation checkpointing) keeps only the inputs of the element-wise work (convolution + SiLU + L2 norm, the beta
+    sigmoid, the decay gate) for the backward and recomputes the rest there (``efla.layers.recompute``); the output
+    norm always keeps only its inputs.
     """
 
     def __init__(
