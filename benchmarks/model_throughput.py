@@ -15,7 +15,8 @@ runs) and ``amp`` (float32 weights, bfloat16 autocast, what the trainer runs).
 
 --context-sweep runs batch 1 at 16k, 32k, ... tokens, doubling until a variant runs out of memory, for each of
 --sweep-variants, and reports each one's longest context. --packed-docs MEAN also times our variants on one packed row
-of documents (the layout ``efla train`` feeds them). --activation-checkpointing sets that config field of our models.
+of documents (the layout ``efla train`` feeds them). --activation-checkpointing none|selective|full applies that policy
+to our models, as ``efla train`` does.
 --decay-gate times the gated forms: our variants with ``use_decay_gate`` (delta: Gated DeltaNet, efla: gated EFLA)
 and ``fla`` as fla's GatedDeltaNetForCausalLM of the same sizes (one head_dim = hidden / heads, expand_v = 1).
 Every row is appended to --out (JSON lines; default: a new dated file in benchmarks/results/) as it finishes, so a
@@ -45,12 +46,15 @@ VARIANTS = ("efla", "delta", "efla+compile", "delta+compile", "fla")
 SHAPES = ("8x2048", "16x2048", "1x32768", "2x32768")
 
 
-def build(variant: str, preset: str, overrides: dict) -> nn.Module:
-    """The model of one variant (see the module docstring), on the CPU in float32."""
+def build(variant: str, preset: str, overrides: dict, checkpointing: str | None = None) -> nn.Module:
+    """The model of one variant (see the module docstring), on the CPU in float32; ours with the activation
+    checkpointing policy ``checkpointing`` (none | selective | full) if given."""
     if variant == "fla":
         return fla_model_like(preset_config(preset, use_decay_gate=bool(overrides.get("use_decay_gate"))))
     mode, _, compiled = variant.partition("+")
     model = EFLAForCausalLM(preset_config(preset, attn_mode=mode, **overrides))
+    if checkpointing not in (None, "none"):
+        model.activation_checkpointing_enable({"policy": checkpointing})
     if compiled:
         for block in model.model.layers:
             block.compile()
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-max", type=int, default=1 << 20, help="longest context the sweep tries")
     parser.add_argument("--packed-docs", type=int, default=0, metavar="MEAN",
                         help="also time our variants on packed documents of this mean length (0: off)")
-    parser.add_argument("--activation-checkpointing", default=None, help="config field of our models")
+    parser.add_argument("--activation-checkpointing", default=None, choices=["none", "selective", "full"],
+                        help="the policy applied to our models")
     parser.add_argument("--decay-gate", action="store_true",
                         help="the gated forms: use_decay_gate in ours, fla's Gated DeltaNet as 'fla'")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -178,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="print each row's top operators")
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
     args = parser.parse_args(argv)
-    overrides = {} if args.activation_checkpointing is None else {
-        "activation_checkpointing": args.activation_checkpointing}
+    overrides, policy = {}, args.activation_checkpointing
     if args.decay_gate:
         overrides["use_decay_gate"] = True
         if "fla" in args.variants and args.device.startswith("cuda"):
@@ -195,11 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         batch, length = (int(x) for x in shape.lower().split("x"))
         for precision in args.precisions:
             for variant in args.variants:
-                row = measure(lambda v=variant: build(v, args.preset, overrides), batch, length, precision, 0, args)
+                row = measure(lambda v=variant: build(v, args.preset, overrides, policy), batch, length, precision, 0,
+                              args)
                 report(variant, row, writer)
                 rows.append({"variant": variant, **row})
                 if args.packed_docs and variant != "fla":
-                    row = measure(lambda v=variant: build(v, args.preset, overrides), batch, length, precision,
+                    row = measure(lambda v=variant: build(v, args.preset, overrides, policy), batch, length, precision,
                                   args.packed_docs, args)
                     report(variant, row, writer)
                     rows.append({"variant": variant, **row})
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.sweep_variants:
             length, longest = 16384, None
             while length <= args.sweep_max:
-                row = measure(lambda v=variant: build(v, args.preset, overrides), 1, length, "bf16", 0, args)
+                row = measure(lambda v=variant: build(v, args.preset, overrides, policy), 1, length, "bf16", 0, args)
                 report(variant, row, writer)
                 rows.append({"variant": variant, **row})
                 if row["oom"]:

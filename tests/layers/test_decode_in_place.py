@@ -1,5 +1,5 @@
-"""The in-place one-token step (``efla.layers.decode``): its Triton kernels against float64 references, and the layer's
-kernel path against its PyTorch path (on CPU the kernels run in Triton's interpreter)."""
+"""The layer's in-place one-token step (``EFLAttention.step``): its Triton kernels against float64 references, and the
+layer's kernel path against its PyTorch path (on CPU the kernels run in Triton's interpreter)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from helpers import rel_err, require_triton_kernels
 
 from efla import efla_attention
 from efla.layers import EFLAttention
-from efla.layers import decode as decode_module
-from efla.layers.decode import _stacked_weights, decode_in_place
+from efla.layers import attention as attention_module
 from efla.modules.triton.decode_step import conv_step_in_place, conv_step_op, recurrent_step, recurrent_step_op
 
 DEVICE = require_triton_kernels()
@@ -66,7 +65,7 @@ def test_recurrent_step_advances_the_state_in_place(mode, gated, step):
                                      dict(mode="efla", use_decay_gate=True)], ids=["efla", "delta-gate", "decay"])
 @torch.no_grad()
 def test_layer_kernel_step_equals_its_pytorch_step(options, monkeypatch):
-    """The same layer and states through decode_in_place's kernel path and its PyTorch path, three tokens on."""
+    """The same layer and states through step's kernel path and its PyTorch path, three tokens on."""
     torch.manual_seed(3)
     layer = EFLAttention(64, 4, layer_idx=0, **options).to(DEVICE)
     B = 2
@@ -77,18 +76,28 @@ def test_layer_kernel_step_equals_its_pytorch_step(options, monkeypatch):
         x = torch.randn(B, 1, 64, device=DEVICE)
         outputs = {}
         for kernels in (True, False):
-            monkeypatch.setattr(decode_module, "on_kernels", lambda layer, x, kernels=kernels: kernels)
-            outputs[kernels] = decode_in_place(layer, x, *states[kernels])
+            monkeypatch.setattr(attention_module, "uses_decode_kernels", lambda x, backend, kernels=kernels: kernels)
+            outputs[kernels] = layer.step(x, *states[kernels])
         assert rel_err(outputs[True], outputs[False]) < 1e-5
         for a, b in zip(states[True], states[False], strict=True):
             assert rel_err(a, b) < 1e-5
 
 
-def test_stacked_weights_follow_a_changed_weight():
-    layer = EFLAttention(32, 2, layer_idx=0)
-    before, _ = _stacked_weights(layer)
-    assert _stacked_weights(layer)[0] is before  # kept while nothing changes
+def test_kernel_step_follows_a_changed_weight(monkeypatch):
+    """The kernels' stacked weights are built once, kept while no weight changes, and rebuilt after one does."""
+    torch.manual_seed(4)
+    layer = EFLAttention(32, 2, layer_idx=0).to(DEVICE)
+    x = torch.randn(2, 1, 32, device=DEVICE)
+
+    def step(kernels: bool) -> torch.Tensor:
+        monkeypatch.setattr(attention_module, "uses_decode_kernels", lambda x, backend: kernels)
+        return layer.step(x, *layer.allocate_inference_cache(2))
+
+    step(True)
+    before = layer._stacked_decode_weights()[0]
+    assert layer._stacked_decode_weights()[0] is before  # kept while nothing changes
     with torch.no_grad():
         layer.k_proj.weight.mul_(2)
-    after, _ = _stacked_weights(layer)
+    assert rel_err(step(True), step(False)) < 1e-5
+    after = layer._stacked_decode_weights()[0]
     assert torch.equal(after[32:64], layer.k_proj.weight) and not torch.equal(after, before)

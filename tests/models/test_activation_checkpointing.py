@@ -1,4 +1,5 @@
-"""activation_checkpointing "none" | "selective" | "full": the same loss and gradients, fewer saved bytes."""
+"""Activation checkpointing policies "selective" | "full" (``activation_checkpointing_enable``), against none: the same
+loss and gradients, fewer saved bytes; old config.json files that stored the policy still load."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ pytest.importorskip("transformers")
 
 from helpers import rel_err
 
+from efla.layers import EFLAttention
 from efla.models import EFLAConfig, EFLAForCausalLM, preset_config
 from efla.models.modeling_efla import EFLABlock
 
@@ -20,10 +22,17 @@ VARIANTS = {
 }
 
 
-def _loss_and_grads(mode: str, overrides: dict, ids: torch.Tensor, mask: torch.Tensor | None, autocast: bool):
+def checkpointed_model(config: EFLAConfig, mode: str) -> EFLAForCausalLM:
+    """EFLAForCausalLM(config) in training mode under the policy ``mode`` ("none": no checkpointing)."""
     torch.manual_seed(0)
-    config = preset_config("tiny", initializer_range=0.1, chunk_size=4, activation_checkpointing=mode, **overrides)
     model = EFLAForCausalLM(config).train()
+    if mode != "none":
+        model.activation_checkpointing_enable({"policy": mode})
+    return model
+
+
+def _loss_and_grads(mode: str, overrides: dict, ids: torch.Tensor, mask: torch.Tensor | None, autocast: bool):
+    model = checkpointed_model(preset_config("tiny", initializer_range=0.1, chunk_size=4, **overrides), mode)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(ids, attention_mask=mask, labels=ids).loss
     return loss, dict(zip([n for n, _ in model.named_parameters()],
@@ -57,11 +66,10 @@ def test_selective_recomputes_under_the_forwards_autocast():
         assert rel_err(grad, reference_grads[name]) < 1e-5, name
 
 
-def saved_bytes_per_token(config: EFLAConfig, tokens: int = 64) -> float:
-    """Bytes one EFLA block keeps for its backward per token (distinct storages, parameters excluded), counted with
-    saved-tensor hooks; "full" runs the block as the model does (checkpointed)."""
-    torch.manual_seed(0)
-    model = EFLAForCausalLM(config).train()
+def saved_bytes_per_token(config: EFLAConfig, mode: str, tokens: int = 64) -> float:
+    """Bytes one EFLA block keeps for its backward per token (distinct storages, parameters excluded) under the policy
+    ``mode``, counted with saved-tensor hooks."""
+    model = checkpointed_model(config, mode)
     block = model.model.layers[0]
     assert isinstance(block, EFLABlock)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -75,19 +83,47 @@ def saved_bytes_per_token(config: EFLAConfig, tokens: int = 64) -> float:
 
     x = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.model._run_block(block, x, None, None, None)
+        block(x, None, None, None)
     return sum(saved.values()) / tokens
 
 
 def test_selective_saves_substantially_fewer_bytes():
-    per_token = {mode: saved_bytes_per_token(preset_config("tiny", activation_checkpointing=mode, chunk_size=16,
-                                                           attn_backend="torch")) for mode in MODES}
+    config = preset_config("tiny", chunk_size=16, attn_backend="torch")
+    per_token = {mode: saved_bytes_per_token(config, mode) for mode in MODES}
     # the norms and SwiGLU keep only their inputs in every mode; selective also drops, per q/k/v stream, at least one
     # float32 hidden-wide intermediate of the convolution + SiLU + L2 norm
     assert per_token["none"] - per_token["selective"] >= 3 * 64 * 4, per_token
     assert per_token["full"] <= 4 * 64, per_token  # the block's float32 input only
 
 
-def test_bad_mode_is_named():
-    with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
-        EFLAConfig(activation_checkpointing="some")
+def test_policies_switch_and_disable():
+    model = checkpointed_model(preset_config("tiny"), "selective")
+    layers = [m for m in model.modules() if isinstance(m, EFLAttention)]
+    assert all(layer.recompute for layer in layers) and not model.is_activation_checkpointing
+    model.activation_checkpointing_enable()  # transformers' default: full
+    assert model.is_activation_checkpointing and not any(layer.recompute for layer in layers)
+    with pytest.warns(FutureWarning):  # transformers' older name reaches the same method
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"policy": "selective"})
+    assert all(layer.recompute for layer in layers) and not model.is_activation_checkpointing
+    model.activation_checkpointing_disable()
+    assert not model.is_activation_checkpointing and not any(layer.recompute for layer in layers)
+
+
+def test_bad_policy_is_named():
+    model = EFLAForCausalLM(preset_config("tiny"))
+    with pytest.raises(ValueError, match=r"\['policy'\] must be one of"):
+        model.activation_checkpointing_enable({"policy": "some"})
+    with pytest.raises(ValueError, match="'selective' policy takes no other options"):
+        model.activation_checkpointing_enable({"policy": "selective", "use_reentrant": False})
+
+
+def test_old_configs_with_the_policy_still_load(tmp_path):
+    """config.json files written when the policy was a config field load, and the field is dropped."""
+    EFLAForCausalLM(preset_config("tiny")).save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config_file.read_text().replace('"attn_mode"', '"activation_checkpointing": "full",\n  '
+                                                                          '"attn_mode"', 1))
+    assert '"activation_checkpointing": "full"' in config_file.read_text()
+    model = EFLAForCausalLM.from_pretrained(tmp_path)
+    assert not hasattr(model.config, "activation_checkpointing") and not model.is_activation_checkpointing
+    assert "activation_checkpointing" not in model.config.to_dict()

@@ -44,7 +44,7 @@ def test_a_block_keeps_each_activation_once(mode, monkeypatch):
     from efla.modules.triton.short_conv import short_conv_silu_split
 
     # the GPU's dispatch on CPU: the fused norm, SwiGLU and convolution kernels (float32 in the interpreter)
-    monkeypatch.setattr(elementwise, "_fused", lambda x: x.dtype != torch.float64)
+    monkeypatch.setattr(elementwise, "runs_fused_kernels", lambda x: x.dtype != torch.float64)
     monkeypatch.setattr(attention, "short_conv_split",
                         lambda x, weight, n, state, cu_seqlens: short_conv_silu_split(x, weight, n, cu_seqlens))
     config = preset_config("tiny", attn_backend="triton", attn_mode=mode, hidden_size=C, num_heads=H,

@@ -1,6 +1,7 @@
-"""The model under torch.compile: each block compiled (as ``efla train`` does) gives eager's loss and gradients, and a
+"""The model under torch.compile: each block compiled (as ``efla train`` does) gives eager's loss and gradients, a
 block on packed documents traces as one graph (no host sync in the layer: the Triton pipelines and the short
-convolution are custom ops, the argument checks read metadata only)."""
+convolution are custom ops, the argument checks read metadata only), and the whole model compiles as one graph on
+plain, padded and packed batches (as transformers' Trainer compiles it with torch_compile=True)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ def _loss_and_grads(model: EFLAForCausalLM, ids: torch.Tensor, cu_seqlens: torch
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 def test_blocks_compiled_with_inductor_equal_eager(checkpointing):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    config = preset_config("tiny", attn_backend="torch", chunk_size=16, activation_checkpointing=checkpointing)
+    config = preset_config("tiny", attn_backend="torch", chunk_size=16)
     model = EFLAForCausalLM(config).train()
+    if checkpointing != "none":  # applied before compiling, as the trainer does
+        model.activation_checkpointing_enable({"policy": checkpointing})
     ids = torch.randint(0, config.vocab_size, (2, 48))
     loss, grads = _loss_and_grads(model, ids)
     for block in model.model.layers:
@@ -99,3 +102,30 @@ def test_new_document_counts_do_not_recompile(attn_backend):
             loss = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
             loss.backward()
             assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("batch", ["plain", "padded", "packed"])
+def test_whole_model_compiled_with_fullgraph_equals_eager(batch):
+    """torch.compile(model, fullgraph=True) with Inductor: any graph break is an error, and the loss equals eager's.
+    A padding mask is unpadded with shapes that follow the batch alone, and packed documents mark no dynamic
+    dimension inside the traced forward. Padded and packed batches run the Triton backend (its kernels are custom ops;
+    in the interpreter on CPU): the torch backend reads packed sequence lengths on the host, outside the graph."""
+    attn_backend = "torch" if batch == "plain" else "triton"
+    device = require_triton_kernels() if attn_backend == "triton" else "cpu"
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    config = preset_config("tiny", attn_backend=attn_backend, chunk_size=16 if attn_backend == "torch" else 64)
+    model = EFLAForCausalLM(config).to(device).train()
+    ids = torch.randint(0, config.vocab_size, (2, 40), device=device)
+    inputs = {"input_ids": ids, "labels": ids}
+    if batch == "padded":
+        mask = torch.ones_like(ids)
+        mask[0, :7] = 0  # left padding
+        mask[1, 33:] = 0  # right padding
+        inputs.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    elif batch == "packed":
+        inputs.update(input_ids=ids[:1], labels=ids[:1],
+                      cu_seqlens=torch.tensor([0, 9, 25, 40], device=device, dtype=torch.int32))
+    eager = model(**inputs).loss
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)(**inputs).loss
+    assert rel_err(compiled, eager) < 1e-5

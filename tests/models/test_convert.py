@@ -71,7 +71,7 @@ def random_fla_model(fla_models, **overrides):
 def test_converted_fla_model_gives_fla_logits(fla_models, variant):
     torch.manual_seed(0)
     fla_model = random_fla_model(fla_models, **VARIANTS[variant])
-    ours = EFLAForCausalLM.from_fla_deltanet(fla_model)
+    ours = from_fla_deltanet(fla_model)
     assert ours.config.attn_mode == "delta"
     ids = torch.randint(0, TINY["vocab_size"], (2, 24), device=DEVICE)
     mask = torch.ones_like(ids)

@@ -87,13 +87,13 @@ def test_compiled_decode_step_traces_the_model():
 
 
 def test_static_cache_steps_go_through_the_in_place_decode(monkeypatch):
-    """After the prefill, one-token steps over EFLAStaticCache advance its buffers directly (efla.layers.decode);
+    """After the prefill, one-token steps over EFLAStaticCache advance its buffers directly (EFLAttention.step);
     transformers' default cache keeps the layer's forward."""
-    import efla.layers.attention as attention
+    from efla.layers import EFLAttention
 
     calls = []
-    original = attention.decode_in_place
-    monkeypatch.setattr(attention, "decode_in_place", lambda *a: calls.append(1) or original(*a))
+    original = EFLAttention.step
+    monkeypatch.setattr(EFLAttention, "step", lambda *a: calls.append(1) or original(*a))
     model = _model(**VARIANTS["efla"])
     ids, mask = _left_padded(LENGTHS)
     generate(model, ids, mask, max_new_tokens=3)
@@ -184,7 +184,7 @@ def test_bad_input_is_named():
 def test_cuda_graph_decoding_matches_eager(dtype, variant):
     model = _model("cuda", **VARIANTS[variant]).to(dtype)
     ids, mask = _left_padded(LENGTHS, "cuda")
-    # the graph replays the eager static step's kernels (the in-place decode kernels of efla.layers.decode)
+    # the graph replays the eager static step's kernels (the in-place decode kernels of EFLAttention.step)
     eager = generate(model, ids, mask, max_new_tokens=20, use_cuda_graph=False)
     assert torch.equal(generate(model, ids, mask, max_new_tokens=20, use_cuda_graph=True), eager)
     # transformers' default cache runs the layer's forward per token, which sums and rounds in another order (three

@@ -34,7 +34,7 @@ def _use_kernels(fused: bool, monkeypatch) -> None:
         pytest.skip("the Triton kernels need triton and a GPU or TRITON_INTERPRET=1")
     import efla.modules.elementwise as elementwise
 
-    monkeypatch.setattr(elementwise, "_fused", lambda x: True)
+    monkeypatch.setattr(elementwise, "runs_fused_kernels", lambda x: True)
 
 
 def _norm_inputs(rows, n, gated, dtype, seed):

@@ -1,5 +1,6 @@
 """Defaults a user gets without flags (issues 13 and 16): the tiny preset trains with its own context length, blocks
-are compiled on CUDA only unless asked, activation checkpointing reaches the model, flags are never abbreviated."""
+are compiled on CUDA only unless asked, the activation checkpointing policy is applied to the model, flags are never
+abbreviated."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 from efla.cli import main
-from efla.models import EFLAConfig
+from efla.layers import EFLAttention
 from efla.train import TrainConfig, train
-from efla.train.loop import _Run, model_config
-from efla.train.tokenizer import load_tokenizer
+from efla.train.checkpointing import check_activation_checkpointing
+from efla.train.loop import _Run
 
 
 def test_tiny_trains_with_default_flags(corpus, tokenizer_dir, run_args, tmp_path):
@@ -37,26 +38,31 @@ def test_blocks_compile_by_default_on_cuda_only(flag, compiled, run_args, tmp_pa
     assert seen == [compiled]
 
 
-def test_activation_checkpointing_reaches_the_model(run_args, tokenizer_dir):
-    tokenizer = load_tokenizer(tokenizer_dir)
+def test_activation_checkpointing_reaches_the_model(run_args, tmp_path, monkeypatch):
+    """The trainer applies the policy to the model it built (selective: the EFLA layers recompute their element-wise
+    work; full: transformers' checkpointing of every block); the model's config, and so its checkpoints, never hold
+    it."""
     with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
         TrainConfig(**run_args, activation_checkpointing="some")
-    knows_field = "activation_checkpointing" in EFLAConfig.__init__.__code__.co_varnames
+    models = {}
+    monkeypatch.setattr(_Run, "run", lambda self: models.setdefault(self.config.activation_checkpointing,
+                                                                     self.plain_model))
     for mode in ("none", "selective", "full"):
-        config = TrainConfig(**run_args, activation_checkpointing=mode)
-        if knows_field:
-            assert model_config(config, tokenizer).activation_checkpointing == mode
-        elif mode == "selective":
-            with pytest.raises(ValueError, match="'selective' needs a model that supports it"):
-                model_config(config, tokenizer)
+        train(TrainConfig(**run_args, activation_checkpointing=mode, out_dir=str(tmp_path / mode)))
+    for mode, model in models.items():
+        layers = [m for m in model.modules() if isinstance(m, EFLAttention)]
+        assert layers and all(layer.recompute == (mode == "selective") for layer in layers), mode
+        assert model.is_activation_checkpointing == (mode == "full"), mode
+        assert "activation_checkpointing" not in model.config.to_dict()
+    assert sorted(models) == ["full", "none", "selective"]
 
 
-def test_full_activation_checkpointing_recomputes_blocks(run_args, tmp_path, monkeypatch):
-    models = []
-    monkeypatch.setattr(_Run, "run", lambda self: models.append(self.plain_model))
-    train(TrainConfig(**run_args, activation_checkpointing="full", out_dir=str(tmp_path)))
-    (model,) = models
-    assert getattr(model.config, "activation_checkpointing", None) == "full" or model.is_activation_checkpointing
+def test_selective_checkpointing_needs_an_efla_model():
+    from transformers import LlamaConfig
+
+    check_activation_checkpointing(LlamaConfig(), "full")
+    with pytest.raises(ValueError, match="'selective' needs an EFLA model; LlamaConfig supports none or full"):
+        check_activation_checkpointing(LlamaConfig(), "selective")
 
 
 @pytest.mark.parametrize("argv", [

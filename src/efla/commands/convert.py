@@ -45,13 +45,13 @@ def run(args: argparse.Namespace) -> None:
 
     try:
         from efla.models import EFLAConfig, EFLAForCausalLM
-        from efla.models.convert import config_to_fla, save_fla_deltanet
+        from efla.models.convert import config_to_fla, from_fla_deltanet, save_fla_deltanet
     except ModuleNotFoundError as error:
         raise missing_extra(error, "hf") from error
 
     try:
         if args.from_fla is not None:
-            EFLAForCausalLM.from_fla_deltanet(source, args.attn_mode).save_pretrained(args.out)
+            from_fla_deltanet(source, args.attn_mode).save_pretrained(args.out)
         else:
             config_to_fla(EFLAConfig.from_pretrained(source))  # refuse what fla cannot hold before loading weights
             model, info = EFLAForCausalLM.from_pretrained(source, output_loading_info=True)

@@ -1,20 +1,24 @@
 """``EFLAttention``: the EFLA token mixer (DeltaNet's layer with the exact step), for use inside a model.
 
     q, k, v = silu(conv_q(W_q x)), ...       short causal depthwise convolution over time, one per projection
-    q = q / ||q||;  k = k / ||k|| only in mode "delta": in EFLA the key norm is the implicit gate (PAPER.md)
-    beta = sigmoid(W_b x)                     one step duration per head and token
+    q = q / ||q||;  k = k / ||k|| only in mode "delta": in EFLA the key norm is the implicit gate (Lei, Zhang and
+                                              Poria 2025, "Error-Free Linear Attention")
+    beta = sigmoid(W_b x)                     one step duration per head and token (``efla.layers.gates``)
     g = -exp(A_log) softplus(W_a x + dt_bias) optional decay gate (use_decay_gate; Gated DeltaNet's form)
     o = efla_attention(q, k, v, beta[, g])    per head, state [K, V]
     y = W_o RMSNorm(o) [* silu(W_g x)]        per-head norm, optional output gate
 
-A 0/1 padding mask is removed up front (``efla.layers.padding.unpad``: each row becomes one of the packed sequences
-``cu_seqlens``) and put back at the end (``repad``), so padded tokens never enter the convolution or the recurrent state
-and left- or right-padded batches give each sequence's own outputs. Packed training documents take the same path.
+A 0/1 padding mask is removed up front (``efla.layers.padding.unpad``: each row's real tokens become one of the
+packed sequences ``cu_seqlens``) and put back at the end (``repad``), so padded tokens never enter the convolution or
+the recurrent state and left- or right-padded batches give each sequence's own outputs. Packed training documents take
+the same path.
 
-The cache is a transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built
-from a config whose ``layer_types`` says ``"linear_attention"``): it stores the convolution state [B, C, W - 1] and the
-recurrent state [B, H, K, V] (float32), updated in place by each forward; the three convolutions' states are
-concatenated along the channels (q, k, v).
+Decoding, as mamba's ``Mamba2`` does it: ``allocate_inference_cache`` returns the layer's decode state (the three
+convolutions' windows side by side, [B, 3 hidden_size, W - 1], and the float32 recurrent state [B, H, K, V]) and
+``step`` advances it in place by one token: on CUDA one projection and two Triton kernels
+(``efla.modules.triton.decode_step``), elsewhere the layer's own PyTorch operations. The forward also takes a
+transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built from a config
+whose ``layer_types`` says ``"linear_attention"``), updated through the cache's own methods.
 
 The parameter names are fla DeltaNet's (``q_proj``, ``k_proj``, ``v_proj``, ``q_conv1d``, ``k_conv1d``, ``v_conv1d``,
 ``b_proj``, ``g_proj``, ``o_norm``, ``o_proj``; with the decay gate Gated DeltaNet's ``a_proj``, ``A_log``,
@@ -25,7 +29,7 @@ them.
 
 from __future__ import annotations
 
-import math
+import importlib.util
 from functools import partial
 from typing import Any
 
@@ -33,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efla.layers.conv import ShortConvolution, short_conv_split, short_conv_state
-from efla.layers.decode import can_step_in_place, decode_in_place
+from efla.layers.conv import ShortConvolution, short_conv, short_conv_split, short_conv_state
+from efla.layers.gates import decay_gate_init, log_decay, sigmoid32
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
 from efla.layers.projection import has_hooks, is_plain_linear, project
@@ -42,6 +46,8 @@ from efla.layers.recompute import recompute
 from efla.modules.elementwise import l2_normalize, rms_norm_linear
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
+
+_TRITON = importlib.util.find_spec("triton") is not None
 
 # the fused weights of state dicts saved before q, k and v were separated, and the names they split into (dim 0)
 FUSED_WEIGHTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "conv": ("q_conv1d", "k_conv1d", "v_conv1d")}
@@ -54,9 +60,10 @@ class EFLAttention(nn.Module):
     Both modes have exactly the same parameters; they differ only in the key normalisation and the step size. The
     decay gate adds a_proj [num_heads, hidden_size] and, per head, A_log and dt_bias (both flagged
     ``_no_weight_decay``, as fla does, for trainers that exclude them from weight decay).
-    ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True keeps only the inputs of the
-    element-wise work (convolution + SiLU + L2 norm, the beta sigmoid) for the backward and recomputes the rest there
-    (``efla.layers.recompute``); the output norm always keeps only its inputs.
+    ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True (the model's "selective"
+    activation checkpointing) keeps only the inputs of the element-wise work (convolution + SiLU + L2 norm, the beta
+    sigmoid, the decay gate) for the backward and recomputes the rest there (``efla.layers.recompute``); the output
+    norm always keeps only its inputs.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class EFLAttention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_output_gate else None
         self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self._decode_weights: tuple | None = None  # ``step``'s stacked weights and the versions they were built from
         self.register_load_state_dict_pre_hook(_split_fused_qkv)
 
     def forward(
@@ -115,34 +123,88 @@ class EFLAttention(nn.Module):
         Returns [B, T, hidden_size], zeros at padded positions."""
         T = hidden_states.shape[1]
         conv_state, recurrent_state = _cached_states(cache, self.layer_idx)
-        if (attention_mask is None and cu_seqlens is None and cache is not None
-                and can_step_in_place(self, hidden_states, cache.layers[self.layer_idx], conv_state, recurrent_state)):
-            return decode_in_place(self, hidden_states, conv_state, recurrent_state)  # the states advance in place
         x, padding = hidden_states, None
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with attention_mask or a cache")
-        elif attention_mask is not None:  # from here on, each row is one sequence of the packed tokens
+        elif attention_mask is not None:  # from here on, each row's real tokens are one of the packed sequences
             x, padding = unpad(hidden_states, attention_mask[:, -T:])
             cu_seqlens = padding.cu_seqlens
+            conv_state, recurrent_state = padding.sequence_states(conv_state), padding.sequence_states(recurrent_state)
 
-        q, k, v, conv_state = self._qkv(x, conv_state, cu_seqlens, keep_state=cache is not None)
-        beta = recompute(_sigmoid32, self.b_proj(x), enabled=self.recompute)
-        g = None
-        if self.use_decay_gate:
-            g = recompute(log_decay, self.a_proj(x), self.A_log, self.dt_bias, enabled=self.recompute)
-        o, recurrent_state = efla_attention(
-            q, k, v, beta, initial_state=recurrent_state, output_final_state=cache is not None,
-            cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
-            g=g,
-        )
-        o = self.output(o, x)
-
+        o, conv_state, recurrent_state = self._mix(x, conv_state, recurrent_state, cu_seqlens,
+                                                   keep_state=cache is not None)
         if cache is not None:
+            if padding is not None:
+                conv_state, recurrent_state = padding.row_states(conv_state), padding.row_states(recurrent_state)
             if conv_state is not None:
                 cache.update_conv_state(conv_state, self.layer_idx)
             cache.update_recurrent_state(recurrent_state, self.layer_idx)
         return o if padding is None else repad(o, padding)
+
+    def allocate_inference_cache(
+        self,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The layer's decode state for ``batch_size`` rows, zeros (no past): the convolution window [B, 3
+        hidden_size, W - 1] (q's, k's and v's channels side by side; ``dtype``, default the weights') or None without
+        short convolutions, and the recurrent state [B, num_heads, head_dim, head_dim] in float32. ``step`` advances
+        both in place."""
+        weight = self.o_proj.weight
+        dtype, device = dtype or weight.dtype, device if device is not None else weight.device
+        conv_state = None
+        if self.use_short_conv:
+            window = self.q_conv1d.kernel_size[0] - 1
+            conv_state = torch.zeros(batch_size, 3 * self.hidden_size, window, dtype=dtype, device=device)
+        recurrent_state = torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32,
+                                      device=device)
+        return conv_state, recurrent_state
+
+    @torch.no_grad()
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        recurrent_state: torch.Tensor,
+    ) -> torch.Tensor:
+        """One new token per row: hidden_states [B, 1, hidden_size] -> [B, 1, hidden_size], advancing the decode
+        state (as ``allocate_inference_cache`` returns it, holding the rows' past) in place; no gradients.
+
+            proj = x [W_q; W_k; W_v; W_b]^T                 one matrix product for the four projections (on CUDA)
+            q, k, v, beta = conv_step(proj, conv window)    the window shifted in place
+            o = recurrent_step(q, k, v, beta[, g], state)   the recurrent state advanced in place
+            y = W_o norm(o) [* silu(W_g x)]                 (``output``)
+
+        On CUDA these are the Triton kernels of ``efla.modules.triton.decode_step``: a few kernels per layer instead
+        of about forty, and no copies of new states. Elsewhere the same step runs the layer's own PyTorch operations
+        (its forward on one token), then writes the new states into the buffers. The concatenated weights are built
+        once and kept until a weight changes (tracked by the tensors' version counters), so a captured CUDA graph
+        reads stable buffers."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+            raise ValueError(f"hidden_states must be [batch, 1, hidden_size], one token per row "
+                             f"(got {tuple(hidden_states.shape)})")
+        if not self.use_short_conv or self.q_conv1d.kernel_size[0] < 2:  # no window to shift: the forward's operations
+            o, new_conv, new_recurrent = self._mix(hidden_states, conv_state, recurrent_state, None, keep_state=True)
+            if new_conv is not None:
+                conv_state.copy_(new_conv)
+            recurrent_state.copy_(new_recurrent)
+            return o
+        x1 = hidden_states[:, 0]
+        g = log_decay(self.a_proj(x1), self.A_log, self.dt_bias) if self.use_decay_gate else None
+        if uses_decode_kernels(hidden_states, self.backend):
+            from efla.modules.triton.decode_step import conv_step_in_place, recurrent_step
+
+            proj_weight, conv_weight = self._stacked_decode_weights()
+            act, beta = conv_step_in_place(F.linear(x1, proj_weight), conv_weight, conv_state, self.num_heads,
+                                           self.mode == "delta")
+            q, k, v = act.view(x1.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+            o = recurrent_step(q, k, v, beta, recurrent_state, self.head_dim ** -0.5, self.mode == "efla",
+                               None if g is None else g.float())[:, None]
+        else:
+            o = self._step_reference(hidden_states, g, conv_state, recurrent_state)
+        return self.output(o, hidden_states)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y = W_o RMSNorm(o) [* silu(W_g x)] for attention outputs o [..., H, head_dim] of the inputs x. With a plain
@@ -153,6 +215,28 @@ class EFLAttention(nn.Module):
             return rms_norm_linear(o, norm.weight, norm.eps, self.o_proj.weight, gate)
         o = norm(o) if gate is None else norm(o, gate)
         return self.o_proj(o.flatten(-2))  # a wrapped o_proj (LoRA, hooks) runs as itself
+
+    def _mix(
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        recurrent_state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        keep_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The layer's output for x [B, T, hidden_size] (unpadded) from the given states (None: no past) and, with
+        keep_state, the new convolution and recurrent states."""
+        q, k, v, conv_state = self._qkv(x, conv_state, cu_seqlens, keep_state)
+        beta = recompute(sigmoid32, self.b_proj(x), enabled=self.recompute)
+        g = None
+        if self.use_decay_gate:
+            g = recompute(log_decay, self.a_proj(x), self.A_log, self.dt_bias, enabled=self.recompute)
+        o, recurrent_state = efla_attention(
+            q, k, v, beta, initial_state=recurrent_state, output_final_state=keep_state,
+            cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
+            g=g,
+        )
+        return self.output(o, x), conv_state, recurrent_state
 
     def _qkv(
         self,
@@ -193,29 +277,41 @@ class EFLAttention(nn.Module):
         q, k, v = (y.unflatten(-1, (self.num_heads, self.head_dim)) for y in ys)
         return l2_normalize(q), (l2_normalize(k) if self.mode == "delta" else k), v
 
+    def _stacked_decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([W_q; W_k; W_v; W_b] [3 C + H, C], the three convolutions' taps [3 C, W]) for ``step``'s kernels, rebuilt
+        when a weight changed."""
+        linears = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.b_proj.weight)
+        convs = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in linears + convs)
+        if self._decode_weights is None or self._decode_weights[0] != key:
+            with torch.no_grad():
+                self._decode_weights = (key, torch.cat(linears), torch.cat(convs)[:, 0].contiguous())
+        return self._decode_weights[1], self._decode_weights[2]
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    def _step_reference(self, x: torch.Tensor, g: torch.Tensor | None, conv_state: torch.Tensor,
+                        recurrent_state: torch.Tensor) -> torch.Tensor:
+        """``step`` through the layer's own operations on one token (as its forward), the new states written into
+        the buffers; returns the attention output [B, 1, H, head_dim] before the output norm."""
+        windows = conv_state.chunk(3, dim=1)
+        features = []
+        for proj, conv, window, l2 in zip((self.q_proj, self.k_proj, self.v_proj),
+                                          (self.q_conv1d, self.k_conv1d, self.v_conv1d), windows,
+                                          (True, self.mode == "delta", False), strict=True):
+            projected = proj(x)
+            y = short_conv(projected, conv.weight, window).unflatten(-1, (self.num_heads, self.head_dim))
+            features.append(l2_normalize(y) if l2 else y)
+            window.copy_(short_conv_state(projected, conv.kernel_size[0], window))
+        o, state = efla_attention(*features, sigmoid32(self.b_proj(x)), initial_state=recurrent_state,
+                                  output_final_state=True, mode=self.mode, backend=self.backend,
+                                  chunk_size=self.chunk_size, check_beta=False, g=None if g is None else g[:, None])
+        recurrent_state.copy_(state)
+        return o
 
 
-def _sigmoid32(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid in float32 or better (a float64 layer keeps float64)."""
-    return _at_least_float32(x).sigmoid()
-
-
-def log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """Gated DeltaNet's decay gate g = -exp(A_log) * softplus(a + dt_bias) (float32 or better, <= 0): a = W_a x
-    [..., H] is a per-token rate, exp(A_log) and dt_bias per head."""
-    return -_at_least_float32(A_log).exp() * F.softplus(_at_least_float32(a) + _at_least_float32(dt_bias))
-
-
-def decay_gate_init(num_heads: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated DeltaNet's initial (A_log, dt_bias), float32 [num_heads]: A uniform in [1, 16], and dt log-uniform in
-    [1e-3, 1e-1] (floored at 1e-4) stored through the inverse of softplus, so that softplus(dt_bias) = dt."""
-    A = torch.empty(num_heads, device=device).uniform_(1, 16)
-    dt = torch.exp(torch.rand(num_heads, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    dt = dt.clamp(min=1e-4)
-    return A.log(), dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = dt + log(1 - e^-dt)
+def uses_decode_kernels(x: torch.Tensor, backend: str) -> bool:
+    """Whether ``EFLAttention.step`` runs the Triton decode kernels for x: on CUDA, when the layer's backend allows
+    them ("auto" or "triton")."""
+    return x.is_cuda and _TRITON and backend in ("auto", "triton")
 
 
 def _split_fused_qkv(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:

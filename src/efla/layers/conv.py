@@ -122,7 +122,7 @@ def _packed(
     One dense convolution runs over the whole row; only the first W - 1 tokens of each sequence can see inputs from
     before its start, so those N (W - 1) outputs are recomputed from their own sequence's inputs and state and
     written over the dense ones. Every other op stays a dense, contiguous one: gathering or scattering all T tokens
-    made the backward an index_put over the whole row, half of a training step on an H200."""
+    would make the backward a scattered index_put over the whole row."""
     T, C = x.shape[1:]
     past = weight.shape[-1] - 1
     pre = F.conv1d(F.pad(x.transpose(1, 2), (past, 0)), weight, groups=C)[0].t()  # [T, C]

@@ -4,8 +4,9 @@ Autograd keeps every intermediate an op needs for its gradient: an RMSNorm in fl
 inverse norm and the normalised product; SwiGLU keeps silu(gate) besides gate and up; the short convolution keeps its
 padded input and its pre-activation. ``recompute(fn, *tensors)`` keeps only ``tensors`` (which, for the regions used
 here, are small or kept anyway) and runs ``fn`` again in the backward to get the rest, costing one extra element-wise
-pass and no matrix product. It is the "selective" activation checkpointing of ``EFLAConfig``; the norms and SwiGLU
-keep only their inputs in every mode (``efla.modules.elementwise``).
+pass and no matrix product. It is the "selective" activation checkpointing policy
+(``EFLAPreTrainedModel.activation_checkpointing_enable``); the norms and SwiGLU keep only their inputs under every
+policy (``efla.modules.elementwise``).
 """
 
 from __future__ import annotations

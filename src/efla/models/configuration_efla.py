@@ -9,8 +9,6 @@ from transformers import PretrainedConfig
 
 from efla.ops.checks import MODES
 
-ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
-
 
 class EFLAConfig(PretrainedConfig):
     """Configuration of ``EFLAModel`` / ``EFLAForCausalLM``.
@@ -31,11 +29,10 @@ class EFLAConfig(PretrainedConfig):
             position embeddings and no length limit.
         attn_backend, chunk_size: passed to ``efla_attention`` ("auto": Triton on CUDA, torch otherwise; chunk_size
             is the torch backend's, the Triton kernels always run 64-token chunks).
-        activation_checkpointing: what training keeps for the backward. The RMSNorms, the gated output norm,
-            SwiGLU and the q/k L2 norm always keep only their inputs (``efla.modules.elementwise``). "none": every other
-            intermediate autograd needs; "selective": the convolution + SiLU + q/k L2 normalisation and the beta
-            sigmoid keep only their inputs and are recomputed in the backward; "full": each block keeps only its input
-            and is recomputed whole. Same loss and gradients in all three.
+
+    What training recomputes in the backward is not part of the model: see
+    ``EFLAPreTrainedModel.activation_checkpointing_enable``. The ``activation_checkpointing`` field of older
+    config.json files is dropped on load.
     """
 
     model_type = "efla"
@@ -58,7 +55,6 @@ class EFLAConfig(PretrainedConfig):
         max_position_embeddings: int = 2048,
         attn_backend: str = "auto",
         chunk_size: int = 64,
-        activation_checkpointing: str = "none",
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
         pad_token_id: int | None = None,
@@ -68,9 +64,6 @@ class EFLAConfig(PretrainedConfig):
     ) -> None:
         if attn_mode not in MODES:
             raise ValueError(f"attn_mode must be one of {MODES} (got {attn_mode!r})")
-        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING} "
-                             f"(got {activation_checkpointing!r})")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         attn_layers = sorted(attn_layers or [])
@@ -95,8 +88,8 @@ class EFLAConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.attn_backend = attn_backend
         self.chunk_size = chunk_size
-        self.activation_checkpointing = activation_checkpointing
         self.use_cache = use_cache
+        kwargs.pop("activation_checkpointing", None)  # a training setting that older versions stored here
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 

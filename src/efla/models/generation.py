@@ -2,9 +2,10 @@
 graph captures once and replays for every token.
 
 An EFLA layer's whole past is its convolution window (the last W - 1 inputs, [B, C, W - 1]) and its recurrent state
-([B, H, K, V], float32), whatever the length so far. ``EFLAStaticCache`` allocates those buffers once, for a fixed
-batch size, dtype and device; every forward copies the new states into them in place, so their addresses never
-change. A decode step (one token per row, no mask) is then a fixed sequence of kernels over fixed buffers, which
+([B, H, K, V], float32), whatever the length so far. ``EFLAStaticCache`` has each layer allocate them once
+(``EFLAttention.allocate_inference_cache``), for a fixed batch size, dtype and device; a prefill copies the new states
+into them and each decode step advances them in place (``EFLAttention.step``), so their addresses never change. A
+decode step (one token per row, no mask) is then a fixed sequence of kernels over fixed buffers, which
 ``DecodeGraph`` captures in a ``torch.cuda.CUDAGraph`` and replays, removing the hundreds of kernel launches from
 Python that dominate a step of a small model. On the CPU the same step runs eagerly.
 
@@ -27,6 +28,7 @@ cache (eager).
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Any
 
@@ -36,26 +38,26 @@ from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from efla.layers import EFLAttention
-from efla.layers.conv import ShortConvolution
-from efla.models.modeling_efla import _CACHE_FIELD
+
+# transformers renamed the `past_key_values` argument and output field to `cache` (5.2x); speak whichever it uses
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+"""The name of the cache field of transformers' model outputs in the installed version."""
 
 STOP_CHECK_EVERY = 16
 """generate() reads "have all rows reached eos?" back from the device once every this many tokens, not per token."""
 
 
 class _StaticStateLayer(LinearAttentionCacheLayerMixin):
-    """One EFLA layer's convolution windows and recurrent state in preallocated buffers, overwritten in place."""
+    """One EFLA layer's decode state (``EFLAttention.allocate_inference_cache``) as a transformers cache layer: the
+    convolution window and the recurrent state in preallocated buffers, overwritten in place."""
 
-    in_place = True
-    """A one-token step may advance the buffers directly (``efla.layers.decode``) instead of through the updates."""
-
-    def __init__(self, conv_states: list[torch.Tensor], recurrent_state: torch.Tensor) -> None:
-        super().__init__(number_of_states=max(len(conv_states), 1))
+    def __init__(self, conv_state: torch.Tensor | None, recurrent_state: torch.Tensor) -> None:
+        super().__init__(number_of_states=1)
         self.batch_size = recurrent_state.shape[0]
         self.dtype, self.device = recurrent_state.dtype, recurrent_state.device
-        for i, buffer in enumerate(conv_states):
-            self.conv_states[i], self.is_conv_states_initialized[i] = buffer, True
-            self.conv_kernel_size[i] = buffer.shape[-1]
+        if conv_state is not None:
+            self.conv_states[0], self.is_conv_states_initialized[0] = conv_state, True
+            self.conv_kernel_size[0] = conv_state.shape[-1]
         self.recurrent_states[0], self.is_recurrent_states_initialized[0] = recurrent_state, True
 
     def lazy_initialization(self, conv_states=None, recurrent_states=None, state_idx: int = 0) -> None:
@@ -88,8 +90,9 @@ class EFLAStaticCache(Cache):
     """The static inference state of an EFLA model: per layer the convolution windows [B, C, W - 1] (model dtype) and
     the recurrent state [B, H, K, V] (float32), allocated once for ``batch_size`` rows and updated in place.
 
-    A transformers Cache: pass it to ``model.generate(..., cache=...)`` or to the model's forward. ``reset()``
-    zeros it for a new batch of prompts of the same size."""
+    A transformers Cache: pass it to ``model.generate(..., cache=...)`` or to the model's forward, which advances
+    it with each layer's in-place ``step`` for one-token calls without a mask (``decode_state``). ``reset()`` zeros it
+    for a new batch of prompts of the same size."""
 
     def __init__(self, model: nn.Module, batch_size: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
@@ -106,15 +109,13 @@ class EFLAStaticCache(Cache):
         # plain tensors even when built inside inference mode: transformers' generate updates them under no_grad
         with torch.inference_mode(False):
             for attention in _efla_layers(model):
-                # one window for the layer: its q, k and v convolutions' windows concatenated along the channels
-                convs = [m for m in attention.modules() if isinstance(m, ShortConvolution)]
-                channels = sum(c.in_channels for c in convs)
-                conv_states = [torch.zeros(batch_size, channels, convs[0].kernel_size[0] - 1, dtype=dtype,
-                                           device=device)] if convs else []
-                recurrent = torch.zeros(batch_size, attention.num_heads, attention.head_dim, attention.head_dim,
-                                        dtype=torch.float32, device=device)
-                layers.append(_StaticStateLayer(conv_states, recurrent))
+                layers.append(_StaticStateLayer(*attention.allocate_inference_cache(batch_size, dtype, device)))
         super().__init__(layers=layers)
+
+    def decode_state(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Layer ``layer_idx``'s (convolution window or None, recurrent state), as ``EFLAttention.step`` takes them."""
+        layer = self.layers[layer_idx]
+        return layer.conv_states[0], layer.recurrent_states[0]
 
 
 def _state_buffers(cache: Cache) -> list[torch.Tensor]:
@@ -197,7 +198,7 @@ class DecodeGraph:
             self._input_ids.copy_(input_ids)
             self._graph.replay()
             logits = self._logits
-        return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
 
     @torch.inference_mode()
     def _step(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:

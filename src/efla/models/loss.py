@@ -82,7 +82,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
 def _fused(x: torch.Tensor) -> bool:
     """The Triton kernel where the other fused kernels run (CUDA); under torch.compile the PyTorch formulas, which
     the compiler fuses itself."""
-    return elementwise._fused(x) and not torch.compiler.is_compiling()
+    return elementwise.runs_fused_kernels(x) and not torch.compiler.is_compiling()
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, row_loss: torch.Tensor, need_grad: bool,

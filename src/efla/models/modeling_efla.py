@@ -9,14 +9,13 @@ CUDA-graph decode step.
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 import warnings
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -24,15 +23,16 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
-from efla.layers.attention import decay_gate_init
+from efla.layers.gates import decay_gate_init
 from efla.layers.projection import has_hooks, is_plain_linear, project, project_normed
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.documents import cu_seqlens_from_collator
+from efla.models.generation import CACHE_FIELD, EFLAStaticCache, decode_step
 from efla.models.loss import causal_lm_loss
 from efla.modules.elementwise import swiglu, swiglu_linear
 
-# transformers renamed the `past_key_values` argument and output field to `cache` (5.2x); speak whichever it uses
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+CHECKPOINTING_POLICIES = ("full", "selective")
+"""What ``activation_checkpointing_enable`` can recompute in the backward (its kwargs' "policy")."""
 
 
 class EFLAMLP(nn.Module):
@@ -59,7 +59,6 @@ class EFLABlock(GradientCheckpointingLayer):
 
     def __init__(self, config: EFLAConfig, layer_idx: int) -> None:
         super().__init__()
-        selective = config.activation_checkpointing == "selective"
         self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if layer_idx in config.attn_layers:
             self.attn: nn.Module = SoftmaxAttention(config.hidden_size, config.num_heads, layer_idx=layer_idx)
@@ -67,7 +66,7 @@ class EFLABlock(GradientCheckpointingLayer):
             self.attn = EFLAttention(
                 config.hidden_size, config.num_heads, mode=config.attn_mode, use_short_conv=config.use_short_conv,
                 conv_size=config.conv_size, use_output_gate=config.use_output_gate, norm_eps=config.rms_norm_eps,
-                layer_idx=layer_idx, backend=config.attn_backend, chunk_size=config.chunk_size, recompute=selective,
+                layer_idx=layer_idx, backend=config.attn_backend, chunk_size=config.chunk_size,
                 use_decay_gate=getattr(config, "use_decay_gate", False),
             )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -80,7 +79,12 @@ class EFLABlock(GradientCheckpointingLayer):
         cache: Cache | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), attention_mask, cache, cu_seqlens)
+        x = self.attn_norm(hidden_states)
+        if isinstance(cache, EFLAStaticCache) and _one_token_step(x, attention_mask, cu_seqlens):
+            mixed = self.attn.step(x, *cache.decode_state(self.attn.layer_idx))  # the static state advances in place
+        else:
+            mixed = self.attn(x, attention_mask, cache, cu_seqlens)
+        hidden_states = hidden_states + mixed
         if has_hooks(self.mlp):  # its hooks see the normalised input, as they would in any pre-norm block
             return hidden_states + self.mlp(self.mlp_norm(hidden_states))
         return hidden_states + self.mlp(hidden_states, norm=self.mlp_norm)
@@ -102,6 +106,47 @@ class EFLAPreTrainedModel(PreTrainedModel):
             A_log, dt_bias = decay_gate_init(module.num_heads, module.A_log.device)
             init.copy_(module.A_log, A_log)  # transformers' init: leaves weights loaded from a checkpoint alone
             init.copy_(module.dt_bias, dt_bias)
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """transformers' activation checkpointing (``gradient_checkpointing_enable`` too), with a choice of what is
+        recomputed in the backward, ``activation_checkpointing_kwargs["policy"]``:
+
+        - "full" (the default): transformers' own; each block keeps only its input and is recomputed whole. The other
+          kwargs (default ``use_reentrant=False``), every_n_layers and offload are transformers'.
+        - "selective": every block keeps its activations, but the EFLA layers keep only the inputs of their
+          element-wise work (convolution + SiLU + q/k L2 norm, the beta sigmoid, the decay gate) and recompute it
+          (``efla.layers.recompute``): at least three float32 hidden-wide tensors fewer per token and layer, for
+          one extra element-wise pass. No other options.
+
+        The RMSNorms, the output norm and SwiGLU keep only their inputs under every policy. The loss and gradients are
+        the same under both, and without checkpointing."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        policy = kwargs.pop("policy", "full")
+        if policy not in CHECKPOINTING_POLICIES:
+            raise ValueError(f"activation_checkpointing_kwargs['policy'] must be one of {CHECKPOINTING_POLICIES} "
+                             f"(got {policy!r})")
+        self.activation_checkpointing_disable()
+        if policy == "full":
+            super().activation_checkpointing_enable(kwargs or None, every_n_layers, offload)
+            return
+        if kwargs or every_n_layers != 1 or offload:
+            raise ValueError("the 'selective' policy takes no other options (got "
+                             f"{sorted(kwargs) + ['every_n_layers'] * (every_n_layers != 1) + ['offload'] * offload})")
+        for module in self.modules():
+            if isinstance(module, EFLAttention):
+                module.recompute = True
+
+    def activation_checkpointing_disable(self) -> None:
+        """Keep every activation again (no policy)."""
+        super().activation_checkpointing_disable()
+        for module in self.modules():
+            if isinstance(module, EFLAttention):
+                module.recompute = False
 
 
 class EFLAModel(EFLAPreTrainedModel):
@@ -160,10 +205,7 @@ class EFLAModel(EFLAPreTrainedModel):
                                  "cache")
             inputs_embeds = inputs_embeds.reshape(1, B * T, -1)  # the documents run along the rows, one after another
             use_cache = False
-            # the number of documents changes from batch to batch: compiled blocks trace it as a symbol from the
-            # first batch on instead of recompiling when it first changes
-            if isinstance(cu_seqlens, torch.Tensor):  # anything else gets efla_attention's argument error
-                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+            _mark_document_count_dynamic(cu_seqlens)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
@@ -174,26 +216,16 @@ class EFLAModel(EFLAPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states.view(B, T, -1),)
-            hidden_states = self._run_block(layer, hidden_states, attention_mask, cache if use_cache else None,
-                                            cu_seqlens)
+            hidden_states = layer(hidden_states, attention_mask, cache if use_cache else None, cu_seqlens)
         hidden_states = self.norm(hidden_states).view(B, T, -1)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         outputs = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states if output_hidden_states else None,
-            **{_CACHE_FIELD: cache if use_cache else None},
+            **{CACHE_FIELD: cache if use_cache else None},
         )
         return outputs if _wants_dict(return_dict, self.config) else outputs.to_tuple()
-
-    def _run_block(self, block: EFLABlock, hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
-        """block(hidden_states, *args); with activation_checkpointing="full" (training, with gradients) only the
-        block's input is kept and the whole block is recomputed in the backward. transformers'
-        gradient_checkpointing_enable() does the same through the block itself, so it is not done twice."""
-        full = self.config.activation_checkpointing == "full" and self.training and torch.is_grad_enabled()
-        if full and not block.gradient_checkpointing:
-            return checkpoint(block, hidden_states, *args, use_reentrant=False)
-        return block(hidden_states, *args)
 
 
 class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
@@ -207,14 +239,6 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         self.model = EFLAModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def from_fla_deltanet(cls, source: Any, attn_mode: str = "delta") -> EFLAForCausalLM:
-        """fla's DeltaNetForCausalLM (the model, or a checkpoint directory) as an EFLA model: with attn_mode="delta"
-        the same outputs; see ``efla.models.convert``."""
-        from efla.models.convert import from_fla_deltanet
-
-        return from_fla_deltanet(source, attn_mode)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -234,8 +258,6 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         (``efla.models.generation.DecodeGraph``). Hybrid models keep transformers' torch.compile."""
         if self.config.attn_layers:
             return super().get_compiled_call(compile_config)
-        from efla.models.generation import decode_step  # imports this module
-
         return decode_step(self)
 
     def forward(
@@ -289,7 +311,7 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
@@ -317,7 +339,7 @@ def _padding_or_documents(
         if attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be a [batch, length] 0/1 padding mask "
                              f"(got shape {tuple(attention_mask.shape)})")
-        if bool(attention_mask.all()):
+        if not torch.compiler.is_compiling() and bool(attention_mask.all()):  # traced, the mask is kept as it is
             attention_mask = None
     if cu_seqlens is None and cache is None and attention_mask is None:
         cu_seqlens = cu_seqlens_from_collator(position_ids, collator_kwargs.get("cu_seq_lens_q"),
@@ -333,3 +355,19 @@ def _warn_no_attentions(output_attentions: bool | None) -> None:
     if output_attentions:
         warnings.warn("output_attentions=True: EFLA layers have no attention maps, so `attentions` stays None",
                       stacklevel=3)
+
+
+def _one_token_step(x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> bool:
+    """Whether a block's call over a static cache is a decode step that the layer's in-place ``step`` serves: one
+    token per row, no padding mask, no packed documents, no gradients."""
+    return x.shape[1] == 1 and attention_mask is None and cu_seqlens is None and not torch.is_grad_enabled()
+
+
+def _mark_document_count_dynamic(cu_seqlens: Any) -> None:
+    """The number of documents changes from batch to batch: blocks compiled on their own (as ``efla train`` compiles
+    them) trace it as a symbol from the first batch on instead of recompiling when it first changes. Eager calls
+    only (marking is not traceable; a model compiled whole makes the length dynamic once it changes), and only once
+    torch._dynamo is loaded: before that nothing has been compiled, and importing it costs a second."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and isinstance(cu_seqlens, torch.Tensor) and not torch.compiler.is_compiling():
+        dynamo.maybe_mark_dynamic(cu_seqlens, 0)

@@ -69,14 +69,15 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate_up)
 
 
-def _fused(x: torch.Tensor) -> bool:
+def runs_fused_kernels(x: torch.Tensor) -> bool:
+    """Whether x's functions here run their Triton kernels (CUDA tensors, Triton installed)."""
     return _TRITON and x.is_cuda
 
 
 def _rms_norm_rows(x2: torch.Tensor, weight: torch.Tensor, g2: torch.Tensor | None,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y in x2's dtype, rstd float32 per row) for rows x2 [rows, N] (and gate rows g2)."""
-    if _fused(x2):
+    if runs_fused_kernels(x2):
         from efla.modules.triton.rmsnorm import rms_norm_fwd
 
         return rms_norm_fwd(x2, weight.contiguous(), eps, g2)
@@ -88,7 +89,7 @@ def _rms_norm_rows(x2: torch.Tensor, weight: torch.Tensor, g2: torch.Tensor | No
 
 def _rms_norm_rows_backward(x2, weight, g2, rstd, dy2):
     """(dx, dweight float32, dgate or None) of ``_rms_norm_rows`` for the output gradient rows dy2."""
-    if _fused(x2):
+    if runs_fused_kernels(x2):
         from efla.modules.triton.rmsnorm import rms_norm_bwd
 
         return rms_norm_bwd(x2, weight.contiguous(), g2, rstd, dy2.contiguous())
@@ -185,7 +186,7 @@ class _L2Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, eps):
-        ctx.fused = _fused(y) and y.dtype != torch.float64
+        ctx.fused = runs_fused_kernels(y) and y.dtype != torch.float64
         if ctx.fused:
             from efla.modules.triton.l2norm import l2_norm_fwd
 
@@ -229,7 +230,7 @@ def _rms_norm_backward(x, weight, gate, rstd, dy):
 
 
 def _swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
-    if _fused(gate_up):
+    if runs_fused_kernels(gate_up):
         from efla.modules.triton.swiglu import swiglu_fwd
 
         return swiglu_fwd(gate_up)
@@ -237,7 +238,7 @@ def _swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_backward(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    if _fused(gate_up):
+    if runs_fused_kernels(gate_up):
         from efla.modules.triton.swiglu import swiglu_bwd
 
         return swiglu_bwd(gate_up, dy.contiguous())

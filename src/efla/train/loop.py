@@ -27,6 +27,7 @@ from torch import nn
 
 from efla.errors import TrainingDiverged
 from efla.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_model
+from efla.train.checkpointing import apply_activation_checkpointing, check_activation_checkpointing
 from efla.train.config import DEFAULT_SEQ_LEN, TrainConfig
 from efla.train.data import (
     TokenCorpus,
@@ -126,8 +127,7 @@ class _Run:
         from transformers import AutoModelForCausalLM
 
         self.plain_model = AutoModelForCausalLM.from_config(model_cfg).to(world.device)
-        if config.activation_checkpointing == "full" and getattr(model_cfg, "activation_checkpointing", None) != "full":
-            self.plain_model.activation_checkpointing_enable()  # a model without the config field: transformers' own
+        apply_activation_checkpointing(self.plain_model, config.activation_checkpointing)
         self.flatten = config.pack_boundaries and "cu_seqlens" in inspect.signature(self.plain_model.forward).parameters
         if config.pack_boundaries and not self.flatten:
             self._log("note: the model's forward takes no cu_seqlens, so rows are trained without document "
@@ -479,7 +479,7 @@ def model_config(config: TrainConfig, tokenizer: Any) -> Any:
     check_tokenizer_fits(len(tokenizer), model_cfg.vocab_size,
                          f"raise vocab_size in --model-overrides to at least {len(tokenizer)}, or leave it out (it "
                          "then follows the tokenizer)")
-    _set_activation_checkpointing(model_cfg, config.activation_checkpointing)
+    check_activation_checkpointing(model_cfg, config.activation_checkpointing)
     limit = getattr(model_cfg, "max_position_embeddings", None)
     if limit is not None and config.seq_len is not None and config.seq_len > limit:
         raise ValueError(f"seq_len {config.seq_len} is longer than the model's max_position_embeddings {limit}; "
@@ -506,17 +506,6 @@ def _vocab_size_note(config: TrainConfig, vocab_size: int) -> str | None:
         return None
     return (f"note: the model's vocab_size is {vocab_size}, the tokenizer's size ({source} is {declared}); set it with "
             f"--model-overrides '{{\"vocab_size\": N}}' (N >= {vocab_size})")
-
-
-def _set_activation_checkpointing(model_cfg: Any, mode: str) -> None:
-    """Tell the model what to recompute in the backward, through its config field ``activation_checkpointing``
-    (none | selective | full). A model config without that field supports only "none", and "full" through
-    transformers' gradient checkpointing (enabled once the model is built)."""
-    if "activation_checkpointing" in inspect.signature(type(model_cfg).__init__).parameters:
-        model_cfg.activation_checkpointing = mode
-    elif mode == "selective":
-        raise ValueError(f"activation_checkpointing 'selective' needs a model that supports it; "
-                         f"{type(model_cfg).__name__} supports none or full")
 
 
 def _check_override_keys(overrides: dict[str, Any], config_class: type) -> None:

@@ -1,4 +1,4 @@
-"""One decode step of an EFLA layer over its in-place state, in two kernels (``efla.layers.decode`` holds the
+"""One decode step of an EFLA layer over its in-place state, in two kernels (``EFLAttention.step`` holds the
 PyTorch reference and the dispatch):
 
     conv_step       for each of q, k, v (one program per row and head): the short convolution's new output
