@@ -140,9 +140,9 @@ chunk_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class EagerChunk(torch.autograd.Function):
     """``chunk_forward`` with its gradient, called outside torch.compile: the same functions without the custom ops'
-    dispatch, which costs about 90 us of host time per forward on a desktop CPU (more on a GPU server's), all of it
-    before the first kernel launch, where the GPU waits for it. ``EagerChunk.apply`` takes chunk_forward's arguments
-    in order."""
+    dispatch, whose host time (about as much as the rest of the call; BENCHMARKS.md, host time per operator call)
+    comes before the first kernel launch, where the GPU waits for it. ``EagerChunk.apply`` takes chunk_forward's
+    arguments in order."""
 
     @staticmethod
     def forward(ctx, *inputs):
