@@ -9,7 +9,8 @@ then timed: one forward+backward per step under the PyTorch profiler, the kernel
 kernels are timed in the same steps, since each kernel's time depends only on its own settings. It prints, per shape,
 each kernel's default and best time and setting, then forward and forward+backward medians (triton.testing.do_bench)
 with the defaults and with each shape's best settings, beside fla's chunk_delta_rule when fla-core is installed
-(unless --no-fla). Copy the winners into ``_default`` in ``efla/ops/triton/launch.py``. --kernels sweeps only those
+(unless --no-fla). Candidates run as ``KernelSettings.launch_overrides`` in a ``kernel_settings`` block; copy the
+winners into ``_default`` in ``efla/ops/triton/launch.py``. --kernels sweeps only those
 kernels (the others keep their defaults), e.g. the two state passes at a low-parallelism shape, the only kernels whose
 programs are few.
 --gated sweeps the decay-gated kernels (gated EFLA, log decay as in ``kernels.py --gated``) beside fla's
@@ -30,7 +31,7 @@ from kernels import inputs, measure  # benchmarks/kernels.py: the same bf16 inpu
 from torch.profiler import ProfilerActivity, profile
 
 from efla import efla_attention
-from efla.ops.triton import launch
+from efla.ops.triton.settings import Launch, kernel_settings
 
 SHAPES = [(8, 4096, 16, 128), (2, 16384, 16, 128), (32, 1024, 16, 128), (8, 4096, 32, 64)]
 KERNEL_NAMES = {"wy_fwd": "_wy_fwd_kernel", "state_fwd": "_state_fwd_kernel", "out": "_out_kernel",
@@ -49,9 +50,9 @@ GRID = {
 }
 
 
-def candidates(kernel: str, V: int) -> list[launch.Launch]:
+def candidates(kernel: str, V: int) -> list[Launch]:
     """The kernel's grid of settings with V-blocks capped at V, without repeats."""
-    seen = dict.fromkeys(launch.Launch(min(bv, V), w, s) for bv, w, s in itertools.product(*GRID[kernel]))
+    seen = dict.fromkeys(Launch(min(bv, V), w, s) for bv, w, s in itertools.product(*GRID[kernel]))
     return list(seen)
 
 
@@ -67,26 +68,23 @@ def forward_backward(args, do) -> list[torch.Tensor]:
     return [o.detach()] + [x.grad for x in args]
 
 
-def valid(kernel: str, D: int, gated: bool) -> list[launch.Launch]:
+def valid(kernel: str, D: int, gated: bool) -> list[Launch]:
     """The candidates that compile, run and agree with the default settings on a small problem."""
     args = inputs(2, 300, 2, D, gated)
     do = torch.randn_like(args[2])
-    launch.OVERRIDES.clear()
     ref = forward_backward(args, do)
     good = []
     for cand in candidates(kernel, D):
-        launch.OVERRIDES[kernel] = cand
         try:
-            out = forward_backward(args, do)
-            torch.cuda.synchronize()
+            with kernel_settings(launch_overrides={kernel: cand}):
+                out = forward_backward(args, do)
+                torch.cuda.synchronize()
         except Exception as err:  # out of shared memory or registers (Triton raises several types): skip it
             if "illegal" in str(err) or isinstance(err, getattr(torch, "AcceleratorError", ())):
                 raise SystemExit(f"{kernel} {cand} made an illegal memory access, which ends this process's CUDA "
                                  "context: leave the setting out of GRID and run again") from err
             print(f"  {kernel} {cand}: {type(err).__name__}", flush=True)
             continue
-        finally:
-            launch.OVERRIDES.clear()
         errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, ref, strict=True)]
         if max(errs) <= 1e-2:
             good.append(cand)
@@ -156,28 +154,24 @@ def main() -> None:
         x = inputs(B, T, H, D, args.gated)
         do = torch.randn_like(x[2])
         pool = pools[D]
-        launch.OVERRIDES.clear()
         default = kernel_times(x, do, args.steps)
         results = defaultdict(dict)  # kernel -> setting -> us
         for i in range(max(len(c) for c in pool.values())):
-            launch.OVERRIDES.clear()
-            launch.OVERRIDES.update({kernel: c[i] for kernel, c in pool.items() if i < len(c)})
-            times = kernel_times(x, do, args.steps)
-            for kernel, setting in launch.OVERRIDES.items():
+            trial = {kernel: c[i] for kernel, c in pool.items() if i < len(c)}
+            with kernel_settings(launch_overrides=trial):
+                times = kernel_times(x, do, args.steps)
+            for kernel, setting in trial.items():
                 results[kernel][setting] = times[kernel]
         best = {kernel: min(times, key=times.get) for kernel, times in results.items()}
         print(f"\n{B}x{T}x{H}x{D}: kernel | default us | best us | best (bv, warps, stages)")
         for kernel in args.kernels:
             print(f"  {kernel:<10} | {default[kernel]:8.1f} | {results[kernel][best[kernel]]:8.1f} | "
                   f"{best[kernel].bv}, {best[kernel].warps}, {best[kernel].stages}", flush=True)
-        launch.OVERRIDES.clear()
         row = {"shape": f"{B}x{T}x{H}x{D}", "default": measure(ours, x, do)[:2]}
-        launch.OVERRIDES.update(best)
-        row["best"] = measure(ours, x, do)[:2]
-        launch.SAVE_T = False
-        row["best, T recomputed"] = measure(ours, x, do)[:2]
-        launch.SAVE_T = True
-        launch.OVERRIDES.clear()
+        with kernel_settings(launch_overrides=best):
+            row["best"] = measure(ours, x, do)[:2]
+            with kernel_settings(save_t=False):
+                row["best, T recomputed"] = measure(ours, x, do)[:2]
         row["fla"] = None if args.no_fla else fla_times(x, do, args.gated)
         summary.append(row)
         del x, do

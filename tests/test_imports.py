@@ -1,6 +1,6 @@
-"""``import efla`` stays light (no transformers and its heavy dependencies), yet transformers' Auto classes know
-model_type "efla" whenever they are used after it. Each check runs in a fresh interpreter: sys.modules is the state
-under test."""
+"""``import efla`` stays light (no transformers and its heavy dependencies, no torch._dynamo), yet transformers' Auto
+classes know model_type "efla" whenever they are used after it. Each check runs in a fresh interpreter: sys.modules is
+the state under test."""
 
 from __future__ import annotations
 
@@ -40,6 +40,23 @@ def test_import_efla_and_its_cli_load_no_heavy_module():
         print(sorted({{name.split(".")[0] for name in sys.modules}} & set({HEAVY!r})))
     """)
     assert out.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("entry", ["import efla", "efla --help"])
+def test_import_efla_and_its_help_load_no_compiler(entry):
+    """torch._dynamo costs about a second to import (1.1 s over torch on a 2-core machine): ``import efla`` and
+    ``efla --help`` leave it to the first thing that compiles. Checked in a fresh interpreter, where nothing has loaded
+    it yet (``python -m efla --help`` run as the command runs it)."""
+    run = "import efla" if entry == "import efla" else """
+        import runpy
+        sys.argv = ["efla", "--help"]
+        try:
+            runpy.run_module("efla", run_name="__main__")
+        except SystemExit:
+            pass
+    """
+    out = run_fresh("import sys\n" + textwrap.dedent(run) + "\nprint('torch._dynamo' in sys.modules)")
+    assert out.splitlines()[-1] == "False", f"{entry} imported torch._dynamo"
 
 
 needs_transformers = pytest.mark.skipif(

@@ -90,7 +90,7 @@ def test_triton_backend_on_cpu_says_it_needs_a_gpu(monkeypatch):
         pytest.skip("this machine has a GPU")
     # import the kernels first: triton.jit chooses interpreter or compiler at import, and kernels imported without
     # TRITON_INTERPRET would need a GPU driver for every later test in this process
-    importlib.import_module("efla.ops.triton")
+    importlib.import_module("efla.ops.triton.backend")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         efla_attention(*inputs(K=16, V=16), backend="triton")

@@ -14,7 +14,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from efla import efla_attention
-from efla.ops import triton as efla_triton
+from efla.ops.triton import backend as triton_backend
+from efla.ops.triton.settings import kernel_settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -69,8 +70,8 @@ def test_eager_calls_skip_the_custom_ops_and_compiled_calls_take_them(T, monkeyp
     """The custom ops' dispatch costs about as much host time as the rest of the call; eager calls never enter it."""
     entered = []
     for name in ("chunk_forward", "fused_recurrent_forward"):
-        op = getattr(efla_triton, name)
-        monkeypatch.setattr(efla_triton, name, lambda *a, op=op, name=name: entered.append(name) or op(*a))
+        op = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name, lambda *a, op=op, name=name: entered.append(name) or op(*a))
     q, k, v, beta = (x.detach() for x in _inputs(T, seed=11))
     grad_enabled = T > 64
     with torch.set_grad_enabled(grad_enabled):
@@ -98,3 +99,21 @@ def test_export_records_the_custom_op(strict):
     targets = [str(node.target) for node in program.graph.nodes]
     assert "efla.chunk_forward.default" in targets
     torch.testing.assert_close(program.module()(q, k, v, beta), Attend()(q, k, v, beta))
+
+
+def test_compiled_call_is_traced_again_under_other_kernel_settings():
+    """The compiled graph bakes in the settings it was traced under (whether T is kept for the backward): a block of
+    other settings traces it again, and both give eager's gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    inputs = _inputs(90, seed=17)
+    eager_grads = torch.autograd.grad(_attend(*inputs, cu_seqlens=None), inputs)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_attend, backend=counter, fullgraph=True)
+    for save_t in (True, False, True):
+        with kernel_settings(save_t=save_t):
+            grads = torch.autograd.grad(compiled(*inputs, cu_seqlens=None), inputs)
+        for a, b in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 2

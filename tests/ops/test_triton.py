@@ -66,13 +66,13 @@ def _check(dtype, inputs, mode, tol, cu_seqlens=None, grads=True, backend="trito
 
 @pytest.mark.parametrize("mode", ["efla", "delta"])
 @pytest.mark.parametrize("save_t", [True, False])
-def test_chunk_matches_float64(mode, save_t, monkeypatch):
+def test_chunk_matches_float64(mode, save_t):
     """Forward, final state and every gradient, two chunks with a ragged tail, K != V; the backward with T kept
     from the forward and with T inverted again."""
-    from efla.ops.triton import launch
+    from efla.ops.triton.settings import kernel_settings
 
-    monkeypatch.setattr(launch, "SAVE_T", save_t)
-    _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=1), mode, tol=1e-5)
+    with kernel_settings(save_t=save_t):
+        _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=1), mode, tol=1e-5)
 
 
 @pytest.mark.parametrize("in_state_pass", [True, False])
@@ -233,12 +233,12 @@ def test_gpu_head_dims(K, V):
 
 @gpu
 @needs_cuda
-def test_gpu_ieee_float32(monkeypatch):
+def test_gpu_ieee_float32():
     """The exact float32 dot mode (slow to compile, so a small head dim)."""
-    import efla.ops.triton as kernels
+    from efla.ops.triton.settings import kernel_settings
 
-    monkeypatch.setattr(kernels, "FP32_DOT_PRECISION", "ieee")
-    _check(torch.float32, _inputs(2, 300, 2, 32, 32, "efla", 2, seed=12), "efla", tol=1e-5)
+    with kernel_settings(fp32_dot_precision="ieee"):
+        _check(torch.float32, _inputs(2, 300, 2, 32, 32, "efla", 2, seed=12), "efla", tol=1e-5)
 
 
 @gpu

@@ -69,13 +69,13 @@ def _check(dtype, inputs, mode, tol, cu_seqlens=None, grads=True, backend="trito
 
 @pytest.mark.parametrize(("mode", "decay", "save_t"), [("efla", WEAK, True), ("efla", STRONG, False),
                                                        ("delta", WEAK, False), ("delta", STRONG, True)])
-def test_gated_chunk_matches_float64(mode, decay, save_t, monkeypatch):
+def test_gated_chunk_matches_float64(mode, decay, save_t):
     """Forward, final state and every gradient (q, k, v, beta, g, h0): two chunks with a ragged tail, K != V, weak
     and strong decay, the backward with T kept from the forward and inverted again."""
-    from efla.ops.triton import launch
+    from efla.ops.triton.settings import kernel_settings
 
-    monkeypatch.setattr(launch, "SAVE_T", save_t)
-    _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=21, decay=decay), mode, tol=1e-5)
+    with kernel_settings(save_t=save_t):
+        _check(torch.float32, _inputs(2, 80, 2, 32, 16, mode, 2, seed=21, decay=decay), mode, tol=1e-5)
 
 
 def test_gated_backward_launches_with_the_gated_settings(monkeypatch):
@@ -183,13 +183,14 @@ def test_wy_pass_stores_the_chunk_sums_of_g():
     """The WY pass stores, per token, G_t (g summed from its chunk's start) and G_C - G_t (summed over the chunk's
     later tokens), which the state passes read: both against float64 sums, chunks restarting at each sequence of a
     packed batch (a sequence of 70 tokens, an empty one, one of 150)."""
-    from efla.ops.triton.op import _chunk_map
-    from efla.ops.triton.wy import CHUNK, wy_fwd
+    from efla.ops.triton.op import chunk_map
+    from efla.ops.triton.tiles import CHUNK
+    from efla.ops.triton.wy import wy_fwd
 
     cu = torch.tensor([0, 70, 70, 220], device=DEVICE)
     _q, k, v, beta, g, _h0 = _inputs(1, 220, 3, 16, 16, "efla", 1, seed=27, decay=STRONG)
     k, v, beta, g = k[0], v[0], beta[0], g[0].contiguous()
-    chunks, cu32 = _chunk_map(k, cu, cu.cpu(), 1)
+    chunks, cu32 = chunk_map(k, cu, cu.cpu(), 1)
     sums = wy_fwd(k=k, v=v, beta=beta, g=g, chunks=chunks, cu=cu32, efla=True, prec="ieee")[3]
     for bos, eos in ((0, 70), (70, 220)):
         for start in range(bos, eos, CHUNK):

@@ -18,38 +18,34 @@ from fla.ops.delta_rule import chunk_delta_rule
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
 from efla.ops.alpha import gated_step_sizes, step_sizes
+from efla.ops.call import AttentionCall
 
 
-def _check_dtype(q: torch.Tensor) -> None:
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"backend='fla' takes float16 or bfloat16 inputs (got {q.dtype}); fla's chunk kernel "
+def fla_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the call on fla's kernels: (o in v's dtype, final state or None). The step sizes go to fla in q's dtype, as
+    fla expects of beta; fla reads the sequence lengths itself."""
+    if call.q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"backend='fla' takes float16 or bfloat16 inputs (got {call.q.dtype}); fla's chunk kernel "
                         "refuses float32: use backend='triton' or 'torch'")
+    state = None if call.initial_state is None else call.initial_state.float()
+    cu_seqlens = None if call.cu_seqlens is None else call.cu_seqlens.long()
+    o, final_state = (_gated_delta_rule if call.gated else _delta_rule)(call, state, cu_seqlens)
+    return o.to(call.v.dtype), final_state
 
 
-def fla_efla(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, lengths_from):
-    """Same contract as ``triton_efla``; alpha goes to fla in q's dtype, as fla expects of beta. fla reads the
-    sequence lengths itself (``lengths_from`` unused)."""
-    del lengths_from
-    _check_dtype(q)
-    alpha = step_sizes(k, beta, mode).to(q.dtype)
-    state = None if initial_state is None else initial_state.float()
-    o, final_state = chunk_delta_rule(q, k, v, alpha, scale=scale, initial_state=state,
-                                      output_final_state=output_final_state,
-                                      cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
-                                      chunk_size=chunk_size)
-    return o.to(v.dtype), final_state
+def _delta_rule(call: AttentionCall, state: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
+    """EFLA (or DeltaNet, mode="delta") through ``chunk_delta_rule`` with alpha as its beta."""
+    alpha = step_sizes(call.k, call.beta, call.mode).to(call.q.dtype)
+    return chunk_delta_rule(call.q, call.k, call.v, alpha, scale=call.scale, initial_state=state,
+                            output_final_state=call.output_final_state, cu_seqlens=cu_seqlens,
+                            chunk_size=call.chunk_size)
 
 
-def fla_gated_efla(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size,
-                   lengths_from):
+def _gated_delta_rule(call: AttentionCall, state: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
     """Gated EFLA (or Gated DeltaNet, mode="delta") through ``chunk_gated_delta_rule``; fla's chunk size is its own."""
-    del chunk_size, lengths_from
-    _check_dtype(q)
-    alpha, eta = gated_step_sizes(k, beta, g, mode)
+    alpha, eta = gated_step_sizes(call.k, call.beta, call.g, call.mode)
     value_scale = torch.where(alpha > 0, eta / alpha.clamp(min=torch.finfo(alpha.dtype).tiny), 1.0)
-    state = None if initial_state is None else initial_state.float()
-    scaled_v = (v * value_scale[..., None]).to(v.dtype)
-    o, final_state = chunk_gated_delta_rule(q, k, scaled_v, g.float(), alpha.to(q.dtype), scale=scale,
-                                            initial_state=state, output_final_state=output_final_state,
-                                            cu_seqlens=None if cu_seqlens is None else cu_seqlens.long())
-    return o.to(v.dtype), final_state
+    scaled_v = (call.v * value_scale[..., None]).to(call.v.dtype)
+    return chunk_gated_delta_rule(call.q, call.k, scaled_v, call.g.float(), alpha.to(call.q.dtype), scale=call.scale,
+                                  initial_state=state, output_final_state=call.output_final_state,
+                                  cu_seqlens=cu_seqlens)

@@ -1,21 +1,16 @@
-"""``efla_attention``, the public entry point to the EFLA operator (and ``efla_final_state``, its state alone);
-dispatches to a backend."""
+"""``efla_attention``, the public entry point to the EFLA operator (and ``efla_final_state``, its state alone): checks
+the arguments, resolves the defaults, and hands an ``AttentionCall`` to a backend of ``backends.BACKENDS``."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from efla.ops import varlen
-from efla.ops.alpha import gated_step_sizes, step_sizes, unit_key_form
-from efla.ops.checks import assert_values, check_decay, check_inputs, sequence_lengths
-from efla.ops.chunk import chunk_fwd
-from efla.ops.recurrent import recurrent_fwd
+from efla.ops.backends import BACKENDS, chunkwise_final_state
+from efla.ops.call import AttentionCall
+from efla.ops.checks import assert_values, check_decay, check_inputs
 
 
 def efla_attention(
@@ -90,12 +85,10 @@ def efla_attention(
     if q.shape[1] == 0:
         return _empty(q, v, initial_state, output_final_state, cu_seqlens)
     backend, chunk_size = _resolve_auto(backend, chunk_size, q)
-    lengths_from = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
-    if g is None:
-        return _BACKENDS[backend]()(q, k, v, beta, float(scale), initial_state, output_final_state, cu_seqlens, mode,
-                                    chunk_size, lengths_from)
-    return _GATED_BACKENDS[backend]()(q, k, v, beta, g, float(scale), initial_state, output_final_state, cu_seqlens,
-                                      mode, chunk_size, lengths_from)
+    call = AttentionCall(q, k, v, beta, float(scale), g=g, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                         mode=mode, chunk_size=chunk_size)
+    return BACKENDS[backend](call)
 
 
 def efla_final_state(
@@ -121,16 +114,11 @@ def efla_final_state(
     if k.shape[1] == 0:
         return _empty(k, v, initial_state, True, cu_seqlens)[1]
     backend, chunk_size = _resolve_auto(backend, chunk_size, k)
-    if backend != "torch":
-        return efla_attention(k, k, v, beta, initial_state=initial_state, output_final_state=True,
-                              cu_seqlens=cu_seqlens, mode=mode, backend=backend, chunk_size=chunk_size,
-                              check_beta=False, g=g)[1]
-    state_only = functools.partial(chunk_fwd, need_output=False)
-    if g is None:
-        run = _reference_backend(state_only)
-        return run(k, k, v, beta, 1.0, initial_state, True, cu_seqlens, mode, chunk_size, cu_seqlens)[1]
-    run = _gated_reference_backend(state_only)
-    return run(k, k, v, beta, g, 1.0, initial_state, True, cu_seqlens, mode, chunk_size, cu_seqlens)[1]
+    call = AttentionCall(k, k, v, beta, 1.0, g=g, initial_state=initial_state, output_final_state=True,
+                         cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size)  # q = k: the outputs go unread
+    if backend == "torch":
+        return chunkwise_final_state(call)
+    return BACKENDS[backend](call)[1]
 
 
 def _check_call(q, k, v, beta, initial_state, cu_seqlens, mode, backend, chunk_size, scale, cu_seqlens_cpu,
@@ -163,7 +151,7 @@ def _resolve_auto(backend: str, chunk_size: int, x: torch.Tensor) -> tuple[str, 
     if backend != "auto":
         return backend, chunk_size
     if x.is_cuda and x.dtype != torch.float64 and _triton_installed():
-        from efla.ops.triton.wy import CHUNK
+        from efla.ops.triton.tiles import CHUNK
 
         return "triton", CHUNK
     return "torch", chunk_size
@@ -171,109 +159,3 @@ def _resolve_auto(backend: str, chunk_size: int, x: torch.Tensor) -> tuple[str, 
 
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def _reference_backend(kernel: Callable) -> Callable:
-    """Wrap a PyTorch forward (recurrent or chunkwise) with alpha, varlen packing and output dtypes."""
-
-    def run(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, lengths_from):
-        out_dtype = v.dtype
-        if mode == "efla":  # unit keys, so that no product holds ||k||^2 (finite for any key norm and beta)
-            k, v, alpha = unit_key_form(k, v, beta)
-        else:
-            alpha = step_sizes(k, beta, mode)
-        alpha = alpha.to(torch.promote_types(q.dtype, torch.float32))
-        o, state = _per_sequence(kernel, cu_seqlens, lengths_from, (q, k, v, alpha), scale, initial_state, chunk_size)
-        if o is None:  # a state-only kernel (efla_final_state)
-            return None, state
-        return o.to(out_dtype), (state if output_final_state else None)
-
-    return run
-
-
-def _gated_reference_backend(kernel: Callable) -> Callable:
-    """Wrap a PyTorch forward with the gated step sizes (alpha, eta), varlen packing and output dtypes."""
-
-    def run(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size, lengths_from):
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        alpha, eta = (x.to(dtype) for x in gated_step_sizes(k, beta, g, mode))
-        g = g.to(dtype)
-
-        def gated(q, k, v, alpha, g, eta, *args):
-            return kernel(q, k, v, alpha, *args, g=g, eta=eta)
-
-        o, state = _per_sequence(gated, cu_seqlens, lengths_from, (q, k, v, alpha, g, eta), scale, initial_state,
-                                 chunk_size)
-        if o is None:  # a state-only kernel (efla_final_state)
-            return None, state
-        return o.to(v.dtype), (state if output_final_state else None)
-
-    return run
-
-
-def _per_sequence(kernel: Callable, cu_seqlens: torch.Tensor | None, lengths_from: torch.Tensor | None,
-                  tokens: tuple[torch.Tensor, ...], *args: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """kernel(*tokens, *args) for per-token tensors [B, T, ...]; with packed sequences (cu_seqlens) each sequence
-    becomes a padded row first and the output is packed back (``_per_packed_sequence``)."""
-    if cu_seqlens is None:
-        return kernel(*tokens, *args)
-    return _per_packed_sequence(kernel, lengths_from, tokens, *args)
-
-
-@torch.compiler.disable
-def _per_packed_sequence(kernel: Callable, lengths_from: torch.Tensor, tokens: tuple[torch.Tensor, ...],
-                         *args: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``_per_sequence`` on packed sequences, never traced: the lengths are read on the host and the shapes follow
-    them, so traced it would recompile for every new set of lengths (torch.compile sees one graph break here; the
-    Triton backend reads the lengths inside its custom ops and needs none)."""
-    lengths = sequence_lengths(lengths_from, tokens[0].shape[1])
-    o, state = kernel(*(varlen.unpack(x, lengths) for x in tokens), *args)
-    return (None if o is None else varlen.pack(o, lengths)), state
-
-
-def _gated_triton_backend() -> Callable:
-    try:
-        from efla.ops.triton import triton_gated_efla
-    except ImportError as error:
-        raise RuntimeError(f"backend='triton' needs the Triton kernels and a CUDA GPU ({error})") from error
-    return triton_gated_efla
-
-
-def _gated_fla_backend() -> Callable:
-    try:
-        from efla.ops.fla_backend import fla_gated_efla
-    except ImportError as error:
-        raise RuntimeError(f"backend='fla' needs fla-core: pip install 'efla[bench]' ({error})") from error
-    return fla_gated_efla
-
-
-def _triton_backend() -> Callable:
-    try:
-        from efla.ops.triton import triton_efla
-    except ImportError as error:
-        raise RuntimeError(f"backend='triton' needs the Triton kernels and a CUDA GPU ({error})") from error
-    return triton_efla
-
-
-def _fla_backend() -> Callable:
-    try:
-        from efla.ops.fla_backend import fla_efla
-    except ImportError as error:
-        raise RuntimeError(f"backend='fla' needs fla-core: pip install 'efla[bench]' ({error})") from error
-    return fla_efla
-
-
-_BACKENDS: dict[str, Callable[[], Callable]] = {
-    "recurrent": lambda: _reference_backend(lambda q, k, v, a, scale, s0, _chunk: recurrent_fwd(q, k, v, a, scale, s0)),
-    "torch": lambda: _reference_backend(chunk_fwd),
-    "triton": _triton_backend,
-    "fla": _fla_backend,
-}
-
-_GATED_BACKENDS: dict[str, Callable[[], Callable]] = {
-    "recurrent": lambda: _gated_reference_backend(
-        lambda q, k, v, a, scale, s0, _chunk, g, eta: recurrent_fwd(q, k, v, a, scale, s0, g=g, eta=eta)),
-    "torch": lambda: _gated_reference_backend(chunk_fwd),
-    "triton": _gated_triton_backend,
-    "fla": _gated_fla_backend,
-}

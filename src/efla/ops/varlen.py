@@ -6,7 +6,12 @@ last real token left it: the final states of the padded batch are the sequences'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+
+from efla.ops.checks import sequence_lengths
 
 
 def unpack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -18,6 +23,18 @@ def unpack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 def pack(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """[N, max(lengths), ...] -> [1, sum(lengths), ...], the inverse of ``unpack``."""
     return torch.cat([x[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
+
+
+def run_packed(forward: Callable[..., tuple[torch.Tensor | None, torch.Tensor]], lengths_from: torch.Tensor,
+               tokens: dict[str, torch.Tensor | None], **settings: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``forward(**tokens, **settings)`` of a forward over equal-length sequences, on sequences packed along T: each
+    per-token tensor of ``tokens`` ([1, total, ...]; None passes through) becomes a padded row per sequence
+    (``unpack``) and the output is packed back. The lengths are read on the host from ``lengths_from`` (cu_seqlens
+    or its host copy), so the shapes follow them: torch.compile runs this untraced (``efla/ops/untraced.py``)."""
+    lengths = sequence_lengths(lengths_from, tokens["q"].shape[1])
+    padded = {name: None if x is None else unpack(x, lengths) for name, x in tokens.items()}
+    o, state = forward(**padded, **settings)
+    return (None if o is None else pack(o, lengths)), state
 
 
 def _document_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ is scaled by c, dL = -(dX_K X_K^T + dX_V X_V^T) T^T, de = rowsum(dX_V * V), and 
 
 and dg_j = sum_{t >= j} dG_t + dG_C (G_t sums g up to t). ``_grad_qk_kernel`` forms the first line and dG_C, the
 gradient pass through the WY system adds the second, then takes da and de on to beta, lambda and (directly, per
-token) g through the step sizes' derivatives (``wy._step_size_slopes``).
+token) g through the step sizes' derivatives (``step_sizes.step_size_slopes``).
 """
 
 from __future__ import annotations
@@ -34,30 +34,24 @@ import torch
 import triton
 import triton.language as tl
 
+from efla.ops.triton.decay import chunk_decay, decay_matrix, decay_matrix_of, stored_decay
 from efla.ops.triton.launch import launch
+from efla.ops.triton.step_sizes import step_size_slopes
 from efla.ops.triton.tiles import (
-    _chunk_rows,
-    _initial_state,
-    _load_state,
-    _seq_bounds,
-    _seq_chunk_rows,
-    _state_program,
-    _store_state,
-    _tile_offsets,
-    _token_values,
-    _v_block,
-    _v_cols,
+    C,
+    chunk_rows,
+    initial_state,
+    load_state,
+    seq_bounds,
+    seq_chunk_rows,
+    state_program,
+    store_state,
+    tile_offsets,
+    token_values,
+    v_block,
+    v_cols,
 )
-from efla.ops.triton.wy import (
-    _chunk_decay,
-    _chunk_t,
-    _decay_matrix,
-    _decay_matrix_of,
-    _erase_scale,
-    _gram,
-    _step_size_slopes,
-    _stored_decay,
-)
+from efla.ops.triton.wy import chunk_t, erase_scale, gram_matrix
 
 
 @triton.jit
@@ -66,17 +60,17 @@ def _state_bwd_kernel(q, k, g, sums, w, do, du, dh, dht, dh0, cu_seqlens, chunk_
                       STORE_DH0: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
     """One program per (sequence, head, V-block); loops over chunks last to first, storing dS' and du. Gated, it
     reads the chunk sums of the log decays the WY pass stored, and g itself only at float32 accuracy."""
-    n, i_h, i_v = _state_program(V, BV)
-    bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
-    ov, vmask = _v_cols(i_v, V, BV)
-    r = tl.arange(0, 64)
-    kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    vv = _tile_offsets(r, H, V, ov)
-    dS = _initial_state(dht, HAS_DHT, n, i_h, H, K, V, BV, ov, vmask)
-    for j in range(tl.cdiv(eos - bos, 64)):
-        i = tl.cdiv(eos - bos, 64) - 1 - j
-        _store_state(dh, dS, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
-        rmask, tok = _seq_chunk_rows(bos, eos, i, r, i_h, H)
+    n, i_h, i_v = state_program(V, BV)
+    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_first, n)
+    ov, vmask = v_cols(i_v, V, BV)
+    r = tl.arange(0, C)
+    kk = tile_offsets(r, H, K, tl.arange(0, K))
+    vv = tile_offsets(r, H, V, ov)
+    dS = initial_state(dht, HAS_DHT, n, i_h, H, K, V, BV, ov, vmask)
+    for j in range(tl.cdiv(eos - bos, C)):
+        i = tl.cdiv(eos - bos, C) - 1 - j
+        store_state(dh, dS, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
+        rmask, tok = seq_chunk_rows(bos, eos, i, r, i_h, H)
         m = rmask[:, None] & vmask[None, :]
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
@@ -84,11 +78,11 @@ def _state_bwd_kernel(q, k, g, sums, w, do, du, dh, dht, dh0, cu_seqlens, chunk_
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
         kq = tl.where(r[:, None] <= r[None, :], tl.dot(k_tile, tl.trans(q_tile), input_precision=PREC), 0.0)
         if GATED:
-            gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
+            gc, to_end, g_end = stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * C, C), H)
             gv = gc  # at "tf32" the decay matrix reads only the running sums; at float32 accuracy g itself
             if PREC != "tf32":
-                gv = _token_values(g, tok, r, rmask, H)
-            kq *= _decay_matrix_of(gv, gc, r, PREC, TRANSPOSE=True)
+                gv = token_values(g, tok, r, rmask, H)
+            kq *= decay_matrix_of(gv, gc, r, PREC, TRANSPOSE=True)
         # gated, the decays scale the [64, BV] tiles rather than the [64, K] ones: diag(c) (K dS') and
         # Q^T diag(E) dO, c = exp(G_C - G), E = exp(G)
         carried = tl.dot(k_tile, dS.to(k_tile.dtype), input_precision=PREC)
@@ -102,7 +96,7 @@ def _state_bwd_kernel(q, k, g, sums, w, do, du, dh, dht, dh0, cu_seqlens, chunk_
         dS += scale * tl.dot(tl.trans(q_tile), do_tile, input_precision=PREC)
         dS -= tl.dot(tl.trans(w_tile), du_tile.to(w_tile.dtype), input_precision=PREC)
     if STORE_DH0:
-        _store_state(dh0, dS, n, i_h, H, K, V, ov, vmask)
+        store_state(dh0, dS, n, i_h, H, K, V, ov, vmask)
 
 
 @triton.jit
@@ -111,19 +105,19 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     """One program per (chunk, head): dq, and the part of dk that does not go through alpha or T; if GATED also the
     part of dg that does not go through the WY system (module docstring)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
-    kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    dq_acc = tl.zeros([64, K], dtype=tl.float32)  # dO S^T
-    dk_acc = tl.zeros([64, K], dtype=tl.float32)  # u dS'^T
-    P = tl.zeros([64, 64], dtype=tl.float32)  # dO u^T
-    PT = tl.zeros([64, 64], dtype=tl.float32)  # u dO^T (gated), P^T as its own product: see wy._log_decay
+    r, rmask, tok = chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
+    kk = tile_offsets(r, H, K, tl.arange(0, K))
+    dq_acc = tl.zeros([C, K], dtype=tl.float32)  # dO S^T
+    dk_acc = tl.zeros([C, K], dtype=tl.float32)  # u dS'^T
+    P = tl.zeros([C, C], dtype=tl.float32)  # dO u^T
+    PT = tl.zeros([C, C], dtype=tl.float32)  # u dO^T (gated), P^T as its own product: see decay._log_decay
     state_dot = tl.zeros([K], dtype=tl.float32)  # row sums of dS' * S (gated): <dS', S> once summed
     for i_v in range(tl.cdiv(V, BV)):
-        ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
+        ov, vmask, m, vv = v_block(i_v, r, rmask, H, V, BV)
         u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
         do_tile = tl.load(do + tok * V + vv, mask=m, other=0.0)
-        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask)
-        dS = _load_state(dh, i_c, i_h, H, K, V, ov, vmask)
+        S = load_state(h, i_c, i_h, H, K, V, ov, vmask)
+        dS = load_state(dh, i_c, i_h, H, K, V, ov, vmask)
         if GATED:
             state_dot += tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1)
         S = S.to(do_tile.dtype)
@@ -137,8 +131,8 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
     if GATED:
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
-        gv, gc, to_end, g_end = _chunk_decay(g, tok, r, rmask, H)
-        P *= _decay_matrix(gv, r, PREC)
+        gv, gc, to_end, g_end = chunk_decay(g, tok, r, rmask, H)
+        P *= decay_matrix(gv, r, PREC)
         dq_acc *= scale * tl.exp(gc)[:, None]
         z = P * tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
         c = tl.exp(to_end)
@@ -154,7 +148,7 @@ def _grad_qk_kernel(q, k, g, u, do, h, dh, dq, dk_part, dg_part, chunk_seq, chun
     if not GATED:  # loaded only now: the tile is not live while dq is formed
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
     if GATED:
-        PT = scale * tl.where(r[:, None] <= r[None, :], PT, 0.0) * _decay_matrix(gv, r, PREC, TRANSPOSE=True)
+        PT = scale * tl.where(r[:, None] <= r[None, :], PT, 0.0) * decay_matrix(gv, r, PREC, TRANSPOSE=True)
         dk_acc += tl.dot(PT.to(q_tile.dtype), q_tile, input_precision=PREC)
     else:
         dk_acc += tl.dot(tl.trans(P.to(q_tile.dtype)), q_tile, input_precision=PREC)
@@ -171,22 +165,22 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
     (float32 K = 256, whose [64, K] x [K, 64] tf32x3 product needs more shared memory than a Hopper SM has)
     -dX_V (K S)^T accumulated per V block."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
-    kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    k_tile, b, alpha, write, lam, Td, gv, gc = _chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED,
+    r, rmask, tok = chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
+    kk = tile_offsets(r, H, K, tl.arange(0, K))
+    k_tile, b, alpha, write, lam, Td, gv, gc = chunk_t(k, beta, g, t_in, tok, kk, r, rmask, H, K, EFLA, GATED,
                                                         LOAD_T, PREC)
-    erase = _erase_scale(alpha, gc, GATED)
-    da_db, da_dlam, de_db, de_dlam, de_dg = _step_size_slopes(b, lam, gv, alpha, EFLA, GATED)
+    erase = erase_scale(alpha, gc, GATED)
+    da_db, da_dlam, de_db, de_dlam, de_dg = step_size_slopes(b, lam, gv, alpha, EFLA, GATED)
     Tt = tl.trans(Td)
     dt = k_tile.dtype  # operand dtype of the products (float32 accumulation): the input's
-    dxk = tl.zeros([64, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
-    M = tl.zeros([64, 64], dtype=tl.float32)  # dX_V V^T, then + dX_K K^T after the loop (gated: dX_V X_V^T, ...)
-    da = tl.zeros([64], dtype=tl.float32)
-    de = tl.zeros([64], dtype=tl.float32)  # gated: the write step's gradient
+    dxk = tl.zeros([C, K], dtype=tl.float32)  # T^T dW = -T^T du S^T = -dX_V S^T
+    M = tl.zeros([C, C], dtype=tl.float32)  # dX_V V^T, then + dX_K K^T after the loop (gated: dX_V X_V^T, ...)
+    da = tl.zeros([C], dtype=tl.float32)
+    de = tl.zeros([C], dtype=tl.float32)  # gated: the write step's gradient
     for i_v in range(tl.cdiv(V, BV)):
-        ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
+        ov, vmask, m, vv = v_block(i_v, r, rmask, H, V, BV)
         du_tile = tl.load(du + tok * V + vv, mask=m, other=0.0).to(dt)
-        S = _load_state(h, i_c, i_h, H, K, V, ov, vmask).to(dt)
+        S = load_state(h, i_c, i_h, H, K, V, ov, vmask).to(dt)
         dxv = tl.dot(Tt, du_tile, input_precision=PREC)
         dxv_d = dxv.to(dt)
         dxk -= tl.dot(dxv_d, tl.trans(S), input_precision=PREC)
@@ -223,17 +217,17 @@ def _grad_wy_kernel(k, v, beta, g, t_in, du, h, dk_part, dg_part, dk, dv, dbeta,
         da += d_erase
         dL = -tl.dot((M * alpha[None, :]).to(dt), Tt, input_precision=PREC)
     dL = tl.where(r[:, None] > r[None, :], dL, 0.0)
-    gram = _gram(k_tile, PREC)  # G again: cheaper than keeping it live through the V loop
+    gram = gram_matrix(k_tile, PREC)  # G again: cheaper than keeping it live through the V loop
     dG = alpha[:, None] * dL
     if GATED:
-        decay = _decay_matrix_of(gv, gc, r, PREC)
+        decay = decay_matrix_of(gv, gc, r, PREC)
         gram *= decay
         dG *= decay
     da += tl.sum(dL * gram, axis=1)
     if GATED:
         z = alpha[:, None] * dL * gram  # dL * A
         dgc += tl.sum(z, axis=1) - tl.sum(z, axis=0)
-        dg_tile = _token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True) + de * de_dg
+        dg_tile = token_values(dg_part, tok, r, rmask, H) + tl.cumsum(dgc, 0, reverse=True) + de * de_dg
         tl.store(dg + tok + r * H, dg_tile.to(dg.dtype.element_ty), mask=rmask)
     db = da * da_db + de * de_db
     dlam = da * da_dlam + de * de_dlam

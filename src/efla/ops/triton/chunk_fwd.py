@@ -21,21 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
+from efla.ops.triton.decay import chunk_decay, decay_matrix, decay_matrix_of, stored_decay
 from efla.ops.triton.launch import launch
 from efla.ops.triton.tiles import (
-    _chunk_rows,
-    _initial_state,
-    _load_state_rows,
-    _seq_bounds,
-    _seq_chunk_rows,
-    _state_program,
-    _store_state,
-    _tile_offsets,
-    _token_values,
-    _v_block,
-    _v_cols,
+    C,
+    chunk_rows,
+    initial_state,
+    load_state_rows,
+    seq_bounds,
+    seq_chunk_rows,
+    state_program,
+    store_state,
+    tile_offsets,
+    token_values,
+    v_block,
+    v_cols,
 )
-from efla.ops.triton.wy import _chunk_decay, _decay_matrix, _decay_matrix_of, _stored_decay
 
 
 @triton.jit
@@ -45,30 +46,30 @@ def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, q, g, o, cu_seqlens, chunk_f
     """One program per (sequence, head, V-block); loops over the sequence's chunks in order. With OUT it also forms
     each chunk's output O = scale (Q S + tril(Q K^T) u) (decayed if GATED) from the S and u at hand, and stores
     neither h nor u (the forward's only readers of them were the output pass)."""
-    n, i_h, i_v = _state_program(V, BV)
-    bos, eos, c0 = _seq_bounds(cu_seqlens, chunk_first, n)
-    ov, vmask = _v_cols(i_v, V, BV)
-    r = tl.arange(0, 64)
-    kk = _tile_offsets(r, H, K, tl.arange(0, K))
-    vv = _tile_offsets(r, H, V, ov)
-    S = _initial_state(h0, HAS_H0, n, i_h, H, K, V, BV, ov, vmask)
-    for i in range(tl.cdiv(eos - bos, 64)):
+    n, i_h, i_v = state_program(V, BV)
+    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_first, n)
+    ov, vmask = v_cols(i_v, V, BV)
+    r = tl.arange(0, C)
+    kk = tile_offsets(r, H, K, tl.arange(0, K))
+    vv = tile_offsets(r, H, V, ov)
+    S = initial_state(h0, HAS_H0, n, i_h, H, K, V, BV, ov, vmask)
+    for i in range(tl.cdiv(eos - bos, C)):
         if not OUT:
-            _store_state(h, S, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
-        rmask, tok = _seq_chunk_rows(bos, eos, i, r, i_h, H)
+            store_state(h, S, (c0 + i).to(tl.int64), i_h, H, K, V, ov, vmask)
+        rmask, tok = seq_chunk_rows(bos, eos, i, r, i_h, H)
         m = rmask[:, None] & vmask[None, :]
         w_tile = tl.load(w + tok * K + kk, mask=rmask[:, None], other=0.0)
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
         Sc = S.to(w_tile.dtype)
         u_tile = tl.load(u0 + tok * V + vv, mask=m, other=0.0).to(tl.float32) - tl.dot(w_tile, Sc, input_precision=PREC)
         if GATED:  # read once per chunk, for the output (with OUT) and the state's update
-            gc, to_end, g_end = _stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * 64, 64), H)
+            gc, to_end, g_end = stored_decay(sums, tok, r, rmask, tl.minimum(eos - bos - i * C, C), H)
         if OUT:
             q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
             qk = tl.where(r[:, None] >= r[None, :], tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC), 0.0)
             out = tl.dot(q_tile, Sc.to(q_tile.dtype), input_precision=PREC)
             if GATED:
-                qk *= _decay_matrix_of(_token_values(g, tok, r, rmask, H), gc, r, PREC)
+                qk *= decay_matrix_of(token_values(g, tok, r, rmask, H), gc, r, PREC)
                 out *= tl.exp(gc)[:, None]
             out += tl.dot(qk.to(w_tile.dtype), u_tile.to(w_tile.dtype), input_precision=PREC)
             tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)
@@ -79,7 +80,7 @@ def _state_fwd_kernel(k, sums, w, u0, h, u, h0, ht, q, g, o, cu_seqlens, chunk_f
             S *= tl.exp(g_end)
         S += tl.dot(tl.trans(k_tile), u_tile.to(k_tile.dtype), input_precision=PREC)
     if STORE_HT:
-        _store_state(ht, S, n, i_h, H, K, V, ov, vmask)
+        store_state(ht, S, n, i_h, H, K, V, ov, vmask)
 
 
 @triton.jit
@@ -87,24 +88,24 @@ def _out_kernel(q, k, g, u, h, o, chunk_seq, chunk_t0, cu_seqlens, scale, H,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, head, V-block): O = scale (Q S + tril(Q K^T) u), decayed if GATED."""
     i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    r, rmask, tok = _chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
-    ov, vmask, m, vv = _v_block(i_v, r, rmask, H, V, BV)
-    BK: tl.constexpr = 64 if K > 64 else K
-    qk = tl.zeros([64, 64], dtype=tl.float32)
-    out = tl.zeros([64, BV], dtype=tl.float32)
+    r, rmask, tok = chunk_rows(chunk_seq, chunk_t0, cu_seqlens, i_c, i_h, H)
+    ov, vmask, m, vv = v_block(i_v, r, rmask, H, V, BV)
+    BK: tl.constexpr = 64 if K > 64 else K  # a block of K columns, not of tokens
+    qk = tl.zeros([C, C], dtype=tl.float32)
+    out = tl.zeros([C, BV], dtype=tl.float32)
     for i_k in range(K // BK):  # K in blocks: the next block's loads overlap this block's products
         cols = i_k * BK + tl.arange(0, BK)
-        kk = _tile_offsets(r, H, K, cols)
+        kk = tile_offsets(r, H, K, cols)
         q_tile = tl.load(q + tok * K + kk, mask=rmask[:, None], other=0.0)
         k_tile = tl.load(k + tok * K + kk, mask=rmask[:, None], other=0.0)
-        S = _load_state_rows(h, i_c, i_h, H, K, V, cols, ov, vmask)
+        S = load_state_rows(h, i_c, i_h, H, K, V, cols, ov, vmask)
         qk += tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
         out += tl.dot(q_tile, S.to(q_tile.dtype), input_precision=PREC)
     qk = tl.where(r[:, None] >= r[None, :], qk, 0.0)
     u_tile = tl.load(u + tok * V + vv, mask=m, other=0.0)
     if GATED:
-        gv, gc, _to_end, _g_end = _chunk_decay(g, tok, r, rmask, H)
-        qk *= _decay_matrix(gv, r, PREC)
+        gv, gc, _to_end, _g_end = chunk_decay(g, tok, r, rmask, H)
+        qk *= decay_matrix(gv, r, PREC)
         out *= tl.exp(gc)[:, None]
     out += tl.dot(qk.to(u_tile.dtype), u_tile, input_precision=PREC)
     tl.store(o + tok * V + vv, (scale * out).to(o.dtype.element_ty), mask=m)

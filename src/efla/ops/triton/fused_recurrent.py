@@ -4,7 +4,7 @@ Exactly the definition (``efla/ops/recurrent.py``): per token, lambda = ||k||^2,
 S <- S + k (alpha (v - S^T k))^T and o = scale S^T q. No chunk padding and no WY system, so it wins over the chunk
 kernels when T is short (decode steps, prompts of a few dozen tokens). Forward only: the dispatch sends anything that
 needs gradients to the chunk kernels. Gated (GATED): S <- exp(g) S first, then S <- S + k (eta v - alpha S^T k)^T
-with the step sizes of ``wy._gated_step_sizes`` (for EFLA, or beta itself for Gated DeltaNet).
+with the step sizes of ``step_sizes.gated_step_sizes`` (for EFLA, or beta itself for Gated DeltaNet).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from efla.ops.triton.tiles import _initial_state, _store_state, _v_cols
-from efla.ops.triton.wy import _gated_step_sizes, _step_size
+from efla.ops.triton.step_sizes import gated_step_sizes, step_size
+from efla.ops.triton.tiles import initial_state, store_state, v_cols
 
 
 @triton.jit
@@ -26,8 +26,8 @@ def _fused_recurrent_kernel(q, k, v, beta, g, o, h0, ht, cu_seqlens, scale, H,
     bos = tl.load(cu_seqlens + n).to(tl.int64)  # int64: offsets can pass 2^31
     eos = tl.load(cu_seqlens + n + 1)
     ok = tl.arange(0, K)
-    ov, vmask = _v_cols(i_v, V, BV)
-    S = _initial_state(h0, HAS_H0, n, i_h, H, K, V, BV, ov, vmask)
+    ov, vmask = v_cols(i_v, V, BV)
+    S = initial_state(h0, HAS_H0, n, i_h, H, K, V, BV, ov, vmask)
     for t in range(bos, eos):
         k_t = tl.load(k + (t * H + i_h) * K + ok).to(tl.float32)
         q_t = tl.load(q + (t * H + i_h) * K + ok).to(tl.float32)
@@ -36,18 +36,18 @@ def _fused_recurrent_kernel(q, k, v, beta, g, o, h0, ht, cu_seqlens, scale, H,
         lam = tl.sum(k_t * k_t, axis=0)
         if GATED:
             g_t = tl.load(g + t * H + i_h).to(tl.float32)
-            a_t, e_t = _gated_step_sizes(b_t, lam, g_t, EFLA)
+            a_t, e_t = gated_step_sizes(b_t, lam, g_t, EFLA)
             S *= tl.exp(g_t)
             S += k_t[:, None] * (e_t * v_t - a_t * tl.sum(S * k_t[:, None], axis=0))[None, :]
         else:
-            a_t = _step_size(b_t, lam, EFLA)
+            a_t = step_size(b_t, lam, EFLA)
             error = v_t - tl.sum(S * k_t[:, None], axis=0)  # v_t - S^T k_t
             S += k_t[:, None] * (a_t * error)[None, :]
         o_t = scale * tl.sum(S * q_t[:, None], axis=0)
         tl.store(o + (t * H + i_h) * V + ov, o_t.to(o.dtype.element_ty), mask=vmask)
     if STORE_HT:
         tl.debug_barrier()  # every thread has read h0 before any writes ht: the two may be one buffer (decode steps)
-        _store_state(ht, S, n, i_h, H, K, V, ov, vmask)
+        store_state(ht, S, n, i_h, H, K, V, ov, vmask)
 
 
 def fused_recurrent(*, q, k, v, beta, h0, cu, scale: float, efla: bool, output_final_state: bool, g=None,

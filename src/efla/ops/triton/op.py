@@ -23,10 +23,11 @@ from efla.ops.triton.chunk_fwd import output, state_fwd, state_fwd_with_output
 from efla.ops.triton.fused_recurrent import fused_recurrent
 from efla.ops.triton.launch import output_in_state_pass
 from efla.ops.triton.plan import Chunks, dense_plan, packed_plan
-from efla.ops.triton.wy import CHUNK, wy_fwd
+from efla.ops.triton.tiles import CHUNK
+from efla.ops.triton.wy import wy_fwd
 
 
-def _chunk_map(k: torch.Tensor, cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None,
+def chunk_map(k: torch.Tensor, cu_seqlens: torch.Tensor | None, cu_seqlens_cpu: torch.Tensor | None,
                batch: int) -> tuple[Chunks, torch.Tensor]:
     """The chunk map and int32 cu_seqlens of the packed tokens in k."""
     if cu_seqlens is None:
@@ -49,7 +50,7 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final states [N, H, K, V] float32 or empty, T [TT, H, 64] or empty); T is kept for the backward."""
     with torch.cuda.device_of(q):  # kernels launch on the current device
-        chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
+        chunks, cu = chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
         w, u0, t, sums = wy_fwd(k=k, v=v, beta=beta, g=g, chunks=chunks, cu=cu, efla=efla, prec=prec,
                                 store_t=store_t)
         common = {"k": k, "w": w, "u0": u0, "h0": h0, "sums": sums, "chunks": chunks, "cu": cu,
@@ -82,7 +83,7 @@ def _chunk_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: tor
     """(dq, dk, dv, dbeta, dh0 float32 or empty, dg or empty): recompute W, h, u (from the forward's T when
     given), then the reverse state pass and the per-chunk gradients (derivation in ``chunk_bwd.py``)."""
     with torch.cuda.device_of(q):
-        chunks, cu = _chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
+        chunks, cu = chunk_map(k, cu_seqlens, cu_seqlens_cpu, batch)
         common = {"chunks": chunks, "cu": cu, "prec": prec}
         w, u0, t, sums = wy_fwd(k=k, v=v, beta=beta, efla=efla, t=t, g=g, **common)
         h, u, _ = state_fwd(k=k, w=w, u0=u0, h0=h0, store_ht=False, sums=sums, **common)
@@ -139,9 +140,9 @@ chunk_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class EagerChunk(torch.autograd.Function):
     """``chunk_forward`` with its gradient, called outside torch.compile: the same functions without the custom ops'
-    dispatch, which costs about 90 us of host time per forward on a desktop CPU (more on a GPU server's), all of it
-    before the first kernel launch, where the GPU waits for it. ``EagerChunk.apply`` takes chunk_forward's arguments
-    in order."""
+    dispatch, whose host time (about as much as the rest of the call; BENCHMARKS.md, host time per operator call)
+    comes before the first kernel launch, where the GPU waits for it. ``EagerChunk.apply`` takes chunk_forward's
+    arguments in order."""
 
     @staticmethod
     def forward(ctx, *inputs):

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from efla.ops.checks import sequence_lengths
-from efla.ops.triton.wy import CHUNK
+from efla.ops.triton.tiles import CHUNK
 
 
 class Chunks:
@@ -58,22 +58,26 @@ class PackedPlan:
         return self._chunks
 
 
-_last_plan: PackedPlan | None = None
+_last_plans: dict[torch.device, PackedPlan] = {}
+"""Per device, the plan of the last cu_seqlens tensor read there (``packed_plan``)."""
 
 
 def packed_plan(cu_seqlens: torch.Tensor, T: int, cu_seqlens_cpu: torch.Tensor | None = None) -> PackedPlan:
     """The plan of cu_seqlens for T packed tokens. Reading the lengths costs a host-device sync unless the caller
     passes a host copy (``cu_seqlens_cpu``), and every layer of a model gets the same cu_seqlens tensor, so the plan of
-    the last tensor seen is kept (keyed by identity, in-place version and T): one sync per batch instead of one per
-    layer. Inference-mode tensors carry no version, so they are read every time."""
-    global _last_plan
+    the last tensor seen on each device is kept (keyed by identity, in-place version and T): one sync per batch
+    instead of one per layer, also when the layers of one process run on several GPUs. Inference-mode tensors carry
+    no version, so they are read every time."""
     version = None if cu_seqlens.is_inference() else cu_seqlens._version
-    last = _last_plan
+    last = _last_plans.get(cu_seqlens.device)
     if last is not None and last.source() is cu_seqlens and last.version == version and last.T == T:
         return last
     lengths = sequence_lengths(cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu, T)
     plan = PackedPlan(weakref.ref(cu_seqlens), version, T, cu_seqlens.to(torch.int32), lengths)
-    _last_plan = None if version is None else plan
+    if version is None:
+        _last_plans.pop(cu_seqlens.device, None)
+    else:
+        _last_plans[cu_seqlens.device] = plan
     return plan
 
 
