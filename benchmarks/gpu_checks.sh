@@ -9,10 +9,10 @@
 #               shapes in bf16, float32 + autocast at 8x2048, activation_checkpointing=selective, the batch-1 sweep
 #   generation  benchmarks/generation.py: ms per generated token of every model (ours eager and graph, fla's DeltaNet,
 #               a Llama), batch 1, 16 and 64, prompts of 128 and 2,048 tokens
-#   kernels     benchmarks/kernels.py at the seven shapes (four standard, three of low parallelism: the
+#   kernels     benchmarks/kernels_vs_fla.py at the seven shapes (four standard, three of low parallelism: the
 #               bar is <= 1.0x fla at all of them), per-kernel profile of 1 x 32768 x 8 x 128; benchmarks/loss.py (the
 #               language-modelling loss: ours fused and through PyTorch, the plain one, fla's fused cross-entropy)
-#   gated       benchmarks/kernels.py --gated: gated EFLA / Gated DeltaNet vs fla's chunk_gated_delta_rule, and
+#   gated       benchmarks/kernels_vs_fla.py --gated: gated EFLA / Gated DeltaNet vs fla's chunk_gated_delta_rule, and
 #               model_throughput.py --decay-gate at 8x2048 beside fla's Gated DeltaNet model (not a default stage)
 #   train       `efla train` at its defaults (340M, 8 x 2048, compiled blocks, bf16 autocast), 60 steps with a profile
 #               of 3; needs TRAIN_DATA (.jsonl or folder, e.g. from scripts/build_corpus.py) and TOKENIZER (a folder,
@@ -64,14 +64,14 @@ for stage in $stages; do
       echo "generation: exit $?"
       tail -n 12 "$out/generation.log" ;;
     kernels)
-      timeout "${KERNELS_S:-300}" python benchmarks/kernels.py --profile 4 > "$out/kernels.log" 2>&1
+      timeout "${KERNELS_S:-300}" python benchmarks/kernels_vs_fla.py --profile 4 > "$out/kernels.log" 2>&1
       echo "kernels benchmark: exit $?"
       grep "^|" "$out/kernels.log"
       timeout "${LOSS_S:-120}" python benchmarks/loss.py --out "$out/loss.jsonl" > "$out/loss.log" 2>&1
       echo "loss benchmark: exit $?"
       grep "^|" "$out/loss.log" ;;
     gated)
-      timeout "${GATED_S:-360}" python benchmarks/kernels.py --gated --shapes 8,4096,16,128 2,16384,16,128 \
+      timeout "${GATED_S:-360}" python benchmarks/kernels_vs_fla.py --gated --shapes 8,4096,16,128 2,16384,16,128 \
         32,1024,16,128 8,4096,32,64 1,32768,8,128 2,16384,8,128 > "$out/kernels_gated.log" 2>&1
       echo "gated kernels benchmark: exit $?"
       grep "^|" "$out/kernels_gated.log"

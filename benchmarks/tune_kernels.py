@@ -13,7 +13,7 @@ with the defaults and with each shape's best settings, beside fla's chunk_delta_
 winners into ``_default`` in ``efla/ops/triton/launch.py``. --kernels sweeps only those
 kernels (the others keep their defaults), e.g. the two state passes at a low-parallelism shape, the only kernels whose
 programs are few.
---gated sweeps the decay-gated kernels (gated EFLA, log decay as in ``kernels.py --gated``) beside fla's
+--gated sweeps the decay-gated kernels (gated EFLA, log decay as in ``kernels_vs_fla.py --gated``) beside fla's
 chunk_gated_delta_rule.
 """
 
@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 import triton
-from kernels import inputs, measure  # benchmarks/kernels.py: the same bf16 inputs and timing
+from kernels import inputs, measure  # benchmarks/kernels_vs_fla.py: the same bf16 inputs and timing
 from torch.profiler import ProfilerActivity, profile
 
 from efla import efla_attention

@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import efla.ops.interface as interface
+import efla.ops.backends as backends
 from efla.cli import main as efla
 from efla.layers import attention
 from efla.modules.elementwise import l2_normalize
@@ -34,13 +34,13 @@ ABLATIONS = ("eta-is-alpha", "unit-keys")
 def ablation(name: str) -> Iterator[None]:
     """Patch ``name``'s change into efla's PyTorch path for the duration of the block."""
     if name == "eta-is-alpha":
-        original = interface.gated_step_sizes
+        original = backends.gated_step_sizes
 
         def alpha_twice(k, beta, g, mode):
             alpha, eta = original(k, beta, g, mode)
             return alpha, alpha if mode == "efla" else eta
 
-        target, attribute, replacement = interface, "gated_step_sizes", alpha_twice
+        target, attribute, replacement = backends, "gated_step_sizes", alpha_twice
     elif name == "unit-keys":
         original = attention.EFLAttention._activate
 

@@ -3,7 +3,7 @@ gated EFLA through fla's Gated DeltaNet kernel (``chunk_gated_delta_rule``).
 
 EFLA is the delta rule with beta replaced by alpha (``efla/ops/alpha.py``), so fla's kernel computes it once alpha is
 passed as its beta. This costs an extra pass over k (for ||k||^2) and an alpha tensor in memory; it exists as an
-independent oracle for the Triton kernels on GPU and as a baseline in ``benchmarks/kernels.py``. Needs fla-core
+independent oracle for the Triton kernels on GPU and as a baseline in ``benchmarks/kernels_vs_fla.py``. Needs fla-core
 (``pip install 'efla[bench]'``); fla takes float16/bfloat16 only.
 
 Gated EFLA, S_t = gamma_t (I - alpha_t k_t k_t^T) S_{t-1} + eta_t k_t v_t^T, is Gated DeltaNet's update with beta ->

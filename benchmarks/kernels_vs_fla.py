@@ -1,6 +1,6 @@
 """Kernel benchmark: EFLA's Triton kernels against fla's DeltaNet kernel, EFLA through fla, and PyTorch SDPA.
 
-    python benchmarks/kernels.py [--shapes 8,4096,16,128 ...] [--profile [INDEX ...]] [--gated] [--out FILE]
+    python benchmarks/kernels_vs_fla.py [--shapes 8,4096,16,128 ...] [--profile [INDEX ...]] [--gated] [--out FILE]
 
 For bfloat16 inputs of each (B, T, H, D) shape (K = V = D) it times, with triton.testing.do_bench medians, the
 forward and forward+backward of: ours (backend="triton", modes efla and delta), fla's chunk_delta_rule (DeltaNet,
