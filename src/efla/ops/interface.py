@@ -56,8 +56,9 @@ def efla_attention(
         mode: "efla" (exact step) or "delta" (DeltaNet's Euler step, same code path).
         backend: "recurrent" (step-by-step reference), "torch" (chunkwise, any device), "triton" (fused GPU kernels),
             "fla" (fla's chunk_delta_rule with alpha precomputed; needs fla-core), "auto" (triton for CUDA
-            float16/bfloat16/float32 inputs when installed, else torch). Triton runs float32 with exact ("ieee")
-            dot products unless torch.backends.cuda.matmul.allow_tf32 is set, and inference (no gradients) on
+            float16/bfloat16/float32 inputs when installed, else torch). Triton runs float32 with float32-accurate
+            ("tf32x3") dot products unless torch.backends.cuda.matmul.allow_tf32 is set (other settings:
+            ``efla.ops.triton.settings.kernel_settings``), and inference (no gradients) on
             sequences of at most 64 tokens with a fused recurrent kernel.
         chunk_size: tokens per chunk for the torch backend (fla takes 16/32/64); backend="triton" runs 64 and
             rejects other values, and where "auto" picks Triton it runs 64 whatever chunk_size says.
