@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from command_line import run_efla
 from transformers import AutoTokenizer
 
-from efla.cli import main
 from efla.models import EFLAForCausalLM, preset_config
 from efla.train.tokenizer import train_tokenizer
 
@@ -33,19 +33,9 @@ def saved_model(tmp_path_factory) -> Path:
     return folder
 
 
-def _efla(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``efla ARGV`` in this process (0 when it returns)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def _usage_error(argv: list[str], capsys) -> str:
-    code, out, err = _efla(["generate", *argv], capsys)
+    code, out, err = run_efla(["generate", *argv], capsys)
     assert code == 2, err
     (line,) = err.splitlines()
     assert line.startswith("efla generate: error: ") and not out, err
@@ -53,7 +43,7 @@ def _usage_error(argv: list[str], capsys) -> str:
 
 
 def test_prints_the_prompt_and_each_greedy_continuation_apart(saved_model, capsys):
-    code, out, err = _efla(["generate", "--model", str(saved_model), "--prompt", "the fox", "--max-new-tokens", "6",
+    code, out, err = run_efla(["generate", "--model", str(saved_model), "--prompt", "the fox", "--max-new-tokens", "6",
                             "--batch-size", "2", "--device", "cpu"], capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
@@ -68,7 +58,7 @@ def test_prints_the_prompt_and_each_greedy_continuation_apart(saved_model, capsy
                          f"continuation [1]: {whole[len('the fox'):]}"]
     assert "tokens/s" in lines[3] and "(cpu, float32)" in lines[3]
 
-    code, out, err = _efla(["generate", "--model", str(saved_model), "--prompt", "the fox", "--max-new-tokens", "6",
+    code, out, err = run_efla(["generate", "--model", str(saved_model), "--prompt", "the fox", "--max-new-tokens", "6",
                             "--device", "cpu"], capsys)
     assert code == 0, err
     assert out.splitlines()[:2] == ["prompt: the fox", f"continuation: {whole[len('the fox'):]}"]
@@ -84,7 +74,7 @@ def test_bad_arguments_are_one_line_usage_errors(saved_model, tmp_path, capsys):
     assert "--prompt encodes to no tokens" in _usage_error([*model, "--prompt", ""], capsys)
     line = _usage_error(["--model", str(tmp_path / "missing"), "--prompt", "x", "--device", "cpu"], capsys)
     assert f"model folder {tmp_path / 'missing'} does not exist" in line
-    code, _, err = _efla(["generate", "--model", str(saved_model), "--prompt", "x", "--no-such-flag"], capsys)
+    code, _, err = run_efla(["generate", "--model", str(saved_model), "--prompt", "x", "--no-such-flag"], capsys)
     assert code == 2 and "unrecognized arguments: --no-such-flag" in err
 
 

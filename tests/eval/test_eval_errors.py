@@ -10,24 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from command_line import run_efla
 
-from efla.cli import main
 from efla.models import EFLAForCausalLM, preset_config
 
 
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``efla ARGV`` in this process (0 when it returns)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _one_line_error(argv: list[str], capsys) -> str:
-    code, _, err = _cli(argv, capsys)
+    code, _, err = run_efla(argv, capsys)
     assert code == 2, err
     (line,) = err.splitlines()
     assert line.startswith(f"efla eval {argv[1]}: error: "), line
@@ -69,8 +58,8 @@ def test_malformed_jsonl_names_file_and_line(content, message, checkpoint, tmp_p
 def test_gzip_input_and_a_broken_gzip_file(checkpoint, jsonl, tmp_path, capsys):
     packed = tmp_path / "held_out.jsonl.gz"
     packed.write_bytes(gzip.compress(jsonl.read_bytes()))
-    plain = _cli(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu"], capsys)
-    zipped = _cli(["eval", "ppl", "--model", str(checkpoint), "--files", str(packed), "--device", "cpu"], capsys)
+    plain = run_efla(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu"], capsys)
+    zipped = run_efla(["eval", "ppl", "--model", str(checkpoint), "--files", str(packed), "--device", "cpu"], capsys)
     assert plain[0] == zipped[0] == 0 and plain[1].splitlines()[0] == zipped[1].splitlines()[0]
     broken = tmp_path / "broken.jsonl.gz"
     data = bytearray(gzip.compress(jsonl.read_bytes()))
@@ -96,11 +85,12 @@ def test_default_context_is_the_trained_seq_len(checkpoint, jsonl, tmp_path, cap
     run = tmp_path / "run"
     shutil.copytree(checkpoint, run / "model")
     (run / "train_config.json").write_text(json.dumps({"seq_len": 8}))
-    code, out, err = _cli(["eval", "ppl", "--model", str(run / "model"), "--files", str(jsonl), "--device", "cpu"],
+    code, out, err = run_efla(["eval", "ppl", "--model", str(run / "model"), "--files", str(jsonl), "--device", "cpu"],
                           capsys)
     assert code == 0, err
     assert "context 8," in out
-    code, out, _ = _cli(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu"], capsys)
+    code, out, _ = run_efla(["eval", "ppl", "--model", str(checkpoint), "--files", str(jsonl), "--device", "cpu"],
+                            capsys)
     assert code == 0 and "context 16," in out
 
 
@@ -113,7 +103,7 @@ def test_output_file_is_kept_unless_overwrite(checkpoint, jsonl, tmp_path, capsy
     line = _one_line_error(argv, capsys)
     assert f"--output {output} already exists; choose another file or pass --overwrite" in line
     assert output.read_text() == "earlier results\n"
-    code, _, err = _cli([*argv, "--overwrite"], capsys)
+    code, _, err = run_efla([*argv, "--overwrite"], capsys)
     assert code == 0, err
     assert json.loads(output.read_text())["perplexity"] > 1
 

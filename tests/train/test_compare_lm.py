@@ -13,22 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from command_line import run_efla
 
-from efla.cli import main
 from efla.experiments import compare_lm
 
 pytest.importorskip("matplotlib")
 
-
-def _efla(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``efla ARGV`` in this process (0 when it returns)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _split_corpus(corpus: Path, tmp_path: Path) -> Path:
@@ -47,7 +37,7 @@ def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, to
     argv = ["compare-lm", "--corpus", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--gpus", "cpu",
             "--lrs", "3e-3", "--seeds", "0", "1", "--hidden-size", "32", "--layers", "1", "--heads", "1",
             "--seq-len", "32", "--batch", "4", "--max-tokens", "512", "--warmup-steps", "1"]
-    code, _, err = _efla(argv, capsys)
+    code, _, err = run_efla(argv, capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert sorted((r["mode"], r["seed"]) for r in results["runs"]) == [("delta", 0), ("delta", 1), ("efla", 0),
@@ -68,7 +58,7 @@ def test_compare_lm_reports_modes_over_seeds_and_reuses_finished_runs(corpus, to
     assert "| efla | 0.003 (best) | 2 |" in table and "| delta | 0.003 (best) | 2 |" in table
     assert (out / "loss_curves.png").stat().st_size > 10_000
 
-    code, printed, _ = _efla(argv, capsys)  # again into the same folder: nothing is trained or lost
+    code, printed, _ = run_efla(argv, capsys)  # again into the same folder: nothing is trained or lost
     assert code == 0 and printed.count("finished earlier, reusing") == 4
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
@@ -83,7 +73,7 @@ def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_1(corpus, tok
             "--modes", "efla", "--lrs", "3e-3", "inf", "--seeds", "0", "--hidden-size", "32", "--layers", "1",
             "--heads", "1", "--seq-len", "32", "--batch", "2", "--grad-accum", "2", "--max-tokens", "512",
             "--warmup-steps", "1"]
-    code, _, err = _efla(argv, capsys)
+    code, _, err = run_efla(argv, capsys)
     (line,) = err.splitlines()
     assert code == 1 and line.startswith("efla compare-lm: error: 1 of 2 runs failed"), err
     assert str(out / "efla_lrinf_seed0" / "log.txt") in line
@@ -95,7 +85,7 @@ def test_a_failed_run_stops_none_of_the_others_and_the_sweep_exits_1(corpus, tok
 
 def test_a_missing_corpus_or_tokenizer_is_a_one_line_usage_error(tmp_path, capsys):
     def refused(argv: list[str], message: str) -> None:
-        code, _, err = _efla(["compare-lm", *argv, "--out", str(tmp_path / "out")], capsys)
+        code, _, err = run_efla(["compare-lm", *argv, "--out", str(tmp_path / "out")], capsys)
         (line,) = err.splitlines()
         assert code == 2 and message in line and line.startswith("efla compare-lm: error: "), err
         assert not (tmp_path / "out").exists()  # refused before anything ran or was written
@@ -134,7 +124,7 @@ def test_ctrl_c_ends_the_running_run_starts_no_other_and_exits_130(tmp_path, tok
 
     threading.Thread(target=interrupt_once_the_run_sleeps, daemon=True).start()
     start = time.monotonic()
-    code, _, err = _efla(["compare-lm", "--corpus", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--out",
+    code, _, err = run_efla(["compare-lm", "--corpus", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--out",
                           str(tmp_path / "out"), "--gpus", "cpu", "--lrs", "1e-3", "--seeds", "0"], capsys)
     assert code == 128 + signal.SIGINT
     assert err.strip().splitlines() == [f"efla compare-lm: interrupted; what finished before it is kept in "

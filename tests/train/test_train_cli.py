@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import torch
+from command_line import run_efla
 
-from efla.cli import main
 from efla.train.loop import _Run
 from efla.train.run_dir import RUN_OUTPUTS
 from efla.train.tokenizer import load_tokenizer
@@ -24,16 +24,6 @@ def _flags(settings: dict) -> list[str]:
     return flags
 
 
-def _efla(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``efla ARGV`` in this process (0 when it returns)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def _error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("efla train: error: ")]
@@ -45,7 +35,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_any_work
                                                                                    capsys):
     out = tmp_path / "run"
     tokens = len(load_tokenizer(tokenizer_dir))
-    code, _, err = _efla(["train", *_flags({**run_args, "out_dir": out}), "--model-overrides",
+    code, _, err = run_efla(["train", *_flags({**run_args, "out_dir": out}), "--model-overrides",
                           '{"vocab_size": 256}'], capsys)
     assert code == 2
     line = _error_line(err)
@@ -55,7 +45,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_any_work
 
 
 def test_model_overrides_that_are_not_json_show_an_example(run_args, tmp_path, capsys):
-    code, _, err = _efla(["train", *_flags({**run_args, "out_dir": tmp_path / "run"}), "--model-overrides",
+    code, _, err = run_efla(["train", *_flags({**run_args, "out_dir": tmp_path / "run"}), "--model-overrides",
                           "vocab_size=256"], capsys)
     assert code == 2
     assert ("argument --model-overrides: takes a JSON object, e.g. --model-overrides '{\"vocab_size\": 256}' "
@@ -64,7 +54,7 @@ def test_model_overrides_that_are_not_json_show_an_example(run_args, tmp_path, c
 
 def test_a_short_run_says_its_warmup_outlasts_it_and_where_its_vocab_size_comes_from(run_args, tokenizer_dir,
                                                                                      tmp_path, capsys):
-    code, _, err = _efla(["train", *_flags({**run_args, "max_steps": 2, "warmup_steps": 100,
+    code, _, err = run_efla(["train", *_flags({**run_args, "max_steps": 2, "warmup_steps": 100,
                                             "out_dir": tmp_path / "run"})], capsys)
     assert code == 0, err
     tokens = len(load_tokenizer(tokenizer_dir))
@@ -88,14 +78,14 @@ def test_a_run_that_fails_at_step_1_leaves_nothing_that_blocks_its_rerun(run_arg
             (out / "notes.txt").write_text("the user's own file\n")
         argv = ["train", *_flags({**run_args, "max_steps": 2, "out_dir": out})]
         monkeypatch.setattr(_Run, "_loss_sum", nan_loss)
-        code, _, err = _efla(argv, capsys)
+        code, _, err = run_efla(argv, capsys)
         assert code == 1 and "training diverged at step 1" in _error_line(err)
         if out.name == "new":
             assert not out.exists()
         else:
             assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
         monkeypatch.setattr(_Run, "_loss_sum", real_loss)
-        code, _, err = _efla(argv, capsys)
+        code, _, err = run_efla(argv, capsys)
         assert code == 0, err
         assert all((out / name).exists() for name in ("model", "metrics.jsonl", "train_config.json"))
 
@@ -109,7 +99,7 @@ def test_a_run_that_fails_after_its_first_step_keeps_its_files(run_args, tmp_pat
 
     monkeypatch.setattr(_Run, "_loss_sum", nan_loss_at_step_2)
     out = tmp_path / "run"
-    code, _, err = _efla(["train", *_flags({**run_args, "max_steps": 3, "save_every": 1, "out_dir": out})], capsys)
+    code, _, err = run_efla(["train", *_flags({**run_args, "max_steps": 3, "save_every": 1, "out_dir": out})], capsys)
     assert code == 1 and "training diverged at step 2" in _error_line(err)
     assert {name for name in RUN_OUTPUTS if (out / name).exists()} >= {"checkpoints", "metrics.jsonl",
                                                                        "train_config.json"}
