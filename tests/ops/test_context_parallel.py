@@ -41,6 +41,7 @@ class Case:
     initial_state: bool = True
     offsets: tuple[int, ...] | None = None
     batch: int = 2
+    final_state: bool = True
 
     @property
     def world(self) -> int:
@@ -60,12 +61,15 @@ CASES = [
     Case("sequences-2-recurrent", (23, 30), backend="recurrent", initial_state=False),
     Case("packed-2-crossing", (50, 81), offsets=(0, 30, 70, 70, 131)),
     Case("packed-2-aligned", (70, 61), mode="delta", gated=False, offsets=(0, 30, 70, 131)),
+    Case("sequences-2-no-final-state", (45, 19), final_state=False),
     *_modes("sequences-4-uneven-with-empty-shard", (50, 0, 81, 13), initial_state=False),
     Case("sequences-4-recurrent", (11, 20, 0, 17), mode="delta", backend="recurrent"),
     *_modes("packed-4", PACKED_4["lengths"], offsets=PACKED_4["offsets"]),
     Case("packed-4-no-initial-state", PACKED_4["lengths"], gated=False, initial_state=False,
          offsets=PACKED_4["offsets"]),
     Case("packed-4-empty-shards", (0, 60, 0, 47), offsets=(0, 10, 60, 100, 107)),
+    Case("sequences-4-no-final-state", (30, 0, 41, 20), final_state=False),
+    Case("packed-4-no-final-state", PACKED_4["lengths"], mode="delta", offsets=PACKED_4["offsets"], final_state=False),
 ]
 
 
@@ -93,12 +97,14 @@ LEAVES = ("q", "k", "v", "beta", "g", "initial_state")
 
 
 def _reference(case: Case, x: dict) -> dict[str, torch.Tensor]:
-    """The single-process run: outputs, final state and the gradients of the summed loss."""
+    """The single-process run: outputs, final state and the gradients of the summed loss (of the outputs alone
+    without the final state)."""
     leaves = {name: x[name].clone().requires_grad_() for name in LEAVES if x[name] is not None}
     o, final = efla_attention(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], g=leaves.get("g"),
                               initial_state=leaves.get("initial_state"), output_final_state=True,
                               cu_seqlens=x["cu_seqlens"], mode=case.mode, backend=case.backend, chunk_size=CHUNK)
-    ((o * x["w_o"]).sum() + (final * x["w_final"].sum(0)).sum()).backward()
+    loss = (o * x["w_o"]).sum()
+    (loss + (final * x["w_final"].sum(0)).sum() if case.final_state else loss).backward()
     return {"o": o.detach(), "final": final.detach(), **{f"d{name}": leaf.grad for name, leaf in leaves.items()}}
 
 
@@ -109,11 +115,13 @@ def _rank_run(case: Case, x: dict, rank: int) -> dict[str, torch.Tensor]:
     leaves = {name: (x[name] if name == "initial_state" else x[name][:, shard]).clone().requires_grad_()
               for name in LEAVES if x[name] is not None}
     o, final = efla_attention_cp(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], g=leaves.get("g"),
-                                 initial_state=leaves.get("initial_state"), output_final_state=True,
+                                 initial_state=leaves.get("initial_state"), output_final_state=case.final_state,
                                  cu_seqlens=x["cu_seqlens"], mode=case.mode, backend=case.backend, chunk_size=CHUNK)
-    ((o * x["w_o"][:, shard]).sum() + (final * x["w_final"][rank]).sum()).backward()
+    assert (final is None) == (not case.final_state)
+    loss = (o * x["w_o"][:, shard]).sum()
+    (loss + (final * x["w_final"][rank]).sum() if case.final_state else loss).backward()
     grads = {f"d{name}": torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for name, leaf in leaves.items()}
-    return {"o": o.detach(), "final": final.detach(), **grads}
+    return {"o": o.detach(), "final": final.detach() if case.final_state else None, **grads}
 
 
 def _errors(rank: int) -> list[str]:
@@ -187,7 +195,7 @@ def test_matches_single_process(case, groups):
     for name in ("o", "dq", "dk", "dv", "dbeta", "dg"):
         if name in want:
             _assert_close(name, torch.cat([r[case.name][name] for r in ranks], dim=1), want[name], seed)
-    for rank, result in enumerate(ranks):
+    for rank, result in enumerate(ranks if case.final_state else []):
         _assert_close(f"final state on rank {rank}", result[case.name]["final"], want["final"], seed)
     if case.initial_state:
         _assert_close("dinitial_state (summed over ranks)",
