@@ -27,9 +27,11 @@ when it began earlier, starts from S_in(r). With output_final_state, each rank a
 documents that end in its shard (M = 0 unless the document began earlier), [N, H, K, V + K], from which every rank
 forms every document's final state M S_in(owner) + H.
 
-Cost: the extra state-only run has value width V + K; with the output products skipped, it is about 1.1 times the
-chunkwise forward at K = V (width V is about 0.6 of it; the K columns add as much again without the intra-chunk
-value products), and its backward likewise. The shared tensors are small: [B or 1, H, K, V + K] per rank.
+Cost: the extra state-only run has value width V + K. On the torch backend, which skips the output products, it is
+about 1.1 times the chunkwise forward at K = V = 128 and chunk 64 (multiply-adds per chunk and head: the WY products
+2 C^2 K, then C^2 + 2 C K per value column, against 2 C^2 K + 2 C K V + 2 C^2 V more for the outputs: 6.4 M against
+5.9 M), and its backward likewise; backends that compute the outputs anyway pay for them at width V + K too. The
+shared tensors are small: [B or 1, H, K, V + K] per rank.
 """
 
 from __future__ import annotations
@@ -96,12 +98,7 @@ def efla_attention_cp(
     settings = {"g": g, "mode": mode, "backend": backend, "chunk_size": chunk_size, "check_beta": False}
     local_cu = None if cu_seqlens is None else shard.local_offsets().to(cu_seqlens)
 
-    starts = _piece_starts(initial_state, shard, q, v)
-    if shard.empty:
-        maps = starts
-    else:
-        maps = efla_final_state(k, _with_zero_values(v, k), beta, initial_state=starts, cu_seqlens=local_cu,
-                                **settings)
+    maps = _piece_maps(k, v, beta, initial_state, shard, local_cu, settings)
     carry = maps[-1:] if shard.packed else maps
     ends = _document_ends(maps, shard) if shard.packed and output_final_state else carry[:0]
     # under autograd the all-gather is a graph node on every rank, even one whose inputs need no gradient (an empty
@@ -166,6 +163,15 @@ class _Shard:
     def ends_here(self, n: int) -> bool:
         """Whether document n is non-empty and ends in this shard."""
         return self.offsets[n] < self.offsets[n + 1] and self.start < self.offsets[n + 1] <= self.end
+
+
+def _piece_maps(k, v, beta, initial_state, shard: _Shard, local_cu, settings) -> torch.Tensor:
+    """[H | M] of each of the shard's pieces (rows, or packed documents), [pieces, H, K, V + K]: one state-only run
+    on the values [v, 0] from ``_piece_starts``."""
+    starts = _piece_starts(initial_state, shard, k, v)
+    if shard.empty:
+        return starts
+    return efla_final_state(k, _with_zero_values(v, k), beta, initial_state=starts, cu_seqlens=local_cu, **settings)
 
 
 def _piece_starts(initial_state, shard: _Shard, q, v) -> torch.Tensor:
