@@ -29,7 +29,7 @@ forms every document's final state M S_in(owner) + H.
 
 Cost: the extra state-only run has value width V + K. On the torch backend, which skips the output products, it is
 about 1.1 times the chunkwise forward at K = V = 128 and chunk 64 (multiply-adds per chunk and head: the WY products
-2 C^2 K, then C^2 + 2 C K per value column, against 2 C^2 K + 2 C K V + 2 C^2 V more for the outputs: 6.4 M against
+2 C^2 K, then C^2 + 2 C K per value column, against C^2 K + C K V + C^2 V more for the outputs: 6.4 M against
 5.9 M), and its backward likewise; backends that compute the outputs anyway pay for them at width V + K too. The
 shared tensors are small: [B or 1, H, K, V + K] per rank.
 """
