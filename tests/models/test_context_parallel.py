@@ -128,13 +128,25 @@ def _rank_run(case: Case, x: dict, rank: int) -> dict:
                            _shifted(x["labels"], case.offsets)[:, shard])
 
 
-def _hybrid_error() -> str:
-    model = EFLAForCausalLM(EFLAConfig(**{**BASE, "num_hidden_layers": 3, "attn_layers": [1]}))
-    try:
-        apply_context_parallel(model, dist.group.WORLD)
-    except ValueError as error:
-        return str(error)
-    return ""
+def _errors() -> dict[str, str]:
+    """The one-line errors of what context parallelism does not take (every rank raises the same, before any
+    collective, so none waits on the others)."""
+    hybrid = EFLAForCausalLM(EFLAConfig(**{**BASE, "num_hidden_layers": 3, "attn_layers": [1]}))
+    model = apply_context_parallel(EFLAForCausalLM(EFLAConfig(**BASE)), dist.group.WORLD)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 0] = 0
+    calls = {"hybrid": lambda: apply_context_parallel(hybrid, dist.group.WORLD),
+             "position_ids": lambda: model(ids, position_ids=torch.arange(6).expand(2, 6)),
+             "padding": lambda: model(ids, attention_mask=mask),
+             "packed rows": lambda: model(ids, cu_seqlens=torch.tensor([0, 12], dtype=torch.int32))}
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -144,7 +156,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     try:
         inputs = torch.load(Path(folder) / "inputs.pt", weights_only=False)
         results = {case.name: _rank_run(case, inputs[case.name], rank) for case in CASES if case.name in inputs}
-        results["hybrid error"] = _hybrid_error()
+        results["errors"] = _errors()
         torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -200,8 +212,13 @@ def test_loss_and_gradients_match_single_process(case, groups):
                       tolerance)
 
 
-def test_hybrid_model_raises_one_line_error(groups):
+def test_unsupported_inputs_raise_one_line_errors(groups):
+    expected = {"hybrid": "context parallelism does not support softmax attention layers (attn_layers [1])",
+                "position_ids": "under context parallelism pass packed documents as the global cu_seqlens",
+                "padding": "context parallelism (cp_group) takes no padding attention_mask and no cache",
+                "packed rows": "packed documents (cu_seqlens) under context parallelism take one row of input_ids"}
     for ranks in (groups[2]["ranks"], groups[4]["ranks"]):
-        for message in (r["hybrid error"] for r in ranks):
-            assert "context parallelism does not support softmax attention layers (attn_layers [1])" in message
-            assert "\n" not in message
+        for messages in (r["errors"] for r in ranks):
+            assert messages.keys() == expected.keys(), messages
+            for name, text in expected.items():
+                assert text in messages[name] and "\n" not in messages[name], (name, messages[name])
