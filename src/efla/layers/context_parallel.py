@@ -63,7 +63,7 @@ def with_conv_halo(
     halo = _Halo.apply(torch.cat([tail.new_zeros(B, past - tail.shape[1], C), tail], dim=1), layout, group)
     if offsets is None:
         return torch.cat([halo, x], dim=1), None
-    begins = offsets[bisect.bisect_right(offsets, layout.start) - 1]  # where the document holding the shard's start
+    begins = offsets[bisect.bisect_right(offsets, layout.start) - 1]  # start of the shard's first document
     position = torch.arange(layout.start - past, layout.start, device=x.device)
     halo = halo * (position >= begins)[:, None].to(halo.dtype)
     return torch.cat([halo, x], dim=1), _document_pieces(offsets, layout, past).to(x.device)
