@@ -20,6 +20,13 @@ convolutions' windows side by side, [B, 3 hidden_size, W - 1], and the float32 r
 transformers ``Cache`` whose layer ``layer_idx`` holds linear-attention states (``DynamicCache`` built from a config
 whose ``layer_types`` says ``"linear_attention"``), updated through the cache's own methods.
 
+Context parallelism: with ``cp_group`` set (``efla.models.context_parallel.apply_context_parallel`` sets it on every
+layer of a model), the forward takes this rank's contiguous shard along T of sequences split over the group, and
+cu_seqlens, when given, are the GLOBAL offsets of the documents packed along the concatenated shards (B = 1). The
+short convolution gets the inputs before the shard from the earlier ranks (``efla.layers.context_parallel``) and the
+operator runs as ``efla_attention_cp``; outputs are the rank's shard of the single-process outputs, and gradients
+those of the sum of the ranks' losses.
+
 The parameter names are fla DeltaNet's (``q_proj``, ``k_proj``, ``v_proj``, ``q_conv1d``, ``k_conv1d``, ``v_conv1d``,
 ``b_proj``, ``g_proj``, ``o_norm``, ``o_proj``; with the decay gate Gated DeltaNet's ``a_proj``, ``A_log``,
 ``dt_bias``), so LoRA recipes that target q/k/v/o work unchanged. State dicts saved
@@ -37,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from efla.layers.context_parallel import shard_layout, with_conv_halo
 from efla.layers.conv import ShortConvolution, short_conv, short_conv_split, short_conv_state
 from efla.layers.gates import decay_gate_init, log_decay, sigmoid32
 from efla.layers.norm import GatedRMSNorm, RMSNorm
@@ -46,6 +54,7 @@ from efla.layers.recompute import recompute
 from efla.modules.elementwise import l2_normalize, rms_norm_linear
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
+from efla.ops.context_parallel import efla_attention_cp
 
 _TRITON = importlib.util.find_spec("triton") is not None
 
@@ -63,7 +72,8 @@ class EFLAttention(nn.Module):
     ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True (the model's "selective"
     activation checkpointing) keeps only the inputs of the element-wise work (convolution + SiLU + L2 norm, the beta
     sigmoid, the decay gate) for the backward and recomputes the rest there (``efla.layers.recompute``); the output
-    norm always keeps only its inputs.
+    norm always keeps only its inputs. ``cp_group`` (a process group, default None) splits the forward's sequences
+    along T over the group (the module docstring).
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class EFLAttention(nn.Module):
         self.o_norm = (GatedRMSNorm if use_output_gate else RMSNorm)(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self._decode_weights: tuple | None = None  # ``step``'s stacked weights and the versions they were built from
+        self.cp_group: torch.distributed.ProcessGroup | None = None
         self.register_load_state_dict_pre_hook(_split_fused_qkv)
 
     def forward(
@@ -120,7 +131,13 @@ class EFLAttention(nn.Module):
         """hidden_states: [B, T, hidden_size]; attention_mask: [B, >= T] 0/1 (its last T columns cover these
         tokens; 0 = padding) or None; cache: a transformers Cache or None; cu_seqlens: [N + 1] cumulative lengths of
         documents packed along T (then B = 1, no mask, no cache), so no document sees another's tokens.
-        Returns [B, T, hidden_size], zeros at padded positions."""
+        Returns [B, T, hidden_size], zeros at padded positions. With ``cp_group`` set: hidden_states is this rank's
+        shard, cu_seqlens the global offsets, and there is no mask and no cache."""
+        if self.cp_group is not None:
+            if attention_mask is not None or cache is not None:
+                raise ValueError("context parallelism (cp_group) takes no padding attention_mask and no cache: pass "
+                                 "packed documents as the global cu_seqlens")
+            return self._mix_shard(hidden_states, cu_seqlens)
         T = hidden_states.shape[1]
         conv_state, recurrent_state = _cached_states(cache, self.layer_idx)
         x, padding = hidden_states, None
@@ -227,16 +244,41 @@ class EFLAttention(nn.Module):
         """The layer's output for x [B, T, hidden_size] (unpadded) from the given states (None: no past) and, with
         keep_state, the new convolution and recurrent states."""
         q, k, v, conv_state = self._qkv(x, conv_state, cu_seqlens, keep_state)
-        beta = recompute(sigmoid32, self.b_proj(x), enabled=self.recompute)
-        g = None
-        if self.use_decay_gate:
-            g = recompute(log_decay, self.a_proj(x), self.A_log, self.dt_bias, enabled=self.recompute)
+        beta, g = self._gates(x)
         o, recurrent_state = efla_attention(
             q, k, v, beta, initial_state=recurrent_state, output_final_state=keep_state,
             cu_seqlens=cu_seqlens, mode=self.mode, backend=self.backend, chunk_size=self.chunk_size, check_beta=False,
             g=g,
         )
         return self.output(o, x), conv_state, recurrent_state
+
+    def _mix_shard(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output for this rank's shard x [B, T_r, hidden_size] of the sequences split over cp_group
+        (cu_seqlens: the global offsets of packed documents, B = 1)."""
+        if cu_seqlens is not None and x.shape[0] != 1:
+            raise ValueError(f"packed documents (cu_seqlens) under context parallelism take one row (got {x.shape[0]})")
+        projected = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        past, conv_cu, weights = 0, None, ()
+        if self.use_short_conv:
+            past = self.q_conv1d.kernel_size[0] - 1
+            layout = shard_layout(x.shape[1], self.cp_group, x.device)
+            offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+            projected, conv_cu = with_conv_halo(projected, past, layout, self.cp_group, offsets)
+            weights = (torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]),)
+        activate = partial(self._activate, state=None, cu_seqlens=conv_cu)
+        q, k, v = (y[:, past:] for y in recompute(activate, projected, *weights, enabled=self.recompute))
+        beta, g = self._gates(x)
+        o, _ = efla_attention_cp(q, k, v, beta, group=self.cp_group, g=g, cu_seqlens=cu_seqlens, mode=self.mode,
+                                 backend=self.backend, chunk_size=self.chunk_size, check_beta=False)
+        return self.output(o, x)
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(beta [B, T, H] in float32, the log decay g [B, T, H] or None without the decay gate) of x."""
+        beta = recompute(sigmoid32, self.b_proj(x), enabled=self.recompute)
+        g = None
+        if self.use_decay_gate:
+            g = recompute(log_decay, self.a_proj(x), self.A_log, self.dt_bias, enabled=self.recompute)
+        return beta, g
 
     def _qkv(
         self,

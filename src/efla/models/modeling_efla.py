@@ -26,6 +26,7 @@ from efla.layers import EFLAttention, RMSNorm, SoftmaxAttention
 from efla.layers.gates import decay_gate_init
 from efla.layers.projection import has_hooks, is_plain_linear, project, project_normed
 from efla.models.configuration_efla import EFLAConfig
+from efla.models.context_parallel import context_parallel_group, global_target_count, sharded_next_token_targets
 from efla.models.documents import cu_seqlens_from_collator
 from efla.models.generation import CACHE_FIELD, EFLAStaticCache, decode_step
 from efla.models.loss import causal_lm_loss
@@ -189,21 +190,30 @@ class EFLAModel(EFLAPreTrainedModel):
         become cu_seqlens when no cache is passed and nothing is padded (``efla.models.documents``). Otherwise
         position_ids and what generate() passes (cache_position, ...) are ignored: the model has no positions.
         return_dict=False returns a tuple of the non-None fields; output_attentions=True warns (there are no
-        attention maps) and returns none."""
+        attention maps) and returns none.
+
+        Under context parallelism (``efla.models.context_parallel.apply_context_parallel``) the inputs are this rank's
+        shard along T, cu_seqlens the global offsets (B = 1), and there is no padding mask, cache, position_ids or
+        cu_seq_lens_q (a shard's positions cannot mark documents that cross ranks)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         _warn_no_attentions(output_attentions)
         cache = cache if cache is not None else past_key_values
-        attention_mask, cu_seqlens = _padding_or_documents(attention_mask, cache, cu_seqlens, position_ids, kwargs)
+        sharded = context_parallel_group(self) is not None
+        attention_mask, cu_seqlens = _padding_or_documents(attention_mask, cache, cu_seqlens, position_ids, kwargs,
+                                                           sharded)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        B, T, _ = inputs_embeds.shape
+        B, T, width = inputs_embeds.shape  # no -1 in the views below: a shard may have no tokens
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with a padding attention_mask or a "
                                  "cache")
-            inputs_embeds = inputs_embeds.reshape(1, B * T, -1)  # the documents run along the rows, one after another
+            if sharded and B != 1:
+                raise ValueError(f"packed documents (cu_seqlens) under context parallelism take one row of input_ids "
+                                 f"(got {B}): the rows would not be one contiguous shard")
+            inputs_embeds = inputs_embeds.reshape(1, B * T, width)  # the documents, one row after another
             use_cache = False
             _mark_document_count_dynamic(cu_seqlens)
         if use_cache and cache is None:
@@ -215,9 +225,9 @@ class EFLAModel(EFLAPreTrainedModel):
         all_hidden_states: tuple[torch.Tensor, ...] = ()
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden_states += (hidden_states.view(B, T, -1),)
+                all_hidden_states += (hidden_states.view(B, T, width),)
             hidden_states = layer(hidden_states, attention_mask, cache if use_cache else None, cu_seqlens)
-        hidden_states = self.norm(hidden_states).view(B, T, -1)
+        hidden_states = self.norm(hidden_states).view(B, T, width)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         outputs = BaseModelOutputWithPast(
@@ -288,9 +298,15 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         is not predicted from the previous document's last token. shift_labels [B, T]: targets already aligned with
         the positions (-100 ignored), used instead of labels. The loss is the sum of the token cross-entropies over
         num_items_in_batch (what transformers' Trainer passes under gradient accumulation), or over the number of
-        counted targets when it is None."""
+        counted targets when it is None.
+
+        Under context parallelism labels and shift_labels are this rank's shards: labels are shifted across the rank
+        boundaries, and the count when num_items_in_batch is None is that of all ranks, so the ranks' losses add up
+        to the loss of the whole sequence (``efla.models.context_parallel``)."""
         cache = cache if cache is not None else past_key_values
-        attention_mask, cu_seqlens = _padding_or_documents(attention_mask, cache, cu_seqlens, position_ids, kwargs)
+        group = context_parallel_group(self)
+        attention_mask, cu_seqlens = _padding_or_documents(attention_mask, cache, cu_seqlens, position_ids, kwargs,
+                                                           group is not None)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
             use_cache=use_cache,
@@ -299,7 +315,10 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         if shift_labels is None and labels is not None:
-            shift_labels = _next_token_targets(labels, cu_seqlens)
+            shift_labels = (_next_token_targets(labels, cu_seqlens) if group is None
+                            else sharded_next_token_targets(labels, cu_seqlens, group))
+        if group is not None and shift_labels is not None and num_items_in_batch is None:
+            num_items_in_batch = global_target_count(shift_labels, group)
         loss = logits = None
         if shift_labels is not None and type(self.lm_head) is not nn.Linear:  # a wrapped head (e.g. LoRA): run it
             all_logits = self.lm_head(hidden_states)
@@ -331,16 +350,23 @@ def _padding_or_documents(
     cu_seqlens: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     collator_kwargs: dict[str, Any],
+    sharded: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(padding mask, cu_seqlens): the 0/1 [B, T] mask only when it pads something (None when absent or all ones:
     the dense path); without padding and without a cache, the documents that cu_seqlens or a padding-free collator's
-    position_ids / cu_seq_lens_q mark. An already resolved pair comes back unchanged."""
+    position_ids / cu_seq_lens_q mark. An already resolved pair comes back unchanged. ``sharded`` (context
+    parallelism): the documents come only as the global cu_seqlens."""
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be a [batch, length] 0/1 padding mask "
                              f"(got shape {tuple(attention_mask.shape)})")
         if not torch.compiler.is_compiling() and bool(attention_mask.all()):  # traced, the mask is kept as it is
             attention_mask = None
+    collator_marks = position_ids is not None or any(collator_kwargs.get(name) is not None
+                                                     for name in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    if sharded and cu_seqlens is None and collator_marks:
+        raise ValueError("under context parallelism pass packed documents as the global cu_seqlens, not position_ids "
+                         "or cu_seq_lens_q (a shard's cannot mark documents that cross ranks)")
     if cu_seqlens is None and cache is None and attention_mask is None:
         cu_seqlens = cu_seqlens_from_collator(position_ids, collator_kwargs.get("cu_seq_lens_q"),
                                               collator_kwargs.get("cu_seq_lens_k"))

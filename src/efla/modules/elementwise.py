@@ -127,7 +127,7 @@ def rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, proj_weig
     if torch.compiler.is_compiling():
         normed = rms_norm_reference(x, weight, eps, gate)
         return F.linear(normed.reshape(*normed.shape[:-2], -1), proj_weight.to(x.dtype))
-    return _RMSNormLinear.apply(x, weight, gate, eps, x.dtype, proj_weight).view(*x.shape[:-2], -1)
+    return _RMSNormLinear.apply(x, weight, gate, eps, x.dtype, proj_weight).view(*x.shape[:-2], proj_weight.shape[0])
 
 
 def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -142,7 +142,8 @@ def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float,
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        return _RMSNormLinear.apply(x, weight, None, eps, dtype, *proj_weights).view(*x.shape[:-1], -1)
+        out = sum(w.shape[0] for w in proj_weights)  # not -1: x may have no rows (an empty shard)
+        return _RMSNormLinear.apply(x, weight, None, eps, dtype, *proj_weights).view(*x.shape[:-1], out)
 
 
 def _linear_grads(dout: torch.Tensor, inputs: torch.Tensor,
@@ -169,7 +170,7 @@ class _RMSNormLinear(torch.autograd.Function):
     def backward(ctx, dout):
         x2, weight, g2, rstd, *proj_weights = ctx.saved_tensors
         y = _rms_norm_rows(x2, weight, g2, ctx.eps)[0].to(ctx.dtype).view(-1, proj_weights[0].shape[1])
-        dout = dout.reshape(y.shape[0], -1)
+        dout = dout.reshape(y.shape[0], dout.shape[-1])
         dy = dout.mm(stack_weights(tuple(proj_weights), ctx.dtype))
         dprojs = dout.t().mm(y).split([w.shape[0] for w in proj_weights])
         dx, dw, dg = _rms_norm_rows_backward(x2, weight, g2, rstd, dy.view(x2.shape).to(x2.dtype))
@@ -282,4 +283,4 @@ class _SwiGLULinear(torch.autograd.Function):
     def backward(ctx, dy):
         gate_up, weight = ctx.saved_tensors
         dproduct, dw = _linear_grads(dy.flatten(0, -2), _swiglu_forward(gate_up).flatten(0, -2), weight)
-        return _swiglu_backward(gate_up, dproduct.view(*dy.shape[:-1], -1)), dw
+        return _swiglu_backward(gate_up, dproduct.view(*dy.shape[:-1], weight.shape[1])), dw
