@@ -83,6 +83,14 @@ def test_context_parallel_run_follows_the_one_process_run(context_parallel_run, 
     assert losses[STEPS]["loss"] < losses[1]["loss"] - 0.5
 
 
+def test_data_and_context_parallel_run_follows_the_one_process_run(one_process_run, run_args, tmp_path):
+    """4 ranks as a 2 x 2 (data x context) mesh under DDP: 2 data groups of 1 row per micro-batch, 2 accumulation
+    steps (the same 4-row global batch), each row split over 2 context ranks."""
+    _torchrun({**run_args, **SETTINGS, "micro_batch_size": 1, "context_parallel": 2, "strategy": "ddp",
+               "out_dir": tmp_path}, processes=4)
+    _assert_same_run(tmp_path, one_process_run, list(range(1, STEPS + 1)))
+
+
 def test_context_parallel_run_resumes_exactly(context_parallel_run, run_args, tmp_path):
     """Stopped at step 10 and resumed (DDP this time) to step 20: the steps of the straight run."""
     checkpoint = tmp_path / "checkpoints" / "step_00000010"
