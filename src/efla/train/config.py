@@ -68,7 +68,8 @@ class TrainConfig:
     context_parallel: int = _setting(1, "split each row along T over this many ranks (context parallelism; must "
                                         "divide the world size; EFLA layers only, no softmax attn_layers)")
     precision: str = _setting("bf16", "bf16 (autocast on GPU) | fp32; CPU always runs float32")
-    compile: bool | None = _setting(None, "torch.compile each block (default: on CUDA, not on CPU)")
+    compile: bool | None = _setting(None, "torch.compile each block (default: on CUDA without context_parallel, not "
+                                               "on CPU)")
     activation_checkpointing: str = _setting("none", "none | selective (recompute the cheap element-wise work in "
                                                      "the backward) | full (recompute each block)")
     device: str = _setting("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
