@@ -21,7 +21,9 @@ from efla.train import TrainConfig, train
 
 STEPS = 20
 # packed rows of 32 tokens with document boundaries; 4 rows per step (the same global batch in every run)
-SETTINGS = dict(max_steps=STEPS, save_every=10, warmup_steps=4, micro_batch_size=2, grad_accum=2)
+# (validation on 4 held-out rows at steps 10 and 20)
+SETTINGS = dict(max_steps=STEPS, save_every=10, warmup_steps=4, micro_batch_size=2, grad_accum=2, val_every=10,
+                val_rows=4)
 
 
 def _metrics(out_dir: Path) -> dict[int, dict]:
@@ -70,6 +72,8 @@ def _assert_same_run(run: Path, reference: Path, steps: list[int]) -> None:
         assert ran[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5, abs=0), step
         assert ran[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-5, abs=0), step
         assert ran[step]["tokens"] == expected[step]["tokens"], step
+    for step in (10, STEPS):
+        assert ran[step]["val_loss"] == pytest.approx(expected[step]["val_loss"], rel=1e-5, abs=0), step
     final, reference_state = (AutoModelForCausalLM.from_pretrained(str(p / "model")).state_dict()
                               for p in (run, reference))
     for name, tensor in reference_state.items():
@@ -100,7 +104,7 @@ def test_context_parallel_run_resumes_exactly(context_parallel_run, run_args, tm
     ran, straight = _metrics(tmp_path), _metrics(context_parallel_run)
     assert sorted(ran) == list(range(11, STEPS + 1))
     for step in ran:
-        for key in ("loss", "grad_norm", "lr"):
+        for key in ("loss", "grad_norm", "lr") + (("val_loss",) if step == STEPS else ()):
             assert ran[step][key] == pytest.approx(straight[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
