@@ -29,7 +29,7 @@ def _setting(default: Any, help: str) -> Any:
 @dataclasses.dataclass
 class TrainConfig:
     """One training run. Batch sizes count rows of ``seq_len`` tokens; the global batch per optimiser step is
-    micro_batch_size * grad_accum * world size rows."""
+    micro_batch_size * grad_accum * (world size / context_parallel) rows."""
 
     # model
     model: str = _setting("340M", "a preset (tiny, 340M, 1.3B), a config.json, or a folder holding one")
@@ -65,8 +65,11 @@ class TrainConfig:
     grad_clip: float = _setting(1.0, "max global grad norm; 0: no clipping")
     # system
     strategy: str = _setting("ddp", "ddp | fsdp (FSDP2 fully_shard per block, then the root) under torchrun")
+    context_parallel: int = _setting(1, "split each row along T over this many ranks (context parallelism; must "
+                                        "divide the world size; EFLA layers only, no softmax attn_layers)")
     precision: str = _setting("bf16", "bf16 (autocast on GPU) | fp32; CPU always runs float32")
-    compile: bool | None = _setting(None, "torch.compile each block (default: on CUDA, not on CPU)")
+    compile: bool | None = _setting(None, "torch.compile each block (default: on CUDA without context_parallel, not "
+                                               "on CPU)")
     activation_checkpointing: str = _setting("none", "none | selective (recompute the cheap element-wise work in "
                                                      "the backward) | full (recompute each block)")
     device: str = _setting("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
@@ -105,10 +108,13 @@ class TrainConfig:
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING} "
                              f"(got {self.activation_checkpointing!r})")
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every",
-                     "val_rows"):
+        for name in ("context_parallel", "seq_len", "micro_batch_size", "grad_accum", "save_every", "keep_checkpoints",
+                     "log_every", "val_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.seq_len is not None and self.seq_len < self.context_parallel:
+            raise ValueError(f"seq_len {self.seq_len} must be >= context_parallel {self.context_parallel} (each rank "
+                             "takes at least one token of every row): raise --seq-len or lower --context-parallel")
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0 (got {self.profile_steps})")
         if (self.max_steps is None) == (self.max_tokens is None):
@@ -126,7 +132,7 @@ class TrainConfig:
 
     def total_steps(self, world_size: int) -> int:
         """Optimiser steps of the run: max_steps, or the token budget divided by the tokens per step (seq_len must
-        be known)."""
+        be known); ``world_size`` counts the data-parallel ranks (the processes / context_parallel)."""
         if self.max_steps is not None:
             return self.max_steps
         if self.seq_len is None:

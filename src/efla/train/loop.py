@@ -5,6 +5,11 @@ Every step: each rank reads its slice of the step's rows (efla.train.packing), r
 is the mean next-token cross-entropy over the counted targets of the whole global batch: each micro-batch
 backpropagates its summed loss divided by the step's target count (times the world size, which DDP and FSDP average
 over), so an N-rank run follows a one-process run with the same global batch step by step.
+
+With ``context_parallel`` C > 1 the ranks of one data group (efla.train.distributed) read the same rows and each
+feeds the model its contiguous slice along T of the inputs and of the targets (shifted over the whole row before
+slicing), with the global cu_seqlens; each rank's loss sum then covers its own tokens only, the same scaling makes the
+world average of the gradients exact, and the logged loss sums over all ranks, so it counts each token once.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from efla.train.distributed import (
     any_rank,
     barrier,
     close_world,
+    context_shard,
     from_main,
     init_world,
     parallelize,
@@ -86,7 +92,7 @@ def train(config: TrainConfig) -> Path:
     that step, and no checkpoint holds it), BatchTooLargeError when the GPU runs out of memory, and ValueError /
     FileNotFoundError for bad settings or input (before anything in ``out_dir`` is changed). A new run that fails
     before its first step is finished removes the files it created, so the same command can run again."""
-    world = init_world(config.device)
+    world = init_world(config.device, config.context_parallel)
     try:
         return _Run(config, world).run()
     finally:
@@ -104,6 +110,10 @@ class _Run:
         self.tokenizer = load_tokenizer(config.tokenizer)
         # settings checked before the (possibly long) tokenisation
         model_cfg = model_config(config, self.tokenizer)
+        if config.context_parallel > 1 and getattr(model_cfg, "attn_layers", None):
+            raise ValueError(f"context_parallel {config.context_parallel} does not support softmax attention layers "
+                             f"(attn_layers {model_cfg.attn_layers}): use a model without attn_layers, or "
+                             "--context-parallel 1")
         # said once the run starts (a start that fails prints only its error)
         self.notes = [note for note in (_vocab_size_note(config, model_cfg.vocab_size),) if note is not None]
         if config.seq_len is None:  # the model's own context length
@@ -115,10 +125,10 @@ class _Run:
             self._check_same_model(model_cfg, resume_from)
         self.corpus_key, corpus = self._corpus()
         self.rows = PackedRows(corpus, config.seq_len)
-        self.global_batch = config.micro_batch_size * config.grad_accum * world.size
+        self.global_batch = config.micro_batch_size * config.grad_accum * world.data_size
         self.val_rows = self._held_out_rows()
         self.sampler = StepSampler(len(self.rows) - len(self.val_rows), self.global_batch, config.seed)
-        self.total_steps = config.total_steps(world.size)
+        self.total_steps = config.total_steps(world.data_size)
         if config.warmup_steps >= self.total_steps:
             self.notes.append(f"warning: warmup_steps {config.warmup_steps} >= the run's {self.total_steps} steps, so "
                               f"the learning rate never reaches lr {config.lr}; lower --warmup-steps")
@@ -132,7 +142,9 @@ class _Run:
         if config.pack_boundaries and not self.flatten:
             self._log("note: the model's forward takes no cu_seqlens, so rows are trained without document "
                       "boundaries (documents still end with eos)")
-        compile_blocks = config.compile if config.compile is not None else world.device.type == "cuda"
+        # not by default under context parallelism: its collectives inside the blocks are not tested under compile
+        compile_blocks = (config.compile if config.compile is not None
+                          else world.device.type == "cuda" and config.context_parallel == 1)
         self.model = parallelize(self.plain_model, config.strategy, world, compile_blocks)
         self.optimizer = _adamw(self.model, config, world.device)
         self.scheduler = _schedule(self.optimizer, config, self.total_steps)
@@ -226,7 +238,7 @@ class _Run:
 
     def _train_step(self) -> dict[str, float]:
         config, world = self.config, self.world
-        indices = self.sampler.rank_rows(self.step, world.rank, world.size)
+        indices = self.sampler.rank_rows(self.step, world.data_rank, world.data_size)
         num_targets = self.rows.num_targets(self.sampler.step_rows(self.step), self.flatten)
         total_loss = torch.zeros((), device=world.device)
         try:
@@ -260,31 +272,34 @@ class _Run:
         if self.config.val_every == 0:
             return np.empty(0, dtype=np.int64)
         count = self.config.val_rows
-        if count < self.world.size or count + self.global_batch > len(self.rows):
-            raise ValueError(f"val_rows {count} must be at least the world size ({self.world.size}) and leave "
+        if count < self.world.data_size or count + self.global_batch > len(self.rows):
+            raise ValueError(f"val_rows {count} must be at least the data-parallel size ({self.world.data_size}) and "
+                             "leave "
                              f"{self.global_batch} rows (one step) of the corpus's {len(self.rows)} for training")
         return np.arange(len(self.rows) - count, len(self.rows))
 
     def _validation_loss(self) -> float:
-        """Mean next-token loss over the held-out rows; every rank scores an equal share (FSDP needs the same
+        """Mean next-token loss over the held-out rows; every data rank scores an equal share (FSDP needs the same
         number of forward passes on each rank)."""
         world, size = self.world, self.config.micro_batch_size
-        share = len(self.val_rows) // world.size
-        mine = self.val_rows[world.rank * share:(world.rank + 1) * share]
+        share = len(self.val_rows) // world.data_size
+        mine = self.val_rows[world.data_rank * share:(world.data_rank + 1) * share]
         total = torch.zeros((), device=world.device, dtype=torch.float64)
         with torch.no_grad():
             for start in range(0, len(mine), size):
                 total += self._loss_sum(make_batch(self.rows, mine[start:start + size], self.flatten)).double()
-        scored = self.rows.num_targets(self.val_rows[:share * world.size], self.flatten)
+        scored = self.rows.num_targets(self.val_rows[:share * world.data_size], self.flatten)
         return sum_over_ranks(total, world).item() / scored
 
     def _loss_sum(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """The summed cross-entropy of a micro-batch's targets (-100: not counted), computed by the model itself
         (its chunked loss, without float32 logits for every token); num_items_in_batch=1 keeps it a sum, which the
-        caller divides by the step's target count."""
-        device = self.world.device
-        inputs: dict[str, Any] = {"input_ids": _to_device(batch["input_ids"], device), "use_cache": False,
-                                  "shift_labels": _to_device(batch["targets"], device), "num_items_in_batch": 1}
+        caller divides by the step's target count. Under context parallelism: the sum over this rank's slice of
+        the rows (the targets are sliced after the shift, so none is lost at a slice boundary)."""
+        world, device = self.world, self.world.device
+        inputs: dict[str, Any] = {"input_ids": _to_device(context_shard(batch["input_ids"], world), device),
+                                  "use_cache": False, "num_items_in_batch": 1,
+                                  "shift_labels": _to_device(context_shard(batch["targets"], world), device)}
         if batch["cu_seqlens"] is not None:
             inputs["cu_seqlens"] = _to_device(batch["cu_seqlens"], device)
         autocast = device.type == "cuda" and self.config.precision == "bf16"
