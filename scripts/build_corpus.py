@@ -35,8 +35,9 @@ from pathlib import Path
 # Django, git, SQLAlchemy, Sphinx, pytest, setuptools, Flask, Requests, SciPy, SymPy, pandas, LibreOffice's help,
 # and Debian's own books (the Administrator's Handbook, Reference, Policy, Developer's Reference, New Maintainers'
 # Guide); then Rust (the books and the standard library), Java 17 (Javadoc), C and C++ (cppreference), Erlang/OTP,
-# Racket, GHC, SageMath, statsmodels, Astropy, LLVM, Clang, CMake, Node.js, Octave and LilyPond; the man pages of
-# Linux, Perl and FreeBSD; and four dictionaries (GCIDE, WordNet, FOLDOC, the Jargon File).
+# Racket, GHC, SageMath, statsmodels, Astropy, LLVM, Clang, CMake, Node.js, Octave, LilyPond, scikit-learn, Twisted,
+# Qt 5, Dask and scikit-image; the man pages of Linux, Perl and FreeBSD; and four dictionaries (GCIDE, WordNet,
+# FOLDOC, the Jargon File).
 PACKAGES = ("python3.11-doc", "linux-doc-6.1", "postgresql-doc-15", "python-django-doc", "git-doc",
             "python-sqlalchemy-doc", "sphinx-doc", "python-pytest-doc", "python-setuptools-doc", "python-flask-doc",
             "python-requests-doc", "python-scipy-doc", "python-sympy-doc", "python-pandas-doc",
@@ -44,18 +45,20 @@ PACKAGES = ("python3.11-doc", "linux-doc-6.1", "postgresql-doc-15", "python-djan
             "developers-reference", "maint-guide",
             "rust-doc", "openjdk-17-doc", "cppreference-doc-en-html", "erlang-doc", "racket-doc", "ghc-doc",
             "sagemath-doc", "python-statsmodels-doc", "python-astropy-doc", "llvm-15-doc", "clang-15-doc",
-            "cmake-doc", "nodejs-doc", "octave-doc", "lilypond-doc-html",
+            "cmake-doc", "nodejs-doc", "octave-doc", "lilypond-doc-html", "python-sklearn-doc", "twisted-doc",
+            "qtbase5-doc-html", "python-dask-doc", "python-skimage-doc",
             "manpages", "manpages-dev", "perl-doc", "freebsd-manpages",
             "dict-gcide", "dict-wn", "dict-foldoc", "dict-jargon")
-# pages that are listings, not prose: indexes, Javadoc's class lists, trees and cross-references; highlighted source
-# code (Sphinx's _modules, rustdoc's src/, Doxygen's *_source.html); rustdoc's 26k pages of SIMD intrinsics
-# (core::arch, one generated stub per instruction); translations (the kernel's, and the Debian
-# Handbook's language folders other than en-US)
+# pages that are listings, not prose: indexes, Javadoc's class lists, trees and cross-references, Qt's member lists;
+# highlighted source code (Sphinx's _modules, rustdoc's and Haddock's src/, Doxygen's *_source.html); rustdoc's 26k
+# pages of SIMD intrinsics (core::arch, one generated stub per instruction); translations (the kernel's, SageMath's,
+# and the Debian Handbook's language folders other than en-US)
 SKIP_PATHS = re.compile(r"(^|/)(genindex[^/]*|py-modindex|modindex|search|bookindex|index-all|allclasses[^/]*"
                         r"|allpackages-index|overview-tree|package-tree|package-use|deprecated-list|constant-values"
-                        r"|serialized-form|help-doc|new-list|preview-list|system-properties|[^/]*_source)\.html$"
-                        r"|/(_sources|_static|_modules|translations|class-use|index-files)/|/html/src/|/html/core/(core_)?arch/"
-                        r"|/(?!en-US/)[a-z]{2}-[A-Z]{2}/")
+                        r"|serialized-form|help-doc|new-list|preview-list|system-properties|[^/]*_source"
+                        r"|[^/]*-members)\.html$"
+                        r"|/(_sources|_static|_modules|translations|class-use|index-files|src)/|/html/core/(core_)?arch/"
+                        r"|/html/(ca|de|es|fr|hu|it|ja|ko|pt|ru|tr|zh)/|/(?!en-US/)[a-z]{2}-[A-Z]{2}/")
 # English man pages (translations live in man/LANG/manN/)
 MAN_PAGE = re.compile(r"(^|/)usr/share/man/man[^/]+/[^/]+\.[0-9n][^/]*$")
 DICTIONARY = re.compile(r"\.dict(\.dz)?$")

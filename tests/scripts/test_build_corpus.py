@@ -85,6 +85,12 @@ def test_html_keeps_the_main_content_as_text(corpus):
     ("usr/share/doc/rust-doc/html/core/core_arch/x86/fn._mm_add_ps.html", True),
     ("usr/share/doc/rust-doc/html/core/option/enum.Option.html", False),
     ("usr/share/doc/libfoo-doc/html/foo_8h_source.html", True),
+    ("usr/share/doc/ghc-doc/html/libraries/base-4.15.1.0/src/Data.List.html", True),
+    ("usr/share/doc/ghc-doc/html/libraries/base-4.15.1.0/Data-List.html", False),
+    ("usr/share/qt5/doc/qtcore/qstring-members.html", True),
+    ("usr/share/qt5/doc/qtcore/qstring.html", False),
+    ("usr/share/doc/sagemath-doc/html/fr/tutorial/index.html", True),
+    ("usr/share/doc/sagemath-doc/html/en/tutorial/index.html", False),
     ("usr/share/doc/debian-handbook/html/de-DE/index.html", True),
     ("usr/share/doc/debian-handbook/html/en-US/index.html", False),
 ])
