@@ -36,8 +36,9 @@ from pathlib import Path
 # and Debian's own books (the Administrator's Handbook, Reference, Policy, Developer's Reference, New Maintainers'
 # Guide); then Rust (the books and the standard library), Java 17 (Javadoc), C and C++ (cppreference), Erlang/OTP,
 # Racket, GHC, SageMath, statsmodels, Astropy, LLVM, Clang, CMake, Node.js, Octave, LilyPond, scikit-learn, Twisted,
-# Qt 5, Dask and scikit-image; the man pages of Linux, Perl and FreeBSD; and four dictionaries (GCIDE, WordNet,
-# FOLDOC, the Jargon File).
+# Qt 5, Dask and scikit-image; the man pages of Linux, Perl and FreeBSD; four dictionaries (GCIDE, WordNet, FOLDOC,
+# the Jargon File); then Boost, the Apache HTTP Server, Maxima, SWI-Prolog, zsh, BIND 9, gnuplot, R, cryptography,
+# Werkzeug, Jinja, KiCad, and the man pages of OpenSSL, Tcl and Tk.
 PACKAGES = ("python3.11-doc", "linux-doc-6.1", "postgresql-doc-15", "python-django-doc", "git-doc",
             "python-sqlalchemy-doc", "sphinx-doc", "python-pytest-doc", "python-setuptools-doc", "python-flask-doc",
             "python-requests-doc", "python-scipy-doc", "python-sympy-doc", "python-pandas-doc",
@@ -48,7 +49,10 @@ PACKAGES = ("python3.11-doc", "linux-doc-6.1", "postgresql-doc-15", "python-djan
             "cmake-doc", "nodejs-doc", "octave-doc", "lilypond-doc-html", "python-sklearn-doc", "twisted-doc",
             "qtbase5-doc-html", "python-dask-doc", "python-skimage-doc",
             "manpages", "manpages-dev", "perl-doc", "freebsd-manpages",
-            "dict-gcide", "dict-wn", "dict-foldoc", "dict-jargon")
+            "dict-gcide", "dict-wn", "dict-foldoc", "dict-jargon",
+            "libboost1.74-doc", "apache2-doc", "maxima-doc", "swi-prolog-doc", "zsh-doc", "bind9-doc", "gnuplot-doc",
+            "r-doc-html", "python-cryptography-doc", "python-werkzeug-doc", "python-jinja2-doc", "kicad-doc-en",
+            "libssl-doc", "tcl8.6-doc", "tk8.6-doc")
 # pages that are listings, not prose: indexes, Javadoc's class lists, trees and cross-references, Qt's member lists;
 # highlighted source code (Sphinx's _modules, rustdoc's and Haddock's src/, Doxygen's *_source.html); rustdoc's 26k
 # pages of SIMD intrinsics (core::arch, one generated stub per instruction); translations (the kernel's, SageMath's,
