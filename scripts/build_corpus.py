@@ -166,7 +166,8 @@ def html_to_text(html: str) -> str:
 
 def man_to_text(roff: str) -> str:
     """The plain text of a man page, rendered by groff without line wrapping, hyphenation or overstriking; the
-    running header and footer dropped. A page that only includes another (``.so``) has no text of its own."""
+    running header and footer dropped, and a table's rules (as wide as the unwrapped line) cut to 8 characters. A
+    page that only includes another (``.so``) has no text of its own."""
     if roff.lstrip().startswith(".so "):
         return ""
     rendered = subprocess.run(["groff", "-t", "-man", "-Tutf8", "-rLL=4000n", "-rHY=0", "-P-cbou"],
@@ -174,7 +175,8 @@ def man_to_text(roff: str) -> str:
     lines = [line.strip() for line in rendered.splitlines()]
     content = [i for i, line in enumerate(lines) if line]
     lines = lines[content[0] + 1:content[-1]] if len(content) > 2 else []
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(re.sub(r"\s{2,}", "  ", line) for line in lines)).strip()
+    lines = [re.sub(r"([\u2500-\u257f])\1{8,}", r"\1" * 8, re.sub(r"\s{2,}", "  ", line)) for line in lines]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 def _base64_number(digits: str) -> int:

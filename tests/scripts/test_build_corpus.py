@@ -108,6 +108,14 @@ def test_man_page_is_rendered_unwrapped_without_header_and_footer(corpus):
     assert "-v  verbose." in text
 
 
+@needs_groff
+def test_man_page_table_rules_do_not_span_the_unwrapped_line(corpus):
+    text = corpus.man_to_text(".TH T 1\n.SH TABLE\n.TS\nexpand box;\nl l.\nname\tvalue\n.TE\n.SH END\nDone.\n")
+    assert "name" in text and "value" in text and text.endswith("END\nDone.")
+    assert max(len(line) for line in text.splitlines()) < 80
+    assert "─" * 8 in text and "─" * 9 not in text
+
+
 def test_man_page_that_includes_another_has_no_text(corpus):
     assert corpus.man_to_text(".so man3/printf.3\n") == ""
 
