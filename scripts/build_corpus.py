@@ -5,8 +5,7 @@
 Downloads the packages' .deb files with ``apt-get download`` (no root needed; run ``apt-get update`` first on a fresh
 machine), unpacks them with ``dpkg-deb``, and turns every file of a known format into plain-text documents: an HTML
 page (its main content: navigation, sidebars, footers, scripts and Sphinx's pilcrows dropped), an English man page
-(rendered by groff), a POD file (rendered by pod2text), and a dictd dictionary (its entries in runs of about 20k
-characters). Then it keeps English documents of at least --min-chars characters, drops exact duplicate documents and
+(rendered by groff), and a dictd dictionary (its entries in runs of about 20k characters). Then it keeps English documents of at least --min-chars characters, drops exact duplicate documents and
 every repeated paragraph of 40+ characters after its first occurrence (licence footers, boilerplate, pages shipped
 twice), and splits the documents into train / validation / test by a hash of their text, so the split is
 deterministic, independent of order, and no held-out document is trained on. Writes ``{train,validation,test}.jsonl``
