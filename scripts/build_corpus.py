@@ -3,17 +3,17 @@
     python scripts/build_corpus.py [--out runs/corpus] [--packages python3.11-doc ...] [--count-tokens runs/tok32k]
 
 Downloads the packages' .deb files with ``apt-get download`` (no root needed; run ``apt-get update`` first on a fresh
-machine), unpacks them with ``dpkg-deb``, and turns every file of a known format into plain-text documents: an HTML
-page (its main content: navigation, sidebars, footers, scripts and Sphinx's pilcrows dropped), an English man page
-(rendered by groff), and a dictd dictionary (its entries in runs of about 20k characters). Then it keeps English documents of at least --min-chars characters, drops exact duplicate documents and
-every repeated paragraph of 40+ characters after its first occurrence (licence footers, boilerplate, pages shipped
-twice), and splits the documents into train / validation / test by a hash of their text, so the split is
-deterministic, independent of order, and no held-out document is trained on. Writes ``{train,validation,test}.jsonl``
-(one {"text", "source"} object a line; train shuffled with a fixed seed) and ``meta.json`` (package versions, counts,
-sizes, per-package documents and characters of each split) under --out, and prints the sizes. With --count-tokens
-FOLDER it also counts each package's tokens in each split under the tokenizer in FOLDER, training a byte-level BPE
-(--vocab-size, default 32768) on the train split there first when FOLDER holds none. The data is never committed:
-runs/ is git-ignored.
+machine), unpacks them with ``dpkg-deb``, and turns every file of a known format into plain-text documents: an HTML page
+(its main content: navigation, sidebars, footers, scripts and Sphinx's pilcrows dropped), an English man page (rendered
+by groff), and a dictd dictionary (its entries in runs of about 20k characters). Then it keeps English documents of at
+least --min-chars characters, drops exact duplicate documents and every repeated paragraph of 40+ characters after its
+first occurrence (licence footers, boilerplate, pages shipped twice), and splits the documents into train / validation /
+test by a hash of their text, so the split is deterministic, independent of order, and no held-out document is trained
+on. Writes ``{train,validation,test}.jsonl`` (one {"text", "source"} object a line; train shuffled with a fixed seed)
+and ``meta.json`` (package versions, counts, sizes, per-package documents and characters of each split) under --out, and
+prints the sizes. With --count-tokens FOLDER it also counts each package's tokens in each split under the tokenizer in
+FOLDER, training a byte-level BPE (--vocab-size, default 32768) on the train split there first when FOLDER holds none.
+The data is never committed: runs/ is git-ignored.
 """
 
 from __future__ import annotations
