@@ -13,18 +13,16 @@ Each world size runs all its cases in one spawn (starting processes is the slow 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import random
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
+
+from gloo_group import gloo_group, run_ranks
 
 from efla.models import EFLAConfig, EFLAForCausalLM
 from efla.models.context_parallel import apply_context_parallel
@@ -150,22 +148,12 @@ def _errors() -> dict[str, str]:
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, world, port, TIMEOUT_S):
         inputs = torch.load(Path(folder) / "inputs.pt", weights_only=False)
         results = {case.name: _rank_run(case, inputs[case.name], rank) for case in CASES if case.name in inputs}
         results["errors"] = _errors()
         torch.save(results, Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_group(world: int, folder: Path) -> dict:
@@ -174,14 +162,7 @@ def _run_group(world: int, folder: Path) -> dict:
     generator = torch.Generator().manual_seed(seed)
     inputs = {case.name: _inputs(case, generator) for case in CASES if case.world == world}
     torch.save(inputs, folder / "inputs.pt")
-    context = mp.spawn(_worker, args=(world, _free_port(), str(folder)), nprocs=world, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {world}-process group did not finish within {TIMEOUT_S} s")
-    ranks = [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    ranks = run_ranks(_worker, world, folder, TIMEOUT_S)
     return {"inputs": inputs, "ranks": ranks, "seed": seed}
 
 
