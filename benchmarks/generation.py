@@ -1,26 +1,32 @@
-"""Generation speed: milliseconds per generated token of an EFLA preset (random weights) against fla's DeltaNet and a
-Llama of the same size (SDPA), at several batch sizes and prompt lengths, all in one run.
+"""Generation speed: whole generate calls and milliseconds per generated token of an EFLA preset (random weights)
+against fla's DeltaNet and a Llama of the same size (SDPA), at several batch sizes and prompt lengths, in one run.
 
     python benchmarks/generation.py --out generation.jsonl          # 340M, bf16, batch 1/16/64, prompts 128/2048
     python benchmarks/generation.py --preset tiny --device cpu --batch-sizes 1 2 --prompt-lens 8 \\
         --new-tokens 4 --repeats 1                                      # CPU smoke run (float32)
 
-Models: "efla eager" (transformers' generate with its default cache: the path before the static state), "efla graph"
-(``efla.models.generation.generate``: static state, CUDA-graph decode steps; eager static steps on the CPU),
-"efla graph hf" (transformers' generate with an EFLAStaticCache, which decodes through the same graph), "efla graph
-compiled" (only with --models: the step compiled by torch.compile's inductor before the capture), "fla
-DeltaNet" (flash-linear-attention's DeltaNetForCausalLM with the same sizes, transformers' generate; skipped with a
-note when not importable or not on CUDA) and "llama sdpa" (LlamaForCausalLM: same hidden size, layers, heads and
-MLP width: 373,867,520 parameters against EFLA 340M's 374,362,112; counts are printed per row).
+Models: "efla plain" (``model.generate(ids, max_new_tokens=n)`` as a user types it: on CUDA the model's kept static
+state and captured decode graph), "efla eager" (transformers' generate with its dynamic cache passed explicitly: the
+path the plain call took before), "efla graph" (``efla.models.generation.generate``: static state, CUDA-graph decode
+steps, no per-token host sync; eager static steps on the CPU), "efla graph compiled" (only with --models: the step
+compiled by torch.compile's inductor before the capture), "fla DeltaNet" (flash-linear-attention's
+DeltaNetForCausalLM with the same sizes, its plain generate; skipped with a note when not importable or not on CUDA)
+and "llama sdpa" (LlamaForCausalLM: same hidden size, layers, heads and MLP width: 373,867,520 parameters against
+EFLA 340M's 374,362,112; counts are printed per row).
 
-    python benchmarks/generation.py --models "efla graph" "efla graph compiled" --out generation.jsonl
+    python benchmarks/generation.py --models "efla plain" "efla graph compiled" --out generation.jsonl
     python benchmarks/generation.py --profile-step --batch-sizes 1       # the kernels of one decode step, by name
 
 Every model is built first; then for each batch size and prompt length, in the order given, every model is measured
 in turn, so a run cut short keeps side-by-side rows of the shapes it reached. Per (model, batch, prompt) the prompt is
-random tokens without padding; greedy decoding, no eos. With t(n) the median
-wall time of a generate call producing n tokens (after one untimed warm-up call: kernel compilation, graph capture),
-ms per generated token = (t(1 + N) - t(1)) / N, i.e. the decode steps alone; the prefill time t(1) is shown too.
+random tokens without padding; greedy decoding, no eos. Per row:
+
+- first call ms: the first generate call of N new tokens at this shape (kernel compilation at the first shape, graph
+  capture at each new batch size: what the first call pays);
+- call ms: the median wall time t(N) of a whole call of N new tokens after it, what a user waits for; bar ms: the
+  target for it, prefill + N x 1.5 ms;
+- ms per generated token = (t(1 + N) - t(1)) / N, the decode steps alone, and the prefill time t(1).
+
 Each row is printed and appended to --out (default: a new dated file in benchmarks/results/) as one JSON line as soon
 as it is measured, so a run cut short keeps its rows.
 """
@@ -38,13 +44,15 @@ from pathlib import Path
 import torch
 from results_io import ResultsWriter
 from torch import nn
+from transformers import DynamicCache
 
 from efla.models import PRESETS, EFLAConfig, EFLAForCausalLM, preset_config
 from efla.models.convert import fla_model_like
 from efla.models.generation import decode_step, generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODELS = ("efla eager", "efla graph", "efla graph hf", "fla DeltaNet", "llama sdpa")
+MODELS = ("efla plain", "efla eager", "efla graph", "fla DeltaNet", "llama sdpa")
+BAR_MS_PER_TOKEN = 1.5  # a whole call of N new tokens should take at most prefill + N x this
 OPTIONAL = ("efla graph compiled",)  # only when asked for with --models: compiling costs minutes per batch size
 Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt ids [B, T], new tokens) -> ids [B, T + new]
 
@@ -61,12 +69,12 @@ def llama_sdpa(config: EFLAConfig) -> nn.Module:
     ))
 
 
-def hf_generate(model: nn.Module, static_cache: bool = False) -> Generate:
-    """transformers' generate, greedy, exactly ``new`` tokens (optionally over the model's EFLAStaticCache for this
-    batch size, zeroed: the one its decode graph was captured on, so the graph is replayed, not captured again)."""
+def hf_generate(model: nn.Module, dynamic_cache: bool = False) -> Generate:
+    """transformers' generate, greedy, exactly ``new`` tokens, as a user calls it (optionally with transformers'
+    dynamic cache passed in, the path EFLA's plain call took before it kept a static state)."""
 
     def run(ids: torch.Tensor, new: int) -> torch.Tensor:
-        extra = {"cache": decode_step(model).static_cache(ids.shape[0])} if static_cache else {}
+        extra = {"cache": DynamicCache(config=model.config)} if dynamic_cache else {}
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                               do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
 
@@ -90,37 +98,40 @@ def build(name: str, config: EFLAConfig) -> tuple[nn.Module, Callable[[nn.Module
     if name == "llama sdpa":
         return llama_sdpa(config), hf_generate
     model = EFLAForCausalLM(config)
-    if name == "efla eager":
+    if name == "efla plain":
         return model, hf_generate
-    if name == "efla graph hf":
-        return model, lambda m: hf_generate(m, static_cache=True)
+    if name == "efla eager":
+        return model, lambda m: hf_generate(m, dynamic_cache=True)
     backend = "inductor" if name == "efla graph compiled" else None
     return model, lambda m: lambda ids, new: generate(m, ids, max_new_tokens=new, compile_backend=backend)
 
 
-def median_seconds(run: Generate, ids: torch.Tensor, new: int, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = run(ids, new)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-        if out.shape[1] != ids.shape[1] + new:
-            raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {new}")
-    return statistics.median(times)
+def seconds(run: Generate, ids: torch.Tensor, new: int, device: torch.device) -> float:
+    """Wall time of one call producing exactly ``new`` tokens, the device's work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = run(ids, new)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {new}")
+    return time.perf_counter() - start
 
 
 def measure(run: Generate, batch: int, prompt: int, vocab: int, args: argparse.Namespace,
-            device: torch.device) -> tuple[float, float]:
-    """(ms per generated token of the decode steps, prefill ms) for one batch size and prompt length."""
+            device: torch.device) -> dict[str, float]:
+    """The first call's, a later whole call's, the prefill's and one decode step's milliseconds at one shape."""
     ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    run(ids, min(args.new_tokens, 4))  # warm-up: kernel compilation, autotuning, graph capture
-    first = median_seconds(run, ids, 1, args.repeats, device)
-    full = median_seconds(run, ids, 1 + args.new_tokens, args.repeats, device)
-    return (full - first) / args.new_tokens * 1e3, first * 1e3
+    new = args.new_tokens
+
+    def median_ms(tokens: int) -> float:
+        return statistics.median(seconds(run, ids, tokens, device) for _ in range(args.repeats)) * 1e3
+
+    first_call = seconds(run, ids, new, device) * 1e3
+    call, prefill, longer = median_ms(new), median_ms(1), median_ms(1 + new)
+    return {"first_call_ms": first_call, "call_ms": call, "prefill_ms": prefill,
+            "ms_per_token": (longer - prefill) / new, "bar_ms": prefill + new * BAR_MS_PER_TOKEN}
 
 
 @torch.inference_mode()
@@ -161,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "float32 on the CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 2048])
-    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per call (default 64)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per timed call (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is kept")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + OPTIONAL)
     parser.add_argument("--out", type=Path, help="JSON-lines file the rows are appended to")
@@ -184,8 +195,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = DTYPES[args.dtype]
     config = preset_config(args.preset)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"preset {args.preset}, {args.dtype}, {where}; ms per generated token = (t(1 + {args.new_tokens}) - t(1)) / "
-          f"{args.new_tokens}, median of {args.repeats} calls after a warm-up", flush=True)
+    print(f"preset {args.preset}, {args.dtype}, {where}; whole calls of {args.new_tokens} new tokens; ms per "
+          f"generated token = (t(1 + {args.new_tokens}) - t(1)) / {args.new_tokens}; medians of {args.repeats} calls "
+          "after the first", flush=True)
     if args.profile_step:
         torch.manual_seed(0)
         model = EFLAForCausalLM(config).to(device=device, dtype=dtype).eval()
@@ -209,26 +221,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for prompt in args.prompt_lens:
             for name, (run, params) in runners.items():
                 try:
-                    ms, prefill = measure(run, batch, prompt, config.vocab_size, args, device)
+                    times = measure(run, batch, prompt, config.vocab_size, args, device)
                 except Exception as error:  # one model failing must not lose the other models' rows
                     failures.append(f"{name}, batch {batch}, prompt {prompt}: {type(error).__name__}: {error}")
                     print(f"{failures[-1]} (FAILED)", flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                row = writer.write(model=name, params=params, batch=batch, prompt=prompt, ms_per_token=ms,
-                                   tokens_per_s=batch / ms * 1e3, prefill_ms=prefill)
+                row = writer.write(model=name, params=params, batch=batch, prompt=prompt, **times,
+                                   tokens_per_s=batch / times["ms_per_token"] * 1e3)
                 rows.append(row)
-                print(f"{name}: batch {batch}, prompt {prompt}: {ms:.2f} ms/token, {row['tokens_per_s']:,.0f} "
-                      f"tokens/s, prefill {prefill:.1f} ms", flush=True)
+                print(f"{name}: batch {batch}, prompt {prompt}: call {row['call_ms']:.1f} ms (first "
+                      f"{row['first_call_ms']:.1f}, bar {row['bar_ms']:.1f}), {row['ms_per_token']:.2f} ms/token, "
+                      f"{row['tokens_per_s']:,.0f} tokens/s, prefill {row['prefill_ms']:.1f} ms", flush=True)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{'model':<20} {'params':>13} {'batch':>6} {'prompt':>7} {'ms/token':>9} {'tokens/s':>10} "
-          f"{'prefill ms':>11}")
+    print(f"\n{'model':<20} {'params':>13} {'batch':>6} {'prompt':>7} {'call ms':>9} {'bar ms':>8} "
+          f"{'first ms':>9} {'ms/token':>9} {'tokens/s':>10} {'prefill ms':>11}")
     for r in rows:
-        print(f"{r['model']:<20} {r['params']:>13,} {r['batch']:>6} {r['prompt']:>7} {r['ms_per_token']:>9.2f} "
-              f"{r['tokens_per_s']:>10,.0f} {r['prefill_ms']:>11.1f}")
+        print(f"{r['model']:<20} {r['params']:>13,} {r['batch']:>6} {r['prompt']:>7} {r['call_ms']:>9.1f} "
+              f"{r['bar_ms']:>8.1f} {r['first_call_ms']:>9.1f} {r['ms_per_token']:>9.2f} {r['tokens_per_s']:>10,.0f} "
+              f"{r['prefill_ms']:>11.1f}")
     if failures:
         raise SystemExit("failed measurements:\n" + "\n".join(failures))
     return rows

@@ -276,8 +276,21 @@ def generation(results: Results, doc_dir: Path) -> list[str]:
             cell = cells.get((batch, prompt, name))
             row.append(None if cell is None else f"{cell['ms_per_token']:.2f} ({cell['tokens_per_s']:,.0f})")
         rows.append(row)
-    return [*table(["batch", "prompt", *labels], rows), "", "ms per generated token (tokens/s).",
-            *sources([run], doc_dir), *row_notes([run])]
+    lines = [*table(["batch", "prompt", *labels], rows), "", "ms per generated token (tokens/s)."]
+    if any("call_ms" in row for row in run.rows):
+        calls = []
+        for batch, prompt in shapes:
+            row = [batch, f"{prompt:,}"]
+            for name in labels:
+                cell = cells.get((batch, prompt, name))
+                row.append(None if cell is None else f"{cell['call_ms']:.0f} / {cell['bar_ms']:.0f} "
+                           f"({cell['first_call_ms']:.0f})")
+            calls.append(row)
+        new = run.rows[0]["new_tokens"]
+        lines += ["", *table(["batch", "prompt", *labels], calls), "",
+                  f"Whole generate calls of {new} new tokens: ms of a call / the bar, prefill + {new} x 1.5 ms "
+                  "(ms of the first call at that shape)."]
+    return [*lines, *sources([run], doc_dir), *row_notes([run])]
 
 
 def host_overhead(results: Results, doc_dir: Path) -> list[str]:

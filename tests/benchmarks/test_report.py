@@ -91,6 +91,19 @@ def test_a_ratio_reported_by_the_run_stands_in_for_missing_absolute_numbers(repo
     assert report.ratio(None, base, "fwd_ms") is None
 
 
+def test_whole_generate_calls_get_their_own_table_beside_the_bar(report, tmp_path):
+    common = {"benchmark": "generation", "preset": "340M", "new_tokens": 128, "batch": 1, "prompt": 128}
+    write_run(tmp_path, "2026-01-01_h200_generation.jsonl", [
+        {**common, "model": "efla plain", "ms_per_token": 1.2, "tokens_per_s": 833, "call_ms": 170.4,
+         "bar_ms": 200.0, "first_call_ms": 420.0, "prefill_ms": 8.0},
+        {**common, "model": "fla DeltaNet", "ms_per_token": 50.0, "tokens_per_s": 20, "call_ms": 6400.0,
+         "bar_ms": 201.0, "first_call_ms": 6500.0, "prefill_ms": 9.0}])
+    text = "\n".join(report.generation(report.Results(tmp_path), tmp_path))
+    assert "| 1 | 128 | 1.20 (833) | 50.00 (20) |" in text
+    assert "| 1 | 128 | 170 / 200 (420) | 6400 / 201 (6500) |" in text
+    assert "Whole generate calls of 128 new tokens" in text
+
+
 def test_runs_sort_by_date_then_run_number(report, tmp_path):
     for name in ("2026-01-02_h200_loss_10.jsonl", "2026-01-02_h200_loss.jsonl", "2026-01-01_h200_loss_3.jsonl",
                  "2026-01-02_h200_loss_2.jsonl"):

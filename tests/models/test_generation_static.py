@@ -10,8 +10,16 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import CompileConfig, DynamicCache  # noqa: E402
 
+import efla.models.generation as generation  # noqa: E402
 from efla.models import EFLAForCausalLM, preset_config  # noqa: E402
-from efla.models.generation import STOP_CHECK_EVERY, DecodeGraph, EFLAStaticCache, decode_step, generate  # noqa: E402
+from efla.models.generation import (  # noqa: E402
+    KEPT_STATES,
+    STOP_CHECK_EVERY,
+    DecodeGraph,
+    EFLAStaticCache,
+    decode_step,
+    generate,
+)
 
 VARIANTS = {  # small chunks so that prompts span several chunks
     "efla": dict(chunk_size=4),
@@ -192,13 +200,14 @@ def test_cuda_graph_decoding_matches_eager(dtype, variant):
     # the first decode step's logits agree to the dtype's rounding
     kwargs = dict(attention_mask=mask, max_new_tokens=2, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
-    default = model.generate(ids, disable_compile=True, **kwargs).logits[1].float()
+    default = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs).logits[1].float()
     fused = model.generate(ids, cache=EFLAStaticCache(model, len(LENGTHS)), **kwargs).logits[1].float()
     assert ((fused - default).norm() / default.norm()).item() < (1e-5 if dtype == torch.float32 else 2e-2)
     # transformers' generate with the static cache asks for the compiled call: the captured graph
     hooked = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                             cache=EFLAStaticCache(model, len(LENGTHS)))
-    assert model._decode_graph.use_cuda_graph and model._decode_graph._graph is not None
+    step = decode_step(model)
+    assert step.use_cuda_graph and step.captures >= 1
     assert torch.equal(hooked, eager)
     # the eager step makes no host-device sync (the capture above would have failed too)
     cache = EFLAStaticCache(model, len(LENGTHS))
@@ -211,8 +220,132 @@ def test_cuda_graph_decoding_matches_eager(dtype, variant):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     # another cache (another batch size) is captured anew
-    graph = model._decode_graph._graph
+    captures = step.captures
     again = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=20, do_sample=False,
                            cache=EFLAStaticCache(model, 2))
-    assert model._decode_graph._graph is not graph
+    assert step.captures == captures + 1
     assert torch.equal(again, generate(model, ids[:2], mask[:2], max_new_tokens=20, use_cuda_graph=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_generate_captures_once_per_batch_size_and_replays_after(dtype):
+    model = _model("cuda", **VARIANTS["efla"]).to(dtype)
+    ids, mask = _left_padded(LENGTHS, "cuda")
+    reference = generate(model, ids, mask, max_new_tokens=20, use_cuda_graph=False)
+    plain = dict(max_new_tokens=20, do_sample=False)
+    first = model.generate(ids, attention_mask=mask, **plain)
+    step = decode_step(model)
+    assert step.use_cuda_graph and step.captures == 1
+    assert torch.equal(model.generate(ids, attention_mask=mask, **plain), reference)
+    assert torch.equal(first, reference)
+    assert step.captures == 1  # the second call replayed the first one's graph
+    model.generate(ids[:2], attention_mask=mask[:2], **plain)
+    model.generate(ids, attention_mask=mask, **plain)
+    assert step.captures == 2  # batch 2 captured its own graph; batch 3's was kept
+
+
+def _served_on_this_device(monkeypatch, served: bool = True) -> list[int]:
+    """With ``served``, make transformers' plain generate decode over the kept static state on the CPU too (eagerly:
+    the path CUDA takes, minus the graph); returns a list that grows by one batch size per static state allocated."""
+    if served:
+        monkeypatch.setattr(generation, "generates_over_static_state", lambda device: True)
+    allocated = []
+    original = EFLAStaticCache.__init__
+
+    def counting(self, model, batch_size, *args, **kwargs):
+        allocated.append(batch_size)
+        original(self, model, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(EFLAStaticCache, "__init__", counting)
+    return allocated
+
+
+def test_plain_generate_keeps_one_static_state_per_batch_size(monkeypatch):
+    model = _model(**VARIANTS["efla"])
+    ids, mask = _left_padded(LENGTHS)
+    default = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    allocated = _served_on_this_device(monkeypatch)
+    for _ in range(2):
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), default)
+        # through the decode step that CUDA captures (transformers asks for it on CUDA only; here by compile_config)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                          compile_config=_graph_config()), default)
+        # transformers' static cache asked for by name is served by the kept state too
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                          cache_implementation="static"), default)
+    assert allocated == [len(LENGTHS)]
+    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False)
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert allocated == [len(LENGTHS), 1]
+    for batch in range(4, 4 + KEPT_STATES):  # the least recently used state (batch 3) is let go
+        model.generate(ids[:1].expand(batch, -1), max_new_tokens=2, do_sample=False)
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert allocated[-1] == len(LENGTHS) and len(allocated) == 4 + KEPT_STATES - 1
+    decode_step(model).clear()
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert len(allocated) == 4 + KEPT_STATES
+
+
+def test_plain_sampling_over_the_kept_state_draws_the_default_paths_tokens(monkeypatch):
+    model = _model(**VARIANTS["efla"])
+    ids, mask = _left_padded(LENGTHS)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, num_return_sequences=2)
+    torch.manual_seed(3)
+    default = model.generate(ids, **kwargs)
+    allocated = _served_on_this_device(monkeypatch)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids, **kwargs), default)
+    assert allocated == [2 * len(LENGTHS)]  # one row per returned sequence
+
+
+def test_what_the_kept_state_cannot_serve_keeps_transformers_generate(monkeypatch):
+    model = _model(**VARIANTS["efla"])
+    ids, mask = _left_padded(LENGTHS)
+    beams = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+    default = model.generate(ids, **beams)
+    allocated = _served_on_this_device(monkeypatch)
+    assert torch.equal(model.generate(ids, **beams), default)
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, use_cache=False)
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=DynamicCache(config=model.config))
+    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, prompt_lookup_num_tokens=2)
+    assert allocated == []
+
+
+def test_the_cpu_keeps_transformers_default_cache(monkeypatch):
+    model = _model(**VARIANTS["efla"])
+    ids, mask = _left_padded(LENGTHS)
+    allocated = _served_on_this_device(monkeypatch, served=False)
+    model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    assert allocated == []
+
+
+def test_a_returned_cache_is_the_callers_copy(monkeypatch):
+    model = _model(**VARIANTS["efla"])
+    ids, mask = _left_padded(LENGTHS)
+    _served_on_this_device(monkeypatch)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    returned = out.cache if hasattr(out, "cache") else out.past_key_values
+    kept = decode_step(model).static_cache(len(LENGTHS))
+    assert isinstance(returned, EFLAStaticCache) and returned is not kept
+    state = returned.decode_state(0)[1].clone()
+    assert state.abs().sum() > 0
+    model.generate(ids[:, 2:], max_new_tokens=4, do_sample=False)  # the next call overwrites the kept state
+    assert torch.equal(returned.decode_state(0)[1], state)
+
+
+def test_pipeline_generates_over_the_kept_state(monkeypatch, tmp_path):
+    from transformers import pipeline
+
+    from efla.train.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(200)]
+    train_tokenizer(iter(texts), tmp_path, vocab_size=300)
+    tokenizer = load_tokenizer(tmp_path)
+    model = _model(**VARIANTS["efla"], vocab_size=len(tokenizer))
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    default = generator("the quick brown", max_new_tokens=6, do_sample=False)
+    allocated = _served_on_this_device(monkeypatch)
+    assert generator("the quick brown", max_new_tokens=6, do_sample=False) == default
+    assert allocated == [1]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -28,7 +28,13 @@ from efla.layers.projection import has_hooks, is_plain_linear, project, project_
 from efla.models.configuration_efla import EFLAConfig
 from efla.models.context_parallel import context_parallel_group, global_target_count, sharded_next_token_targets
 from efla.models.documents import cu_seqlens_from_collator
-from efla.models.generation import CACHE_FIELD, EFLAStaticCache, decode_step
+from efla.models.generation import (
+    CACHE_FIELD,
+    EFLAStaticCache,
+    decode_step,
+    detach_static_state,
+    static_generate_call,
+)
 from efla.models.loss import causal_lm_loss
 from efla.modules.elementwise import swiglu, swiglu_linear
 
@@ -263,12 +269,24 @@ class EFLAForCausalLM(EFLAPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def get_compiled_call(self, compile_config: Any) -> Any:
-        """The decode step transformers' generate runs over a compileable cache (an EFLAStaticCache or
-        cache_implementation="static") on CUDA: the one-token step captured in a CUDA graph
+        """The decode step transformers' generate runs over a compileable cache on CUDA (the kept static state of a
+        plain call, or an EFLAStaticCache passed in): the one-token step captured in a CUDA graph
         (``efla.models.generation.DecodeGraph``). Hybrid models keep transformers' torch.compile."""
         if self.config.attn_layers:
             return super().get_compiled_call(compile_config)
         return decode_step(self)
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 **kwargs: Any) -> Any:
+        """transformers' generate. On CUDA, greedy and sampled decoding without a cache of the caller's runs over the
+        model's kept static state and its captured decode graph (``efla.models.generation.static_generate_call``):
+        the first call for a batch size, dtype and device captures the graph, later calls replay it. Everything else
+        (the CPU, beam search, assisted decoding, a cache passed in, hybrid models) is transformers' generate as is.
+        A returned cache (return_dict_in_generate) is the caller's own copy."""
+        call = static_generate_call(self, inputs, generation_config, kwargs)
+        if call is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        return detach_static_state(super().generate(inputs, call.generation_config, **call.kwargs), call.cache)
 
     def forward(
         self,
