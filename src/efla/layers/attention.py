@@ -50,8 +50,8 @@ from efla.layers.gates import decay_gate_init, log_decay, sigmoid32
 from efla.layers.norm import GatedRMSNorm, RMSNorm
 from efla.layers.padding import repad, unpad
 from efla.layers.projection import has_hooks, is_plain_linear, project
-from efla.layers.recompute import recompute
 from efla.modules.elementwise import l2_normalize, rms_norm_linear
+from efla.modules.recompute import recompute
 from efla.ops import efla_attention
 from efla.ops.checks import MODES
 from efla.ops.context_parallel import efla_attention_cp
@@ -71,7 +71,7 @@ class EFLAttention(nn.Module):
     ``_no_weight_decay``, as fla does, for trainers that exclude them from weight decay).
     ``backend`` and ``chunk_size`` are passed to ``efla_attention``. recompute=True (the model's "selective"
     activation checkpointing) keeps only the inputs of the element-wise work (convolution + SiLU + L2 norm, the beta
-    sigmoid, the decay gate) for the backward and recomputes the rest there (``efla.layers.recompute``); the output
+    sigmoid, the decay gate) for the backward and recomputes the rest there (``efla.modules.recompute``); the output
     norm always keeps only its inputs. ``cp_group`` (a process group, default None) splits the forward's sequences
     along T over the group (the module docstring).
     """

@@ -127,7 +127,7 @@ class EFLAPreTrainedModel(PreTrainedModel):
           kwargs (default ``use_reentrant=False``), every_n_layers and offload are transformers'.
         - "selective": every block keeps its activations, but the EFLA layers keep only the inputs of their
           element-wise work (convolution + SiLU + q/k L2 norm, the beta sigmoid, the decay gate) and recompute it
-          (``efla.layers.recompute``): at least three float32 hidden-wide tensors fewer per token and layer, for
+          (``efla.modules.recompute``): at least three float32 hidden-wide tensors fewer per token and layer, for
           one extra element-wise pass. No other options.
 
         The RMSNorms, the output norm and SwiGLU keep only their inputs under every policy. The loss and gradients are

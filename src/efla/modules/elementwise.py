@@ -7,8 +7,8 @@ Eager PyTorch keeps what each small op needs (x in float32, the normalised x, si
 a 1024-wide RMSNorm and 16 KB for a 2816-wide SwiGLU. These functions keep their inputs in the input dtype (and one
 float32 per row for RMSNorm and the L2 norm) and recompute the rest in the backward: on CUDA through fused Triton
 kernels (``triton/rmsnorm.py``, ``triton/swiglu.py``, ``triton/l2norm.py`` beside this file), elsewhere through
-the same formulas in PyTorch. Under torch.compile they are the plain formulas, which the compiler fuses and recomputes
-itself.
+the same formulas in PyTorch. Under torch.compile the fused functions with a projection after them are the plain
+formulas in a region the compiler recomputes (``efla.modules.recompute``), so compiled code keeps what eager keeps.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from efla.modules.linear import linear_many, stack_weights
+from efla.modules.linear import stack_weights
+from efla.modules.recompute import recompute
 
 _TRITON = importlib.util.find_spec("triton") is not None
 
@@ -125,8 +126,12 @@ def rms_norm_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, proj_weig
     forms again (one element-wise pass). proj_weight is used in x's dtype (as autocast would) and gets its gradient
     in its own."""
     if torch.compiler.is_compiling():
-        normed = rms_norm_reference(x, weight, eps, gate)
-        return F.linear(normed.reshape(*normed.shape[:-2], -1), proj_weight.to(x.dtype))
+        def norm_linear(x: torch.Tensor, weight: torch.Tensor, proj_weight: torch.Tensor,
+                        *gate: torch.Tensor) -> torch.Tensor:
+            normed = rms_norm_reference(x, weight, eps, *gate)
+            return F.linear(normed.reshape(*normed.shape[:-2], -1), proj_weight.to(x.dtype))
+
+        return recompute(norm_linear, x, weight, proj_weight, *(() if gate is None else (gate,)))
     return _RMSNormLinear.apply(x, weight, gate, eps, x.dtype, proj_weight).view(*x.shape[:-2], proj_weight.shape[0])
 
 
@@ -138,7 +143,10 @@ def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float,
     forms again (one element-wise pass). Under autocast the normalised x and the weights meet in its dtype, as
     ``linear_many`` would have them."""
     if torch.compiler.is_compiling():
-        return linear_many(rms_norm_reference(x, weight, eps), list(proj_weights))
+        def norm_project(x: torch.Tensor, weight: torch.Tensor, *proj_weights: torch.Tensor) -> torch.Tensor:
+            return F.linear(rms_norm_reference(x, weight, eps), torch.cat(proj_weights))
+
+        return recompute(norm_project, x, weight, *proj_weights)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
@@ -267,8 +275,12 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weight but not silu(gate) * up (the backward forms it again). weight is used in gate_up's dtype (as autocast
     would) and gets its gradient in its own."""
     if torch.compiler.is_compiling():
-        return F.linear(swiglu_reference(gate_up), weight.to(gate_up.dtype))
+        return recompute(_swiglu_linear_reference, gate_up, weight)
     return _SwiGLULinear.apply(gate_up, weight)
+
+
+def _swiglu_linear_reference(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(swiglu_reference(gate_up), weight.to(gate_up.dtype))
 
 
 class _SwiGLULinear(torch.autograd.Function):

@@ -15,17 +15,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from efla.modules.recompute import recompute
+
 
 def linear_many(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x [..., in] and weights [out_i, in] -> [..., sum(out_i)], the projections side by side in weights' order.
     Under autocast both operands are cast to its dtype, as ``F.linear`` would be."""
-    if torch.compiler.is_compiling():
-        return F.linear(x, torch.cat(weights))
+    if torch.compiler.is_compiling():  # the stacked weight recomputed in the backward, not kept
+        return recompute(_stacked_linear, x, *weights)
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
     with torch.autocast(device, enabled=False):
         return _LinearMany.apply(x, *weights)
+
+
+def _stacked_linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, torch.cat(weights))
 
 
 def stack_weights(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
