@@ -257,19 +257,20 @@ class EFLAttention(nn.Module):
         (cu_seqlens: the global offsets of packed documents, B = 1)."""
         if cu_seqlens is not None and x.shape[0] != 1:
             raise ValueError(f"packed documents (cu_seqlens) under context parallelism take one row (got {x.shape[0]})")
+        layout_of, halo, attention = _context_parallel_steps()
         projected = project(x, (self.q_proj, self.k_proj, self.v_proj))
         past, conv_cu, weights = 0, None, ()
         if self.use_short_conv:
             past = self.q_conv1d.kernel_size[0] - 1
-            layout = shard_layout(x.shape[1], self.cp_group, x.device)
+            layout = layout_of(x.shape[1], self.cp_group, x.device)
             offsets = None if cu_seqlens is None else cu_seqlens.tolist()
-            projected, conv_cu = with_conv_halo(projected, past, layout, self.cp_group, offsets)
+            projected, conv_cu = halo(projected, past, layout, self.cp_group, offsets)
             weights = (torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]),)
         activate = partial(self._activate, state=None, cu_seqlens=conv_cu)
         q, k, v = (y[:, past:] for y in recompute(activate, projected, *weights, enabled=self.recompute))
         beta, g = self._gates(x)
-        o, _ = efla_attention_cp(q, k, v, beta, group=self.cp_group, g=g, cu_seqlens=cu_seqlens, mode=self.mode,
-                                 backend=self.backend, chunk_size=self.chunk_size, check_beta=False)
+        o, _ = attention(q, k, v, beta, group=self.cp_group, g=g, cu_seqlens=cu_seqlens, mode=self.mode,
+                         backend=self.backend, chunk_size=self.chunk_size, check_beta=False)
         return self.output(o, x)
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -348,6 +349,16 @@ class EFLAttention(nn.Module):
                                   chunk_size=self.chunk_size, check_beta=False, g=None if g is None else g[:, None])
         recurrent_state.copy_(state)
         return o
+
+
+def _context_parallel_steps() -> tuple[Any, Any, Any]:
+    """(shard_layout, with_conv_halo, efla_attention_cp); while torch.compile traces, their twins behind graph breaks
+    (``efla/layers/untraced.py``), so that each rank runs their collectives eagerly and in the same order."""
+    if torch.compiler.is_compiling():
+        from efla.layers.untraced import efla_attention_cp_untraced, shard_layout_untraced, with_conv_halo_untraced
+
+        return shard_layout_untraced, with_conv_halo_untraced, efla_attention_cp_untraced
+    return shard_layout, with_conv_halo, efla_attention_cp
 
 
 def uses_decode_kernels(x: torch.Tensor, backend: str) -> bool:

@@ -9,9 +9,10 @@ pass and no matrix product. It is the "selective" activation checkpointing polic
 policy (``efla.modules.elementwise``).
 
 Under torch.compile the region becomes a ``torch.utils.checkpoint`` region whose element-wise work the compiler's
-partitioner must recompute; its matrix products are kept, not formed again. Left to itself, the partitioner keeps the products of the fused functions' plain formulas (each
-normalised input of a projection, the SwiGLU product, the stacked projection weights): about 11 KB more per token
-and layer at the 340M preset's widths than the eager functions, which recompute them.
+partitioner must recompute; its matrix products are kept, not formed again. Left to itself, the partitioner keeps
+the products of the fused functions' plain formulas (each normalised input of a projection, the SwiGLU product, the
+stacked projection weights): about 11 KB more per token and layer at the 340M preset's widths than the eager
+functions, which recompute them.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class _Run:
         if config.pack_boundaries and not self.flatten:
             self._log("note: the model's forward takes no cu_seqlens, so rows are trained without document "
                       "boundaries (documents still end with eos)")
-        # not by default under context parallelism: its collectives inside the blocks are not tested under compile
+        # not by default under context parallelism: compiled CP blocks are tested on the CPU (gloo), not on GPUs yet
         compile_blocks = (config.compile if config.compile is not None
                           else world.device.type == "cuda" and config.context_parallel == 1)
         self.model = parallelize(self.plain_model, config.strategy, world, compile_blocks)
