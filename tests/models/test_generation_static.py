@@ -309,7 +309,8 @@ def test_what_the_kept_state_cannot_serve_keeps_transformers_generate(monkeypatc
     assert torch.equal(model.generate(ids, **beams), default)
     model.generate(ids, attention_mask=mask, max_new_tokens=2, use_cache=False)
     model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=DynamicCache(config=model.config))
-    model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, prompt_lookup_num_tokens=2)
+    # assisted decoding (transformers before 5.25 cannot crop a linear-attention cache to run it at all)
+    assert generation.static_generate_call(model, ids[:1], None, {"prompt_lookup_num_tokens": 2}) is None
     assert allocated == []
 
 
