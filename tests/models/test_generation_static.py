@@ -311,6 +311,9 @@ def test_what_the_kept_state_cannot_serve_keeps_transformers_generate(monkeypatc
     model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=DynamicCache(config=model.config))
     # assisted decoding (transformers before 5.25 cannot crop a linear-attention cache to run it at all)
     assert generation.static_generate_call(model, ids[:1], None, {"prompt_lookup_num_tokens": 2}) is None
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1}  # spread over two GPUs by device_map
+    assert generation.static_generate_call(model, ids, None, {}) is None
+    del model.hf_device_map
     assert allocated == []
 
 

@@ -295,9 +295,11 @@ def static_generate_call(model: nn.Module, inputs: torch.Tensor | None, generati
     """How ``model.generate(inputs, generation_config, **kwargs)`` runs over the model's kept static state (and so, on
     CUDA, through its captured decode graph), or None when that state cannot serve the call: a cache of the
     caller's, use_cache=False, another cache_implementation than "static", beam search, assisted or contrastive
-    decoding, a custom generate, softmax layers in the model, or a device where it does not pay
-    (``generates_over_static_state``)."""
+    decoding, a custom generate, softmax layers in the model, a model spread over several devices (``device_map``),
+    or a device where it does not pay (``generates_over_static_state``)."""
     if getattr(model.config, "attn_layers", None) or not generates_over_static_state(next(model.parameters()).device):
+        return None
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:  # the state is allocated on one device
         return None
     if any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "custom_generate")):
         return None
