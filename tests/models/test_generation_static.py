@@ -313,8 +313,10 @@ def test_what_the_kept_state_cannot_serve_keeps_transformers_generate(monkeypatc
     assert generation.static_generate_call(model, ids[:1], None, {"prompt_lookup_num_tokens": 2}) is None
     model.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1}  # spread over two GPUs by device_map
     assert generation.static_generate_call(model, ids, None, {}) is None
-    del model.hf_device_map
     assert allocated == []
+    del model.hf_device_map
+    assert generation.static_generate_call(model, ids, None, {}) is not None  # on one device it serves the call
+    assert allocated == [len(LENGTHS)]
 
 
 def test_the_cpu_keeps_transformers_default_cache(monkeypatch):
