@@ -1,9 +1,13 @@
-"""What many test modules share: the project's error measure and random operator inputs."""
+"""What many test modules share: the project's error measure, random operator inputs and what a forward keeps for
+its backward."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from typing import Any
 
 import pytest
 import torch
@@ -44,3 +48,21 @@ def require_triton_kernels() -> str:
     os.environ["TRITON_INTERPRET"] = "1"
     pytest.importorskip("triton")
     return "cpu"
+
+
+def kept_for_backward(fn: Callable[[], Any]) -> tuple[Any, dict[int, torch.Tensor]]:
+    """fn() and the tensors its forward keeps for the backward, one per storage, keyed by the storage's address."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, kept
+
+
+def storage_bytes(tensors: dict[int, torch.Tensor], excluded: AbstractSet[int] = frozenset()) -> int:
+    """Bytes of the storages of ``kept_for_backward``'s tensors, but for those at the addresses ``excluded``."""
+    return sum(t.untyped_storage().nbytes() for address, t in tensors.items() if address not in excluded)

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import rel_err
+from helpers import kept_for_backward, rel_err, storage_bytes
 
 from efla.layers import EFLAttention
 from efla.models import EFLAConfig, EFLAForCausalLM, preset_config
@@ -72,19 +72,9 @@ def saved_bytes_per_token(config: EFLAConfig, mode: str, tokens: int = 64) -> fl
     model = checkpointed_model(config, mode)
     block = model.model.layers[0]
     assert isinstance(block, EFLABlock)
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     x = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block(x, None, None, None)
-    return sum(saved.values()) / tokens
+    _, kept = kept_for_backward(lambda: block(x, None, None, None))
+    return storage_bytes(kept, {p.untyped_storage().data_ptr() for p in model.parameters()}) / tokens
 
 
 def test_selective_saves_substantially_fewer_bytes():

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from helpers import kept_for_backward, storage_bytes
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None
@@ -22,17 +23,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _saved_bytes(block: torch.nn.Module, tokens: int) -> int:
     """Bytes of the distinct storages a block's forward keeps for the backward, parameters excluded."""
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     x = torch.randn(1, tokens, C, device=DEVICE, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    return sum(n for ptr, n in kept.items() if ptr not in params)
+    _, kept = kept_for_backward(lambda: block(x))
+    return storage_bytes(kept, {p.untyped_storage().data_ptr() for p in block.parameters()})
 
 
 @pytest.mark.parametrize("mode", ["efla", "delta"])

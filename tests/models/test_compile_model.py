@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err, require_triton_kernels
+from helpers import kept_for_backward, rel_err, require_triton_kernels, storage_bytes
 
 from efla.models import EFLAForCausalLM, preset_config
 
@@ -36,20 +36,6 @@ def test_blocks_compiled_with_inductor_equal_eager(checkpointing):
     assert max(rel_err(a, b) for a, b in zip(compiled_grads, grads, strict=True)) < 1e-3
 
 
-def _saved_for_backward(fn) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
-    """(shape, dtype, bytes) of each storage that fn's forward keeps for the backward."""
-    kept = {}
-
-    def pack(tensor):
-        kept[tensor.untyped_storage().data_ptr()] = (tuple(tensor.shape), tensor.dtype,
-                                                     tensor.untyped_storage().nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return list(kept.values())
-
-
 def test_compiled_blocks_keep_no_more_for_the_backward_than_eager_blocks():
     """Inductor's partitioner, left to itself, kept the normalised inputs of the projections and the SwiGLU product
     that the eager functions recompute (a third more memory for the 340M model in bfloat16). The functions' regions
@@ -61,11 +47,11 @@ def test_compiled_blocks_keep_no_more_for_the_backward_than_eager_blocks():
                            attn_backend="triton")
     block = EFLAForCausalLM(config).to(device, torch.bfloat16).model.layers[0]
     x = torch.randn(2, 256, config.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
-    eager = _saved_for_backward(lambda: block(x, None, None, None))
+    _, eager = kept_for_backward(lambda: block(x, None, None, None))
     compiled_block = torch.compile(block, backend="inductor")
-    compiled = _saved_for_backward(lambda: compiled_block(x, None, None, None))
-    assert sum(b for *_, b in compiled) <= sum(b for *_, b in eager), (compiled, eager)
-    product = [shape for shape, *_ in compiled if torch.Size(shape).numel() == 2 * 256 * config.intermediate_size]
+    _, compiled = kept_for_backward(lambda: compiled_block(x, None, None, None))
+    assert storage_bytes(compiled) <= storage_bytes(eager), (compiled, eager)
+    product = [t.shape for t in compiled.values() if t.numel() == 2 * 256 * config.intermediate_size]
     assert not product  # silu(gate) * up [tokens, intermediate] is formed again in the backward
 
 
@@ -79,10 +65,10 @@ def test_compiled_340m_blocks_keep_no_more_for_the_backward_than_eager_on_a_gpu(
     config = preset_config("340M", num_hidden_layers=1)
     block = EFLAForCausalLM(config).to("cuda", torch.bfloat16).model.layers[0]
     x = torch.randn(2, 2048, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    eager = _saved_for_backward(lambda: block(x, None, None, None))
+    _, eager = kept_for_backward(lambda: block(x, None, None, None))
     compiled_block = torch.compile(block, backend="inductor")
-    compiled = _saved_for_backward(lambda: compiled_block(x, None, None, None))
-    assert sum(b for *_, b in compiled) <= sum(b for *_, b in eager), (compiled, eager)
+    _, compiled = kept_for_backward(lambda: compiled_block(x, None, None, None))
+    assert storage_bytes(compiled) <= storage_bytes(eager)
 
 
 @pytest.mark.gpu

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import torch
+from helpers import kept_for_backward
 
 from efla.modules.elementwise import rms_norm_reference
 from efla.modules.recompute import recompute
-
-
-def _saved(fn, *tensors):
-    """fn(*tensors) and the ids of the storages it keeps for the backward."""
-    kept = set()
-
-    def pack(tensor):
-        kept.add(tensor.untyped_storage().data_ptr())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn(*tensors)
-    return out, kept
 
 
 def _grads(out, inputs, seed):
@@ -32,10 +20,10 @@ def test_recompute_equals_the_plain_function_and_keeps_only_its_inputs():
     def fn(x, gate, weight):
         return rms_norm_reference(x, weight, 1e-6, gate)
 
-    out, kept = _saved(lambda *t: recompute(fn, *t), x, gate, weight)
+    out, kept = kept_for_backward(lambda: recompute(fn, x, gate, weight))
     plain = fn(x, gate, weight)
     torch.testing.assert_close(out, plain, atol=0, rtol=0)
-    assert kept == {t.untyped_storage().data_ptr() for t in (x, gate, weight)}
+    assert kept.keys() == {t.untyped_storage().data_ptr() for t in (x, gate, weight)}
     seed = torch.randn_like(plain)
     for g, g_plain in zip(_grads(out, (x, gate, weight), seed), _grads(plain, (x, gate, weight), seed), strict=True):
         torch.testing.assert_close(g, g_plain, atol=1e-12, rtol=1e-12)
@@ -56,25 +44,14 @@ def test_compiled_recompute_keeps_its_inputs_and_its_matrix_product_only():
     def model(x, weight, proj):
         return recompute(norm_project, x, weight, proj).square()  # square's backward reads the product
 
-    out, shapes = _saved_shapes(torch.compile(model, backend="inductor"), x, weight, proj)
+    compiled = torch.compile(model, backend="inductor")
+    out, kept = kept_for_backward(lambda: compiled(x, weight, proj))
     plain = model(x, weight, proj)
     torch.testing.assert_close(out, plain, atol=1e-4, rtol=1e-4)
-    sizes = [torch.Size(shape).numel() for shape in shapes]
+    sizes = [t.numel() for t in kept.values()]
     assert 64 * 48 in sizes  # the product
     assert sizes.count(64 * 32) == 1  # x, not also its normalised copy
     seed = torch.randn_like(plain)
     for g, g_plain in zip(_grads(out, (x, weight, proj), seed), _grads(plain, (x, weight, proj), seed), strict=True):
         torch.testing.assert_close(g, g_plain, atol=1e-4, rtol=1e-4)
 
-
-def _saved_shapes(fn, *tensors):
-    """fn(*tensors) and the shapes of the tensors it keeps for the backward, one per storage."""
-    shapes = {}
-
-    def pack(tensor):
-        shapes[tensor.untyped_storage().data_ptr()] = tuple(tensor.shape)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn(*tensors)
-    return out, list(shapes.values())
