@@ -1,10 +1,12 @@
-"""Process groups of the context-parallel tests: ``world`` CPU processes over gloo on 127.0.0.1, each writing its
-results to ``folder/rank{R}.pt``, waited for with a deadline so that a hung collective fails the test."""
+"""Process groups of the context-parallel tests: ``world`` CPU processes over gloo on 127.0.0.1, each reading the
+inputs from ``folder/inputs.pt`` and writing its results to ``folder/rank{R}.pt``, waited for with a deadline so that
+a hung collective fails the test."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import random
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -46,3 +48,13 @@ def run_ranks(worker: Callable, world: int, folder: Path, timeout_s: float) -> l
                 process.kill()
             pytest.fail(f"the {world}-process group did not finish within {timeout_s} s")
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def run_seeded(worker: Callable, world: int, folder: Path, timeout_s: float,
+               make_inputs: Callable[[torch.Generator], dict]) -> dict:
+    """Fresh random inputs ``make_inputs(generator)`` from a new seed, saved to ``folder/inputs.pt``; then
+    ``run_ranks``. Returns {"inputs", "ranks", "seed"}: the seed goes into failure messages, to rerun a case."""
+    seed = random.SystemRandom().randrange(2**31)
+    inputs = make_inputs(torch.Generator().manual_seed(seed))
+    torch.save(inputs, folder / "inputs.pt")
+    return {"inputs": inputs, "ranks": run_ranks(worker, world, folder, timeout_s), "seed": seed}

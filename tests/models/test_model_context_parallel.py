@@ -13,7 +13,7 @@ Each world size runs all its cases in one spawn (starting processes is the slow 
 from __future__ import annotations
 
 import dataclasses
-import random
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 pytest.importorskip("transformers")
 
-from gloo_group import gloo_group, run_ranks
+from gloo_group import gloo_group, run_seeded
 
 from efla.models import EFLAConfig, EFLAForCausalLM
 from efla.models.context_parallel import apply_context_parallel
@@ -156,19 +156,15 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 
-def _run_group(world: int, folder: Path) -> dict:
-    """Spawn ``world`` processes over this world's cases; return the inputs, each rank's results and the seed."""
-    seed = random.SystemRandom().randrange(2**31)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {case.name: _inputs(case, generator) for case in CASES if case.world == world}
-    torch.save(inputs, folder / "inputs.pt")
-    ranks = run_ranks(_worker, world, folder, TIMEOUT_S)
-    return {"inputs": inputs, "ranks": ranks, "seed": seed}
+def _world_inputs(world: int, generator: torch.Generator) -> dict:
+    """The inputs of this world size's cases."""
+    return {case.name: _inputs(case, generator) for case in CASES if case.world == world}
 
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory) -> dict[int, dict]:
-    return {world: _run_group(world, tmp_path_factory.mktemp(f"world{world}")) for world in (2, 4)}
+    return {world: run_seeded(_worker, world, tmp_path_factory.mktemp(f"world{world}"), TIMEOUT_S,
+                              partial(_world_inputs, world)) for world in (2, 4)}
 
 
 def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, seed: int, tolerance: float = TOLERANCE) -> None:
@@ -232,9 +228,10 @@ def test_blocks_compiled_under_context_parallelism_equal_eager(tmp_path):
     """Each block compiled with Inductor (``efla train --compile --context-parallel 2``): the collectives run behind
     graph breaks in the same order on every rank (traced, two ranks waited on each other for ever), and each rank's
     loss and gradients equal the eager run's."""
-    seed = random.SystemRandom().randrange(2**31)
-    torch.save(_inputs(COMPILED_CASE, torch.Generator().manual_seed(seed)), tmp_path / "inputs.pt")
-    for rank in run_ranks(_compiled_worker, COMPILED_CASE.world, tmp_path, COMPILED_TIMEOUT_S):
+    group = run_seeded(_compiled_worker, COMPILED_CASE.world, tmp_path, COMPILED_TIMEOUT_S,
+                       partial(_inputs, COMPILED_CASE))
+    seed = group["seed"]
+    for rank in group["ranks"]:
         eager, compiled = rank[False], rank[True]
         _assert_close("loss", compiled["loss"], eager["loss"], seed, COMPILED_TOLERANCE)
         for name, grad in eager["grads"].items():

@@ -9,12 +9,12 @@ is the sum of the ranks' (``efla_attention_cp``'s documented semantics).
 from __future__ import annotations
 
 import dataclasses
-import random
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from gloo_group import gloo_group, run_ranks
+from gloo_group import gloo_group, run_seeded
 
 from efla.ops import efla_attention
 from efla.ops.context_parallel import efla_attention_cp
@@ -144,19 +144,15 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 
-def _run_group(world: int, folder: Path) -> dict:
-    """Spawn ``world`` processes over this world's cases; return the inputs, the reference and each rank's results."""
-    seed = random.SystemRandom().randrange(2**31)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {case.name: _inputs(case, generator) for case in CASES if case.world == world}
-    torch.save(inputs, folder / "inputs.pt")
-    ranks = run_ranks(_worker, world, folder, TIMEOUT_S)
-    return {"inputs": inputs, "ranks": ranks, "seed": seed}
+def _world_inputs(world: int, generator: torch.Generator) -> dict:
+    """The inputs of this world size's cases."""
+    return {case.name: _inputs(case, generator) for case in CASES if case.world == world}
 
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory) -> dict[int, dict]:
-    return {world: _run_group(world, tmp_path_factory.mktemp(f"world{world}")) for world in (2, 4)}
+    return {world: run_seeded(_worker, world, tmp_path_factory.mktemp(f"world{world}"), TIMEOUT_S,
+                              partial(_world_inputs, world)) for world in (2, 4)}
 
 
 def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, seed: int) -> None:
